@@ -1,0 +1,75 @@
+"""Projected sign-gradient ascent: the loop under FGSM, PGD, MIM, CW and the
+training-time attacks (PGD-AT, TRADES).
+
+`torch.clamp`'s gradient is zero where its input sits exactly at a bound, so an
+attack that differentiates through `clamp(x', 0, 1)` freezes every pixel already
+at 0 or 1 (on Fashion-MNIST's black backgrounds that costs PGD-20 about 8 points
+of strength). Here x' is always a leaf already inside the ε-ball and [0, 1]; the
+model is differentiated at x' and the projection happens after the step, outside
+autograd.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-example loss
+
+
+def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Onto the ε-ball around x, then into [0, 1] (the intersection of two boxes)."""
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def random_start(x: torch.Tensor, eps: float, kind: str | None, generator: torch.Generator | None = None):
+    if kind is None or kind == "none":
+        return x.clone()
+    if kind == "uniform":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        return project_linf(x + eps * noise, x, eps)
+    if kind == "normal":  # TRADES' start: x + 0.001·N(0, I)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return project_linf(x + 0.001 * noise, x, eps)
+    raise ValueError(f"unknown random start {kind!r}")
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def sign_gradient_ascent(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    loss_fn: LossFn = ce_loss,
+    start: str | None = "uniform",
+    momentum: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """x' maximising loss_fn within the L∞ ε-ball: `steps` sign steps of `step_size`.
+
+    With `momentum`, the MIM update: g ← μ·g + ∇/mean|∇| (per example), step sign(g).
+    One forward and one backward per step; no gradient reaches the model's
+    parameters. The caller decides the model's mode (attacks use eval mode).
+    """
+    x = x.detach()
+    x_adv = random_start(x, eps, start, generator)
+    velocity = torch.zeros_like(x) if momentum is not None else None
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = loss_fn(model(x_adv), y).sum()  # sum: each example's gradient is its own
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        with torch.no_grad():
+            if velocity is not None:
+                norm = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+                velocity.mul_(momentum).add_(grad / norm)
+                grad = velocity
+            x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()

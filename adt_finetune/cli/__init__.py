@@ -1,0 +1,64 @@
+"""The `adt-ft` command: a thin Typer layer over the library API.
+
+Each command lives in its own module and registers itself on the app. Bad input
+raises UserError anywhere below; `main` turns it into one line and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ..errors import UserError
+from .common import err_console
+
+app = typer.Typer(
+    name="adt-ft",
+    help="Fine-tune RobustBench models with Adversarial Distributional Training and evaluate them.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _register_commands() -> None:
+    # Imported here so that `adt-ft --help` stays fast and a broken optional
+    # command cannot stop the others from loading.
+    from . import bench_cmd, eval_cmd, quickstart_cmd, train_cmd, zoo_cmd
+
+    for mod in (zoo_cmd, train_cmd, eval_cmd, bench_cmd, quickstart_cmd):
+        mod.register(app)
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the versions of adt-ft and of everything that can change a number."""
+    from ..utils import versions
+
+    for k, v in versions().items():
+        typer.echo(f"{k}: {v}")
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="adt-ft", standalone_mode=False)
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("interrupted: finished work is saved; rerun with --resume to continue")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

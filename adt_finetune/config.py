@@ -1,0 +1,109 @@
+"""Typed configuration for training. YAML recipes set fields, CLI flags override them.
+
+Every default here is the one SPEC §4 documents; `None` means "derived at run
+time" (ε from the dataset, lr from the scope, λ from the method).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str | None = None          # zoo name, checkpoint path, or None for the workspace's current model
+    arch: str | None = None           # with a checkpoint path: zoo name or package.module:Class
+    dataset: str | None = None        # default: the model's dataset
+    data_dir: str | None = None
+    method: str = "exp-am"            # exp | exp-am | imp-am | pgd-at | trades | wdat
+    loss: str = "ce"                  # ce | trades
+    scope: str = "full"               # full | last-layer
+    head_init: str = "keep"           # keep | reinit
+    # optimisation (fine-tuning defaults, SPEC §4.6)
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float | None = None           # None: 0.01 full, 0.1 last-layer
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    schedule: str = "cosine"          # cosine | step | constant
+    milestones: list[int] = field(default_factory=list)   # epochs where lr *= gamma (schedule: step)
+    gamma: float = 0.1
+    # threat model
+    eps: str | None = None            # None: the dataset's budget; "8/255" or "0.031"
+    # ADT (SPEC §4.1–4.3)
+    adt_lambda: float | None = None   # None: 0.01 (exp, exp-am), 1.0 (imp-am, hinge form)
+    imp_entropy: str = "hinge"        # hinge (released code) | paper
+    imp_hinge: float = 0.9
+    exp_steps: int = 7                # T
+    exp_samples: int = 5              # k
+    exp_lr: float = 0.3
+    exp_accumulate_grad: bool = True  # the released code never zeroes (μ, v) grads between steps
+    gen_width: int = 256              # generator width; residual blocks use 2× this
+    gen_lr: float = 2e-4
+    gen_betas: tuple[float, float] = (0.5, 0.999)
+    z_dim: int = 64
+    beta: float = 6.0                 # TRADES β
+    # baselines (SPEC §4.5)
+    pgd_steps: int = 7
+    trades_steps: int = 10
+    step_size: float | None = None    # None: ε/4
+    # wdat (SPEC §6)
+    wdat_budget: str | None = None    # None: the dataset's ε
+    wdat_steps: int = 10
+    wdat_ratio: float = 1.875
+    upsilon: str = "batch"            # batch | ema
+    upsilon_momentum: float = 0.9
+    # run control
+    train_subset: int | None = None
+    max_steps: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    workers: int = 0
+    run_name: str | None = None
+    recipe: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gen_betas"] = list(self.gen_betas)
+        return d
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def updated(self, overrides: dict[str, Any]) -> "TrainConfig":
+        """A copy with `overrides` applied; unknown keys are a UserError naming the key."""
+        unknown = sorted(set(overrides) - self.field_names())
+        if unknown:
+            raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train --help'")
+        d = self.to_dict()
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(d.get("gen_betas"), list):
+            d["gen_betas"] = tuple(d["gen_betas"])
+        return TrainConfig(**d)
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A YAML recipe as a flat dict of TrainConfig fields (validated)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"recipe {p} does not exist: 'adt-ft recipes' lists the shipped ones")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {p} must be a mapping of setting: value")
+    data.pop("description", None)
+    unknown = sorted(set(data) - TrainConfig.field_names())
+    if unknown:
+        raise UserError(f"recipe {p} has an unknown key {unknown[0]!r}: fix or remove it")
+    return data

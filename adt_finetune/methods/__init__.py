@@ -1,0 +1,7 @@
+"""Training methods: one interface (step(model, x, y) -> StepOutput), a registry by name.
+
+Importing this package registers every method.
+"""
+from .base import METHODS, MethodContext, StepOutput, TrainMethod, make_method, register_method
+
+__all__ = ["METHODS", "MethodContext", "StepOutput", "TrainMethod", "make_method", "register_method"]

@@ -1,0 +1,107 @@
+"""The training-method interface and registry.
+
+A method turns a batch into a loss: `step(model, x, y)` finds the adversarial
+input(s) it needs and returns a StepOutput whose `loss` the shared trainer
+back-propagates exactly once. Methods with parameters of their own (the ADT
+generators, ADT-EXP's nothing, wdat's Υ average) expose them through `modules()`,
+`optimizers()` and `state_dict()` so the trainer saves and resumes them; the
+trainer calls `after_backward()` right after the classifier's optimiser step so
+a method can step its own optimisers on the gradients that same backward left.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..errors import UserError
+
+
+@dataclass
+class MethodContext:
+    """What a method needs to know about the problem, resolved by the trainer."""
+
+    eps: float
+    in_channels: int
+    num_classes: int
+    image_size: int
+    device: torch.device
+    head: nn.Module | None = None      # the final linear layer (for feature taps)
+    amp_dtype: torch.dtype | None = None
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor                       # scalar; back-propagated once by the trainer
+    metrics: dict[str, float] = field(default_factory=dict)  # clean_acc, adv_acc, loss terms
+    x_adv: torch.Tensor | None = None        # the training-time adversarial input (for checks)
+
+
+class TrainMethod:
+    name: ClassVar[str] = ""
+    #: whether --loss trades is meaningful for this method
+    accepts_loss: ClassVar[tuple[str, ...]] = ("ce", "trades")
+
+    def __init__(self, cfg: TrainConfig, ctx: MethodContext):
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers().values():
+            opt.zero_grad(set_to_none=True)
+
+    def after_backward(self) -> None:
+        for opt in self.optimizers().values():
+            opt.step()
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules().values():
+            m.train(mode)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules().items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, m in self.modules().items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers().items():
+            o.load_state_dict(state["optimizers"][k])
+
+
+METHODS: dict[str, Callable[[TrainConfig, MethodContext], TrainMethod]] = {}
+
+
+def register_method(name: str):
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def make_method(cfg: TrainConfig, ctx: MethodContext) -> TrainMethod:
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}: choose from {', '.join(sorted(METHODS))}")
+    cls = METHODS[cfg.method]
+    if cfg.loss not in ("ce", "trades"):
+        raise UserError(f"unknown loss {cfg.loss!r}: choose ce or trades")
+    if cfg.loss not in cls.accepts_loss:
+        raise UserError(f"--loss {cfg.loss} does not apply to --method {cfg.method}: "
+                        f"it takes {' or '.join(cls.accepts_loss)}")
+    return cls(cfg, ctx)

@@ -1,0 +1,4 @@
+"""Architectures that ship with adt-ft (small ones for CPU work; zoo ones come from RobustBench)."""
+from .small import SmallCNN
+
+__all__ = ["SmallCNN"]

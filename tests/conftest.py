@@ -1,0 +1,75 @@
+"""Shared fixtures: real Fashion-MNIST tensors and a small CNN trained on them once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adt_finetune.data import as_tensors, load_dataset
+from adt_finetune.models import SmallCNN
+
+os.environ.setdefault("ADT_FT_OFFLINE", "1")  # tests never download
+
+FMNIST_EPS = 0.1
+
+
+@pytest.fixture(scope="session")
+def fmnist_train():
+    """The first 4,000 Fashion-MNIST training images (real data, Debian's files)."""
+    return as_tensors(load_dataset("fashion-mnist", "train", augment=False), 4000)
+
+
+@pytest.fixture(scope="session")
+def fmnist_test():
+    """The first 500 Fashion-MNIST test images."""
+    return as_tensors(load_dataset("fashion-mnist", "test"), 500)
+
+
+def standard_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def _trained_cnn_state(fmnist_train):
+    torch.manual_seed(0)
+    model = standard_train(SmallCNN(width=16), *fmnist_train)
+    return model.state_dict()
+
+
+@pytest.fixture
+def trained_cnn(_trained_cnn_state):
+    """A standard-trained (not robust) SmallCNN(width=16): ~80% clean, attackable. A fresh copy per test."""
+    model = SmallCNN(width=16)
+    model.load_state_dict(_trained_cnn_state)
+    return model.eval()
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `adt-ft ARGS...` in-process; returns (exit_code, stdout, stderr)."""
+    from adt_finetune.cli import main
+
+    def run(*args: str):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
