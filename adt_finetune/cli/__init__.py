@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
 
 from ..errors import UserError
 from .common import err_console
@@ -32,6 +32,11 @@ def _register_commands() -> None:
         mod.register(app)
 
 
+@app.callback()
+def _root() -> None:
+    """Fine-tune RobustBench models with Adversarial Distributional Training and evaluate them."""
+
+
 @app.command("version")
 def version_cmd() -> None:
     """Print the versions of adt-ft and of everything that can change a number."""
@@ -45,17 +50,14 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Standalone mode: click itself reports usage errors (exit 2) and --help; we
+    # only add UserError, raised anywhere below a command, as one line and exit 2.
     try:
-        app(args=argv, prog_name="adt-ft", standalone_mode=False)
+        app(args=argv, prog_name="adt-ft")
     except UserError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         err_console.print("interrupted: finished work is saved; rerun with --resume to continue")
         sys.exit(130)
 
