@@ -1,4 +1,8 @@
-"""Attacks: one interface (attack(model, x, y) -> AttackResult), a registry by name."""
+"""Attacks: one interface (attack(model, x, y) -> AttackResult), a registry by name.
+
+Importing this package registers every attack.
+"""
+from . import autoattack, exp, feature, generator, gradient, spsa, wpgd  # noqa: F401  (registration)
 from .base import ATTACKS, Attack, AttackResult, make_attack, register_attack
 
 __all__ = ["ATTACKS", "Attack", "AttackResult", "make_attack", "register_attack"]

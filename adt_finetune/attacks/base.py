@@ -35,6 +35,10 @@ class Attack:
         if settings:
             raise UserError(f"attack {self.name!r} has no setting {next(iter(settings))!r}")
 
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Called once with the whole evaluation set before any batch (e.g. the
+        feature attack computes its target pool's features here, once)."""
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         x_adv = self.perturb(model, x, y)
         with torch.no_grad():
