@@ -19,6 +19,7 @@ class TrainConfig:
     # what to train
     model: str | None = None          # zoo name, checkpoint path, or None for the workspace's current model
     arch: str | None = None           # with a checkpoint path: zoo name or package.module:Class
+    arch_kwargs: dict[str, Any] | None = None  # constructor arguments for a package.module:Class arch (model: scratch)
     dataset: str | None = None        # default: the model's dataset
     data_dir: str | None = None
     method: str = "exp-am"            # exp | exp-am | imp-am | pgd-at | trades | wdat
@@ -69,6 +70,7 @@ class TrainConfig:
     workers: int = 0
     run_name: str | None = None
     recipe: str | None = None
+    checkpoint_every: int | None = None  # optimiser steps between mid-epoch checkpoints; None: every 10 minutes
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -107,3 +109,36 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise UserError(f"recipe {p} has an unknown key {unknown[0]!r}: fix or remove it")
     return data
+
+
+def recipe_dirs(workspace: str | Path = ".") -> list[Path]:
+    """Where recipe names are looked up: the repository's recipes/, then the workspace's recipes/."""
+    shipped = Path(__file__).resolve().parent.parent / "recipes"
+    return [shipped, Path(workspace).expanduser().resolve() / "recipes"]
+
+
+def find_recipe(name_or_path: str | Path, workspace: str | Path = ".") -> Path:
+    """A recipe file from a shipped/workspace recipe name (with or without .yaml) or a path."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    for folder in reversed(recipe_dirs(workspace)):  # a workspace recipe shadows a shipped one of the same name
+        candidate = folder / f"{stem}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"no recipe {str(name_or_path)!r}: give a YAML file or a name from 'adt-ft recipes'")
+
+
+def list_recipes(workspace: str | Path = ".") -> list[tuple[str, str, Path]]:
+    """(name, one-line description, path) of every recipe, workspace ones shadowing shipped ones."""
+    found: dict[str, tuple[str, str, Path]] = {}
+    for folder in recipe_dirs(workspace):
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError:
+                data = {"description": "(not valid YAML)"}
+            text = str(data.get("description", "")) if isinstance(data, dict) else ""
+            found[path.stem] = (path.stem, " ".join(text.split()), path)
+    return sorted(found.values())

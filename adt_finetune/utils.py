@@ -129,3 +129,22 @@ def versions() -> dict[str, str | None]:
             out[pkg] = None
     out["git_commit"] = git_commit()
     return out
+
+
+def resolve_device(name: str):
+    """A torch.device from 'auto', 'cpu', 'cuda' or 'cuda:N'; UserError when it cannot be used here.
+
+    Library-level twin of the CLI's option handling, so that `train()` called from a
+    notebook resolves '--device auto' exactly as the command does.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return dev

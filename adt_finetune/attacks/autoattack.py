@@ -1,1 +1,116 @@
-"""Placeholder: filled in by its owner."""
+"""AutoAttack through pyautoattack 0.2.0 (SPEC §2, §5.1).
+
+pyautoattack reseeds torch's global RNG (CPU and CUDA) inside every sub-attack;
+the wrapper saves and restores both around it so that running AutoAttack does
+not change what any later random draw in the process gives. It is always given
+a seed, so its own random restarts are reproducible.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..nets import eval_mode
+from .base import Attack, bool_setting, register_attack
+from .pgd import project_linf
+
+VERSIONS = ("standard", "plus", "rand")
+SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+LOGGER_NAME = "auto-attack"  # pyautoattack's logger: its warnings and progress go there
+
+
+@contextlib.contextmanager
+def preserved_global_rng() -> Iterator[None]:
+    """Restore torch's global CPU and CUDA generators on exit."""
+    cpu_state = torch.get_rng_state()
+    # Saving CUDA's state initialises CUDA, and must: pyautoattack's cuda.manual_seed
+    # on an uninitialised CUDA is queued and would reseed it whenever CUDA starts later.
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextlib.contextmanager
+def _pyautoattack_output(verbose: bool) -> Iterator[None]:
+    """Quiet by default; with verbose, its progress lines go to stderr."""
+    logger = logging.getLogger(LOGGER_NAME)
+    saved_disabled, saved_level = logger.disabled, logger.level
+    handler = None
+    if verbose:
+        logger.disabled = False
+        logger.setLevel(logging.DEBUG)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            logger.addHandler(handler)
+    else:
+        logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+        logger.disabled = saved_disabled
+        logger.setLevel(saved_level)
+
+
+def _attack_list(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    names = [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s).strip() for s in value]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in SUB_ATTACKS]
+    if not names or unknown:
+        raise UserError(f"attack 'autoattack': unknown sub-attack {(unknown or [''])[0]!r}: "
+                        f"choose from {', '.join(SUB_ATTACKS)}")
+    return names
+
+
+@register_attack("autoattack")
+class AutoAttackLinf(Attack):
+    """Settings: version (standard | plus | rand; standard = APGD-CE, APGD-T, FAB-T, Square),
+    attacks (an explicit list of pyautoattack sub-attacks instead: version 'custom'), verbose."""
+
+    def __init__(self, eps: float, *, seed: int = 0, version: Any = "standard", attacks: Any = None,
+                 verbose: Any = False, **settings: Any):
+        super().__init__(eps, seed=seed, **settings)
+        self.attacks = _attack_list(attacks)
+        if self.attacks is not None:
+            self.version = "custom"
+        else:
+            self.version = str(version).strip().lower()
+            if self.version not in VERSIONS:
+                raise UserError(f"attack 'autoattack': unknown version {version!r}: choose from {', '.join(VERSIONS)}"
+                                " (or give attacks=...)")
+        self.verbose = bool_setting(self.name, "verbose", verbose)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from pyautoattack import AutoAttack
+
+        x = x.detach()
+        if len(x) == 0:
+            return x.clone()
+        device = next(iter(model.parameters()), x).device
+        with eval_mode(model), preserved_global_rng(), _pyautoattack_output(self.verbose):
+            adversary = AutoAttack(model, attacks=self.attacks, device=device, eps=self.eps, norm="Linf",
+                                   seed=self.seed, version=self.version)
+            adversary.verbose = self.verbose
+            # The whole batch at once: the evaluation layer has already batched.
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+        # pyautoattack leaves robust points at x and projects its own points; projecting
+        # again only guards the ε-ball guarantee against float round-off. The robust flag
+        # is then computed from the model on exactly what is returned.
+        return project_linf(x_adv.to(x.device, x.dtype), x, self.eps)

@@ -9,6 +9,7 @@ return the copy that broke the example.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..nets import eval_mode
 
 
 @dataclass
@@ -30,8 +32,10 @@ class Attack:
     black_box: ClassVar[bool] = False
 
     def __init__(self, eps: float, *, seed: int = 0, **settings: Any):
-        self.eps = float(eps)
-        self.seed = seed
+        self.eps = float_setting(self.name, "eps", eps)
+        if self.eps > 1:
+            raise UserError(f"attack {self.name!r}: ε {eps!r} is outside [0, 1]: images live in [0, 1]")
+        self.seed = int_setting(self.name, "seed", seed)
         if settings:
             raise UserError(f"attack {self.name!r} has no setting {next(iter(settings))!r}")
 
@@ -40,9 +44,12 @@ class Attack:
         feature attack computes its target pool's features here, once)."""
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        x_adv = self.perturb(model, x, y)
-        with torch.no_grad():
-            robust = model(x_adv).argmax(1) == y
+        # Eval mode for the attack and the verdict alike: BatchNorm's batch statistics
+        # would let one example's perturbation change another's prediction.
+        with eval_mode(model):
+            x_adv = self.perturb(model, x, y)
+            with torch.no_grad():
+                robust = model(x_adv).argmax(1) == y
         return AttackResult(x_adv, robust)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,6 +58,58 @@ class Attack:
     def settings(self) -> dict[str, Any]:
         """The settings this attack ran with, recorded in results."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def int_setting(attack: str, name: str, value: Any, minimum: int = 0) -> int:
+    """A whole-number setting (recipes and the CLI may give it as text); UserError otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        number = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise UserError(f"attack {attack!r}: {name} must be a whole number >= {minimum}, got {value!r}")
+    return number
+
+
+def float_setting(attack: str, name: str, value: Any, minimum: float = 0.0) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (number >= minimum and number != float("inf")):
+        raise UserError(f"attack {attack!r}: {name} must be a number >= {minimum}, got {value!r}")
+    return number
+
+
+def bool_setting(attack: str, name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise UserError(f"attack {attack!r}: {name} must be true or false, got {value!r}")
+
+
+def example_seeds(x: torch.Tensor, key: str) -> list[int]:
+    """One seed per example from `key` (attack name and seed) and the example's pixels.
+
+    Attacks draw each example's randomness from its own seed, so an example's result
+    does not depend on which batch it sits in: batch size does not change a number,
+    and `cascade` (only still-robust examples) agrees with `independent`.
+    """
+    salt = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    rows = x.detach().to("cpu", torch.float32).reshape(len(x), -1).contiguous().numpy()
+    return [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=salt).digest(), "little") >> 1
+            for row in rows]
+
+
+def example_generators(x: torch.Tensor, key: str) -> list[torch.Generator]:
+    """A torch.Generator on x's device per example, seeded by `example_seeds`."""
+    return [torch.Generator(device=x.device).manual_seed(s) for s in example_seeds(x, key)]
 
 
 ATTACKS: dict[str, Callable[..., Attack]] = {}

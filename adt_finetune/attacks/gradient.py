@@ -1,1 +1,126 @@
-"""Placeholder: filled in by its owner."""
+"""The ADT paper's white-box gradient attacks (SPEC §5.1): fgsm, pgd/pgd20/pgd100, mim, cw.
+
+All of them are `sign_gradient_ascent` with a loss, a step count and a start:
+x' stays a leaf inside the ε-ball and [0, 1] and is projected after each step, so
+no gradient ever passes through a clamp. Random starts are drawn per example
+(`example_generators`), so an example's result does not depend on its batch.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nets import eval_mode
+from .base import Attack, bool_setting, example_generators, float_setting, int_setting, register_attack
+from .pgd import ce_loss, project_linf, sign_gradient_ascent
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example z_y − max_{j≠y} z_j: negative exactly when the example is misclassified."""
+    true_logit = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return true_logit - others.max(1).values
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+    """Per-example CW loss −max(z_y − max_{j≠y} z_j + κ, 0), which the attacker maximises.
+
+    Maximising it pushes the true logit below the best other one; the hinge stops
+    the push once the margin is below −κ (with κ = 50, practically never).
+    """
+    return -torch.relu(margin(logits, y) + kappa)
+
+
+def uniform_start(x: torch.Tensor, eps: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """x + U(−ε, ε) noise, each example's noise from its own generator, projected into [0, 1]."""
+    noise = torch.empty_like(x)
+    for row, g in zip(noise, generators):
+        row.uniform_(-1.0, 1.0, generator=g)
+    return project_linf(x + eps * noise, x, eps)
+
+
+class SignGradientAttack(Attack):
+    """An iterative L∞ sign-gradient attack; subclasses fix the loss and the defaults."""
+
+    default_steps: ClassVar[int] = 20
+    default_random_start: ClassVar[bool] = True
+
+    def __init__(self, eps: float, *, seed: int = 0, steps: Any = None, step_size: Any = None,
+                 random_start: Any = None, **settings: Any):
+        super().__init__(eps, seed=seed, **settings)
+        self.steps = int_setting(self.name, "steps", self.default_steps if steps is None else steps, 1)
+        # α = ε/4: the paper's step for every iterative attack of the suite.
+        self.step_size = float_setting(self.name, "step_size", self.eps / 4 if step_size is None else step_size)
+        self.random_start = bool_setting(self.name, "random_start",
+                                         self.default_random_start if random_start is None else random_start)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ce_loss(logits, y)
+
+    def momentum(self) -> float | None:
+        return None
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        init = uniform_start(x, self.eps, example_generators(x, f"{self.name}:{self.seed}")) \
+            if self.random_start else None
+        with eval_mode(model):
+            return sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
+                                        loss_fn=self.loss, start=None, momentum=self.momentum(), init=init)
+
+
+@register_attack("fgsm")
+class FGSM(Attack):
+    """One step of ε·sign(∇x CE) from x itself (no random start, no settings)."""
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with eval_mode(model):
+            return sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.eps, steps=1, start=None)
+
+
+@register_attack("pgd")
+class PGD(SignGradientAttack):
+    """PGD on cross-entropy: uniform random start in the ε-ball, `steps` steps of ε/4."""
+
+    default_steps = 20
+
+
+@register_attack("pgd20")
+class PGD20(PGD):
+    default_steps = 20
+
+
+@register_attack("pgd100")
+class PGD100(PGD):
+    default_steps = 100
+
+
+@register_attack("mim")
+class MIM(SignGradientAttack):
+    """Momentum iterative attack: g ← decay·g + ∇/mean|∇| per example, step ε/4·sign(g)."""
+
+    default_steps = 20
+
+    def __init__(self, eps: float, *, decay: Any = 1.0, **settings: Any):
+        super().__init__(eps, **settings)
+        self.decay = float_setting(self.name, "decay", decay)
+
+    def momentum(self) -> float | None:
+        return self.decay
+
+
+@register_attack("cw")
+class CW(SignGradientAttack):
+    """PGD on the CW margin loss with confidence κ (the ADT paper's 'CW∞')."""
+
+    default_steps = 30
+
+    def __init__(self, eps: float, *, kappa: Any = 50.0, **settings: Any):
+        super().__init__(eps, **settings)
+        self.kappa = float_setting(self.name, "kappa", kappa)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return margin_loss(logits, y, self.kappa)

@@ -52,15 +52,18 @@ def sign_gradient_ascent(
     start: str | None = "uniform",
     momentum: float | None = None,
     generator: torch.Generator | None = None,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x' maximising loss_fn within the L∞ ε-ball: `steps` sign steps of `step_size`.
 
     With `momentum`, the MIM update: g ← μ·g + ∇/mean|∇| (per example), step sign(g).
     One forward and one backward per step; no gradient reaches the model's
     parameters. The caller decides the model's mode (attacks use eval mode).
+    `init`, when given, is the starting point instead of `start` (projected onto
+    the ball first): the evaluation attacks draw their random starts per example.
     """
     x = x.detach()
-    x_adv = random_start(x, eps, start, generator)
+    x_adv = random_start(x, eps, start, generator) if init is None else project_linf(init.detach().clone(), x, eps)
     velocity = torch.zeros_like(x) if momentum is not None else None
     for _ in range(steps):
         x_adv.requires_grad_(True)

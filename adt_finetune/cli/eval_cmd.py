@@ -1,8 +1,150 @@
-"""CLI commands: placeholder until its issue lands."""
+"""`adt-ft eval` and `adt-ft leaderboard`: thin layers over adt_finetune.evaluation and adt_finetune.leaderboard."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
 
 import typer
 
+from ..errors import UserError
+from .common import DeviceOpt, WorkspaceOpt, console, err_console
+
+
+def parse_settings(items: List[str] | None) -> dict[str, dict[str, Any]]:
+    """['autoattack.version=plus', 'feature.targets=50'] -> {'autoattack': {'version': 'plus'}, ...}.
+    Values stay strings: each attack parses and validates its own settings."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        attack, dot, name = key.strip().partition(".")
+        if not eq or not dot or not attack or not name:
+            raise UserError(f"--set {item!r}: write ATTACK.SETTING=VALUE, e.g. autoattack.version=plus")
+        out.setdefault(attack.lower(), {})[name.strip()] = value.strip()
+    return out
+
+
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name or checkpoint file (default: the "
+                                                                    "latest run, else the current model)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="With a checkpoint file: zoo name or package.module:Class."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run id or run folder (default: the latest run)."),
+    suite: str = typer.Option("paper", "--suite", "-s", help="paper, aa, quick, full or wasserstein."),
+    attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated attacks instead of a suite, "
+                                                                  "e.g. fgsm,pgd20,cw."),
+    n_examples: Optional[int] = typer.Option(None, "--n-examples", "-n", help="First N test images "
+                                                                            "(default 1000, or all if fewer)."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="L∞ budget, e.g. 8/255 or 0.1 (default: the dataset's)."),
+    mode: str = typer.Option("independent", "--mode", help="independent (each attack on every example: the "
+                                                           "paper's columns) or cascade (only still-robust "
+                                                           "examples: fastest A_rob)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOpt,
+    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the run's base model on the same "
+                                                            "examples: before → after."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name, or a folder of images with "
+                                                                        "one subfolder per class."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset files are."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="W-PGD budgets for --suite wasserstein, "
+                                                                  "e.g. 0.05,0.1 (default ε·(1/4, 1/2, 1, 2))."),
+    entry: Optional[str] = typer.Option(None, "--entry", help="Leaderboard entry name (default <model>_<suite>)."),
+    settings: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting ATTACK.KEY=VALUE, "
+                                                                     "repeatable (e.g. autoattack.version=plus)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation of the same entry."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Evaluate a model (default: the latest run) with an attack suite; write a leaderboard entry."""
+    from ..evaluation import evaluate_workspace, print_sanity, results_table
+
+    rec = evaluate_workspace(
+        model=model, arch=arch, run=run, suite=suite, attacks=attacks, n_examples=n_examples, eps=eps, mode=mode,
+        batch_size=batch_size, seed=seed, device=device, baseline=baseline, dataset=dataset, data_dir=data_dir,
+        budgets=budgets, entry=entry, resume=resume, workspace=workspace, attack_settings=parse_settings(settings),
+        progress=progress)
+    r = rec.result
+    console.print(f"{rec.target.dataset} {rec.target.threat_model} ε = {r.to_json()['eps_str']}, suite {rec.suite}, "
+                  f"{r.mode} mode, {rec.data_source}", highlight=False)
+    if rec.baseline is not None:
+        rows = [(f"before: {rec.target.base.label}", rec.baseline), (f"after: {rec.target.label}", r)]
+    else:
+        rows = [(rec.target.label, r)]
+    console.print(results_table(rows))
+    if r.wasserstein:
+        _print_wasserstein(r.wasserstein)
+    for label, res in rows:
+        console.print(f"sanity checks ({label}):", highlight=False)
+        print_sanity(res, console)
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in r.timings_s.items())
+    console.print(f"attack time: {times or 'none'}", highlight=False)
+    console.print(f"wrote {rec.json_path}\n  and {rec.csv_path}", highlight=False)
+    if any(res.unreliable for _, res in rows):
+        err_console.print("[bold yellow]warning:[/] a sanity check failed; the entry is marked unreliable",
+                          highlight=False)
+
+
+def _print_wasserstein(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    clean = report.get("clean") or {}
+    t = Table(title=f"W-PGD ({report.get('threat_model')}, loss {report.get('loss')}): "
+                    f"Υ = {_num(clean.get('upsilon'))}, V(0) = {_num(clean.get('v0'))}, W(0) = {_num(clean.get('w0'))}")
+    for c in ("budget δ", "W-PGD acc", "first-order est.", "PGD-20 acc (ε = δ)"):
+        t.add_column(c, justify="right")
+    for row in report.get("rows", []):
+        t.add_row(_num(row.get("budget")), _pct(row.get("wpgd_acc")), _pct(row.get("first_order")),
+                  _pct(row.get("pgd_acc")))
+    console.print(t)
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def leaderboard_cmd(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Only this dataset (default: all)."),
+    threat_model: Optional[str] = typer.Option(None, "--threat-model", "-t", help="Only this threat model."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, markdown or json."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a figure (clean vs robust, per-attack "
+                                                             "bars), e.g. board.png.", dir_okay=False),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Show the workspace's leaderboard entries, best robust accuracy (A_rob) first."""
+    from .. import leaderboard as lb
+    from ..data import canonical_name
+    from ..workspace import Workspace
+
+    if fmt not in lb.FORMATS:
+        raise UserError(f"unknown format {fmt!r}: choose from {', '.join(lb.FORMATS)}")
+    ds = None
+    if dataset is not None:
+        ds = dataset.strip().lower() if dataset.strip().lower() == "imagenet" else canonical_name(dataset)
+    ws = Workspace(workspace)
+    entries = lb.read_entries(ws.leaderboard_dir, ds, threat_model)
+    if not entries:
+        where = ws.leaderboard_dir / (ds or "*") / (threat_model or "*")
+        raise UserError(f"no leaderboard entries in {where}: write one with 'adt-ft eval'")
+    groups: dict[tuple[str, str], list] = {}
+    for e in entries:
+        groups.setdefault((e.dataset, e.threat_model), []).append(e)
+    if fmt == "json":
+        typer.echo(lb.render(entries, "json"), nl=False)
+    else:
+        for (d, t), group in sorted(groups.items()):
+            title = f"{d} / {t}: {len(group)} entr{'y' if len(group) == 1 else 'ies'}"
+            if fmt == "markdown":
+                typer.echo(lb.render(group, "markdown", title=title))
+            else:
+                console.print(lb.table(group, title=title))
+    if plot is not None:
+        lb.plot(entries, plot)
+        err_console.print(f"wrote {plot}", highlight=False)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("eval")(eval_cmd)
+    app.command("leaderboard")(leaderboard_cmd)

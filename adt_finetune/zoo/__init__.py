@@ -1,0 +1,14 @@
+"""RobustBench's model zoo for adt-ft: the metadata catalogue, name resolution, safe
+checkpoint loading, and pulling models into a workspace.
+
+    from adt_finetune.zoo import pull, load_model, resolve_name
+    ref = pull("Zhang2019", workspace="ws")      # resolve, fetch if missing, make current
+    model = load_model("Zhang2019", workspace="ws")
+"""
+from .catalog import ALIASES, ZooEntry, catalog, resolve_name, search
+from .loader import (build_architecture, check_arch, load_model, load_weights, model_from_ref, pull,
+                     pull_file_model, pull_from_file, pull_model, read_state_dict, register_model)
+
+__all__ = ["ALIASES", "ZooEntry", "catalog", "resolve_name", "search", "build_architecture", "check_arch",
+           "load_model", "load_weights", "model_from_ref", "pull", "pull_file_model", "pull_from_file",
+           "pull_model", "read_state_dict", "register_model"]

@@ -1,0 +1,535 @@
+"""Building architectures, reading checkpoints safely, and pulling zoo models into a workspace.
+
+Checkpoints are only ever read with `torch.load(weights_only=True)`: a file that
+needs anything beyond tensors and plain containers is refused rather than run.
+Downloads go through RobustBench's own loader (the real code, with its own
+checkpoint fix-ups); a checkpoint already in the workspace is loaded here without
+RobustBench's download code being reached.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import pickle
+import pickletools
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..utils import atomic_torch_save
+from ..workspace import ModelRef, Workspace
+from . import robustbench_compat as rb
+from .catalog import ZooEntry, resolve_name
+
+# Wrappers training scripts put around a state dict; RobustBench unwraps the same
+# ones ('last' is how Andriushchenko2020Understanding and Kireev2021 store theirs).
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "last")
+# Prefixes left by DataParallel ('module.') and by normalisation wrappers ('model.').
+_PREFIXES = ("module.", "model.")
+_HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body")
+_DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+
+
+def _as_workspace(workspace: Workspace | str | os.PathLike) -> Workspace:
+    return workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+
+
+def _normalize_threat_model(threat_model: str) -> str:
+    known = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}
+    return known.get(threat_model.strip().lower(), threat_model)
+
+
+def _dataset_name(dataset: str) -> str:
+    """Canonical dataset name for any dataset adt-ft knows, zoo or not (fashion-mnist has no zoo)."""
+    from ..data import canonical_name, dataset_info, is_image_folder
+
+    if is_image_folder(dataset):  # an image folder stands for the known dataset its classes match
+        return dataset_info(dataset).name
+    key = dataset.strip().lower()
+    return key if key == "imagenet" else canonical_name(key)
+
+
+# ---------------------------------------------------------------- architectures
+
+def _import_class(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"--arch {spec!r} is neither a zoo name nor package.module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"--arch {spec}: cannot import module {module_name!r} ({e}); "
+                        "check the spelling and that its package is installed") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UserError(f"--arch {spec}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UserError(f"--arch {spec}: {attr!r} is not a class or function that builds a model")
+    return target
+
+
+def check_arch(arch: str, dataset: str, threat_model: str = "Linf") -> str:
+    """Validate an architecture spec without building it; returns its canonical form
+    (a zoo alias or prefix becomes the full zoo name)."""
+    if ":" in arch:
+        _import_class(arch)
+        return arch
+    return resolve_name(arch, dataset, threat_model).name
+
+
+def _timm_name(entry: ZooEntry) -> str:
+    # RobustBench's rule for the timm registry name of a zoo entry.
+    return f"{entry.name.lower().replace('-', '_')}_{entry.dataset}_{entry.threat_model.lower()}"
+
+
+def _build_zoo(entry: ZooEntry) -> nn.Module:
+    if not entry.loadable:
+        raise UserError(f"{entry.name} is on RobustBench's {entry.dataset}/{entry.threat_model} leaderboard but "
+                        "RobustBench ships no checkpoint or architecture for it: choose a model that "
+                        "'adt-ft models' marks as loadable")
+    if entry.checkpoint == "timm":
+        # RobustBench's own constructor for these asks timm for pretrained weights
+        # (a download); the same architecture without weights is this.
+        import timm
+
+        return timm.create_model(_timm_name(entry), pretrained=False, num_classes=_DATASET_CLASSES[entry.dataset])
+    if entry.checkpoint == "torchvision":
+        return rb.imagenet_standard_resnet50()
+    return rb.zoo_record(entry.name, entry.dataset, entry.threat_model)["model"]()
+
+
+def build_architecture(arch: str, dataset: str, threat_model: str = "Linf",
+                       arch_kwargs: dict | None = None) -> nn.Module:
+    """A freshly initialised model (random weights, nothing downloaded).
+
+    `arch` is a RobustBench zoo name (aliases and unique prefixes work; the entry's
+    architecture for `dataset`/`threat_model` is built) or `package.module:Class`
+    (called with `arch_kwargs`, or with no arguments).
+    """
+    if ":" in arch:
+        ctor = _import_class(arch)
+        kwargs = dict(arch_kwargs or {})
+        try:
+            model = ctor(**kwargs)
+        except TypeError as e:
+            raise UserError(f"--arch {arch}: cannot construct it with arguments {kwargs} ({e})") from None
+        if not isinstance(model, nn.Module):
+            raise UserError(f"--arch {arch} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
+    if arch_kwargs:
+        raise UserError(f"architecture arguments {arch_kwargs} only apply to package.module:Class architectures, "
+                        f"not to the zoo name {arch!r}")
+    return _build_zoo(resolve_name(arch, dataset, threat_model))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _looks_like_html(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(2048).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    # Real checkpoints start with a zip or pickle header, never with '<'.
+    return head.startswith(b"<") and any(marker in head for marker in _HTML_MARKERS)
+
+
+# Globals a plain state dict's pickle may name; anything else is an object or a callable.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """Globals (callables, classes) that the checkpoint's pickle would import, other than torch's own.
+
+    Only used to explain a refusal: torch.load(weights_only=True) already refused to run them.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a complete pickle (garbage, truncated): nothing to explain
+        return []
+    return [g for g in found if not g.startswith(_TENSOR_GLOBALS)]
+
+
+def _unwrap(obj: Any) -> Any:
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    return obj
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a checkpoint file, read with `weights_only=True` onto the CPU.
+
+    Accepts `{"state_dict": ...}`, `{"model_state_dict": ...}`, `{"model": ...}`
+    wrappers and `module.`/`model.` key prefixes (the latter are removed; see
+    `load_weights`, which puts `model.` back where an architecture needs it).
+    Raises UserError for a missing file, an HTML page, a pickle that would need to
+    run code, and a corrupt or truncated file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: give the path of a .pt/.pth state dict file")
+    if _looks_like_html(path):
+        raise UserError(f"{path} is an HTML page, not a checkpoint (a failed Google-Drive download saves its error "
+                        f"page under the checkpoint's name): download the real file and put it at {path}")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not parse; the error below says what matters.
+            warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        foreign = _foreign_globals(path)
+        if foreign or "Unsupported global" in str(e):
+            named = f" (it references {', '.join(foreign[:3])})" if foreign else ""
+            raise UserError(f"refused: {path} contains code/objects, not just tensors{named}; loading it would run "
+                            "code from the file: re-save it with torch.save(model.state_dict(), path)") from None
+        first = next((line.strip() for line in str(e).splitlines() if "Unsupported operand" in line), None) \
+            or (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first}): the file is corrupt or "
+                        "truncated, or was not written by torch.save; download or copy it again") from None
+    state = _unwrap(obj)
+    if not isinstance(state, Mapping):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict: save model.state_dict()")
+    not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"{path} is a dict but not a state dict (non-tensor entries: {', '.join(not_tensors[:5])}): "
+                        "save model.state_dict(), or wrap it as {'state_dict': ...}")
+    return _strip_prefixes(state)
+
+
+def _fit_prefix(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Put back a 'model.' prefix that read_state_dict removed, when the architecture
+    wraps its network in a `model` attribute (RobustBench's normalising ImageNet
+    wrappers, or any user class with `self.model = ...`)."""
+    wanted = set(model.state_dict())
+    if set(state_dict) == wanted:
+        return state_dict
+    prefixed = {"model." + k: v for k, v in state_dict.items()}
+    if set(prefixed) == wanted or (len(set(prefixed) & wanted) > len(set(state_dict) & wanted)):
+        return prefixed
+    return state_dict
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """Load a state dict strictly; UserError naming missing/unexpected keys and shape mismatches."""
+    state_dict = _fit_prefix(model, state_dict)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_few(unexpected)}")
+        if shapes:
+            problems.append(f"shape mismatches (checkpoint vs model) {_few(shapes, 3)}")
+        raise UserError(f"the weights in {source} do not fit {type(model).__name__}: {'; '.join(problems)}; "
+                        "check --arch (and its arguments) and --dataset")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- zoo checkpoints in a workspace
+
+def _checkpoint_files(entry: ZooEntry, path: Path) -> list[Path]:
+    """The file(s) RobustBench keeps for an entry: `<Name>.pt`, or `<Name>.pt_m<i>.pt` for ensembles."""
+    if entry.checkpoint == "ensemble":
+        return [Path(f"{path}_m{i}.pt") for i in range(len(entry.gdrive_id or ()))]
+    return [path]
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Force weights_only=True on every torch.load inside (RobustBench's own calls included),
+    whatever torch's default or the caller's environment says."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)}
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+        for k, v in saved.items():
+            if v is not None:
+                os.environ[k] = v
+
+
+def _load_zoo_file(entry: ZooEntry, path: Path) -> nn.Module:
+    """The entry's model from checkpoint file(s) already on disk at `path`
+    (<models>/<dataset>/<threat_model>/<Name>.pt); never downloads."""
+    files = _checkpoint_files(entry, path)
+    if entry.checkpoint == "ensemble":
+        for f in files:
+            if _looks_like_html(f):
+                read_state_dict(f)  # raises the HTML message
+        # Several sub-models with per-ensemble fix-ups: RobustBench's loader does them,
+        # and with every file present it reads them instead of downloading.
+        with _weights_only_loads():
+            try:
+                return rb.robustbench_utils().load_model(entry.name, model_dir=path.parents[2],
+                                                         dataset=entry.dataset, threat_model=entry.threat_model)
+            except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+                first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+                raise UserError(f"the ensemble checkpoint files {files[0]}... do not load ({first}): delete them "
+                                f"and pull {entry.name} again") from None
+    state_dict = read_state_dict(path)
+    model = _build_zoo(entry)
+    try:
+        load_weights(model, state_dict, str(path))
+    except UserError as mismatch:
+        # RobustBench tolerates a few known checkpoints that lack normalisation
+        # buffers or carry extra keys; accept exactly what it accepts, no more.
+        try:
+            rb.robustbench_utils()._safe_load_state_dict(model, entry.name, _fit_prefix(model, state_dict),
+                                                         rb.enums(entry.dataset, entry.threat_model)[0])
+        except RuntimeError:
+            raise mismatch from None
+    return model
+
+
+def _missing_checkpoint(entry: ZooEntry, path: Path, why: str) -> UserError:
+    if entry.checkpoint == "ensemble":
+        files = _checkpoint_files(entry, path)
+        what = f"its {len(files)} checkpoint files at {files[0]} ... {files[-1].name}"
+    elif entry.checkpoint == "gdrive":
+        what = f"the checkpoint (from https://drive.google.com/uc?id={entry.gdrive_id}) at {path}"
+    else:
+        what = f"a state dict of its architecture at {path}"
+    return UserError(f"{entry.name} is not in the workspace and {why}: place {what}, then run the command again")
+
+
+def _download(entry: ZooEntry, ws: Workspace, progress: bool) -> nn.Module:
+    """Fetch through RobustBench's loader; on any failure remove what it left and raise a UserError."""
+    path = ws.model_path(entry.dataset, entry.threat_model, entry.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = set(path.parent.iterdir())
+    rb_utils = rb.robustbench_utils()
+    # RobustBench prints to stdout and gdown draws a byte progress bar on stderr;
+    # with progress off both go nowhere.
+    quiet = contextlib.ExitStack()
+    if progress:
+        # stdout, like RobustBench's own message: stderr is kept for the error line and gdown's bar.
+        print(f"downloading {entry.name} through RobustBench into {path}", flush=True)
+    else:
+        quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    try:
+        with quiet, _weights_only_loads():
+            model = rb_utils.load_model(entry.name, model_dir=ws.models_dir, dataset=entry.dataset,
+                                        threat_model=entry.threat_model)
+    except BaseException as e:
+        left = sorted(p for p in set(path.parent.iterdir()) - before if p.name.startswith(entry.name))
+        html = [p for p in left if p.is_file() and _looks_like_html(p)]
+        diagnosis: UserError | None = None
+        # requests/urllib3/gdown failures are OSErrors: then whatever is left is a partial
+        # download. Anything else means a file arrived and RobustBench could not load it.
+        if not html and not isinstance(e, OSError) and any(p.is_file() for p in left):
+            # Say why it does not load (code pickle, corrupt).
+            try:
+                for p in left:
+                    read_state_dict(p)
+            except UserError as bad:
+                diagnosis = bad
+        for p in left:
+            p.unlink(missing_ok=True)
+        if not isinstance(e, Exception):  # Ctrl-C: files cleaned up, let it through
+            raise
+        if html:
+            raise _missing_checkpoint(entry, path, "the download returned an HTML page instead of the checkpoint "
+                                                   "(Google Drive's quota or confirmation page; removed it)") from None
+        if diagnosis is not None:
+            raise UserError(f"downloaded {entry.name} but it does not load (removed it): {diagnosis}") from None
+        first = (str(e).splitlines() or [""])[0][:100] or type(e).__name__
+        raise _missing_checkpoint(entry, path, f"the download failed ({type(e).__name__}: {first})") from None
+    if entry.checkpoint in ("timm", "torchvision"):
+        # timm/torchvision keep these in their own caches; a copy in the workspace
+        # makes the next load local like every other zoo model.
+        atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return model
+
+
+def _obtain(entry: ZooEntry, ws: Workspace, download: bool, progress: bool) -> nn.Module:
+    if not entry.loadable:
+        _build_zoo(entry)  # raises the "leaderboard-only" UserError
+    path = ws.model_path(entry.dataset, entry.threat_model, entry.name)
+    files = _checkpoint_files(entry, path)
+    if all(f.is_file() for f in files):
+        return _load_zoo_file(entry, path)
+    if not download:
+        raise _missing_checkpoint(entry, path, "downloading is switched off")
+    if os.environ.get("ADT_FT_OFFLINE"):
+        raise _missing_checkpoint(entry, path, "ADT_FT_OFFLINE is set")
+    return _download(entry, ws, progress)
+
+
+def _zoo_ref(entry: ZooEntry, ws: Workspace) -> ModelRef:
+    return ModelRef(name=entry.name, arch=entry.name, dataset=entry.dataset, threat_model=entry.threat_model,
+                    path=str(ws.model_path(entry.dataset, entry.threat_model, entry.name)), source="zoo")
+
+
+def pull_model(name: str, *, dataset: str = "cifar10", threat_model: str = "Linf",
+               workspace: Workspace | str | os.PathLike = ".", download: bool = True,
+               progress: bool = True) -> tuple[ModelRef, nn.Module, ZooEntry]:
+    """`pull`, also returning the loaded model and the resolved zoo entry (for callers that print them)."""
+    ws = _as_workspace(workspace)
+    entry = resolve_name(name, dataset, threat_model)
+    model = _obtain(entry, ws, download, progress).eval()
+    ref = _zoo_ref(entry, ws)
+    ws.set_current_model(ref)
+    return ref, model, entry
+
+
+def pull(name: str, *, dataset: str = "cifar10", threat_model: str = "Linf",
+         workspace: Workspace | str | os.PathLike = ".", download: bool = True, progress: bool = True) -> ModelRef:
+    """Resolve a zoo name, make sure its checkpoint is in `workspace/models/` and loads
+    into its architecture, and make it the workspace's current model.
+
+    A checkpoint already in the workspace is used without touching the network.
+    Otherwise RobustBench's loader downloads it (unless `download=False` or
+    $ADT_FT_OFFLINE is set); a failure removes whatever it left and raises a UserError
+    naming the path where the file can be placed by hand.
+    """
+    return pull_model(name, dataset=dataset, threat_model=threat_model, workspace=workspace, download=download,
+                      progress=progress)[0]
+
+
+def pull_file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str = "Linf",
+                    workspace: Workspace | str | os.PathLike = ".", name: str | None = None,
+                    arch_kwargs: dict | None = None) -> tuple[ModelRef, nn.Module]:
+    """`pull_from_file`, also returning the loaded model."""
+    ws = _as_workspace(workspace)
+    file = Path(path).expanduser().resolve()
+    dataset = _dataset_name(dataset)
+    threat_model = _normalize_threat_model(threat_model)
+    arch = check_arch(arch, dataset, threat_model)
+    state_dict = read_state_dict(file)
+    model = build_architecture(arch, dataset, threat_model, arch_kwargs)
+    load_weights(model, state_dict, str(file))
+    ref = ModelRef(name=name or file.stem, arch=arch, dataset=dataset, threat_model=threat_model, path=str(file),
+                   source="file", arch_kwargs=dict(arch_kwargs or {}))
+    ws.set_current_model(ref)
+    return ref, model.eval()
+
+
+def pull_from_file(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str = "Linf",
+                   workspace: Workspace | str | os.PathLike = ".", name: str | None = None,
+                   arch_kwargs: dict | None = None) -> ModelRef:
+    """Check that a local state dict loads into `arch` (zoo name or package.module:Class),
+    record it in the workspace (the file stays where it is) and make it current."""
+    return pull_file_model(path, arch, dataset=dataset, threat_model=threat_model, workspace=workspace, name=name,
+                           arch_kwargs=arch_kwargs)[0]
+
+
+def model_from_ref(ref: ModelRef, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a ModelRef describes, in eval mode on `device`. Never downloads."""
+    path = Path(ref.path)
+    if ref.source == "zoo" and ":" not in ref.arch:
+        entry = resolve_name(ref.arch, ref.dataset, ref.threat_model)
+        files = _checkpoint_files(entry, path)
+        if not all(f.is_file() for f in files):
+            raise UserError(f"the checkpoint of {ref.name} is missing at {files[0]}: run 'adt-ft pull {ref.name}' again")
+        model = _load_zoo_file(entry, path)
+    else:
+        if not path.is_file():
+            raise UserError(f"the checkpoint of model {ref.name!r} is missing at {path}: pull or train it again")
+        state_dict = read_state_dict(path)
+        model = build_architecture(ref.arch, ref.dataset, ref.threat_model, ref.arch_kwargs or None)
+        load_weights(model, state_dict, str(path))
+    return model.to(device).eval()
+
+
+def load_model(name_or_path: str | os.PathLike, *, dataset: str = "cifar10", threat_model: str = "Linf",
+               arch: str | None = None, workspace: Workspace | str | os.PathLike = ".",
+               download: bool = True, arch_kwargs: dict | None = None) -> nn.Module:
+    """A ready model (eval mode, CPU) for a notebook.
+
+    `name_or_path` is a zoo name (checkpoint fetched into `workspace/models/` when
+    missing, exactly as `pull` does) or a checkpoint file (then `arch` is required).
+    Unlike `pull`, this never changes the workspace's current model, so loading a
+    few models side by side leaves the CLI's state alone.
+    """
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_file() or str(name_or_path).endswith((".pt", ".pth", ".ckpt")):
+        if arch is None:
+            raise UserError(f"{name_or_path} is a checkpoint file: also give its architecture (arch=zoo name or "
+                            "package.module:Class)")
+        state_dict = read_state_dict(candidate)
+        dataset = _dataset_name(dataset)
+        model = build_architecture(arch, dataset, _normalize_threat_model(threat_model), arch_kwargs)
+        return load_weights(model, state_dict, str(candidate)).eval()
+    entry = resolve_name(str(name_or_path), dataset, threat_model)
+    return _obtain(entry, _as_workspace(workspace), download, progress=True).eval()
+
+
+def register_model(model: nn.Module, *, name: str, arch: str, arch_kwargs: dict | None = None, dataset: str,
+                   threat_model: str = "Linf", workspace: Workspace | str | os.PathLike = ".",
+                   source: str = "local", make_current: bool = True) -> ModelRef:
+    """Save `model`'s weights into the workspace (models/<dataset>/<threat_model>/<name>.pt,
+    atomically) and record how to rebuild it; by default it becomes the current model."""
+    ws = _as_workspace(workspace)
+    dataset = _dataset_name(dataset)
+    threat_model = _normalize_threat_model(threat_model)
+    arch = check_arch(arch, dataset, threat_model)
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise UserError(f"model name {name!r} must be a plain file name (no slashes, not starting with a dot)")
+    path = ws.model_path(dataset, threat_model, name)
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    ref = ModelRef(name=name, arch=arch, dataset=dataset, threat_model=threat_model, path=str(path), source=source,
+                   arch_kwargs=dict(arch_kwargs or {}))
+    if make_current:
+        ws.set_current_model(ref)
+    return ref
+
+
+__all__ = ["build_architecture", "check_arch", "read_state_dict", "load_weights", "pull", "pull_model",
+           "pull_from_file", "pull_file_model", "model_from_ref", "load_model", "register_model"]

@@ -1,0 +1,136 @@
+"""Datasets: real Fashion-MNIST offline, --n-examples, missing data offline, image folders of real CIFAR-10 images."""
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adt_finetune import data
+from adt_finetune.data import CIFAR10_CLASSES, as_tensors, dataset_info, load_dataset
+from adt_finetune.errors import UserError
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _idx(path: Path, header: int) -> np.ndarray:
+    """An IDX file read independently of torchvision: big-endian header, then uint8 data."""
+    with gzip.open(path, "rb") as fh:
+        return np.frombuffer(fh.read(), dtype=np.uint8, offset=header)
+
+
+def _foolbox_cifar10_pngs() -> list[Path]:
+    import foolbox
+
+    files = sorted((Path(foolbox.__file__).parent / "data").glob("cifar10_*.png"))
+    assert len(files) == 20
+    return files
+
+
+def _image_folder(root: Path, class_names) -> tuple[Path, dict[str, int]]:
+    """foolbox's CIFAR-10 PNGs (cifar10_<index>_<label>.png) sorted into one subfolder per class."""
+    labels = {}
+    for f in _foolbox_cifar10_pngs():
+        label = int(f.stem.split("_")[2])
+        (root / class_names[label]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / class_names[label] / f.name)
+        labels[f.name] = label
+    return root, labels
+
+
+def test_fashion_mnist_offline_matches_the_raw_files(fmnist_test):
+    x, y = fmnist_test
+    assert x.shape == (500, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1 and x.max() > 0.99
+    labels = _idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz", 8)
+    images = _idx(FMNIST_DIR / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    assert torch.equal(y, torch.from_numpy(labels[:500].astype(np.int64)))
+    assert torch.allclose(x[:3, 0], torch.from_numpy(images[:3].astype(np.float32)) / 255)
+    assert len(load_dataset("fashion-mnist", "test")) == 10000
+    train = load_dataset("fmnist", "train", augment=False)
+    assert len(train) == 60000
+    first_train_label = int(_idx(FMNIST_DIR / "train-labels-idx1-ubyte.gz", 8)[0])
+    assert train[0][1] == first_train_label
+
+
+def test_n_examples_takes_the_first_n_in_order(fmnist_test):
+    ds = load_dataset("fashion-mnist", "test", n_examples=7)
+    x, y = as_tensors(ds)
+    assert len(ds) == 7
+    assert torch.equal(x, fmnist_test[0][:7]) and torch.equal(y, fmnist_test[1][:7])
+    with pytest.raises(UserError, match="larger than the test set \\(10000 images\\)"):
+        load_dataset("fashion-mnist", "test", n_examples=10001)
+    with pytest.raises(UserError, match="must be positive"):
+        load_dataset("fashion-mnist", "test", n_examples=0)
+    with pytest.raises(UserError, match="unknown split"):
+        load_dataset("fashion-mnist", "validation")
+    with pytest.raises(UserError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+
+
+def test_missing_dataset_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADT_FT_OFFLINE", "1")
+    monkeypatch.delenv("ADT_FT_DATA", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError) as missing:
+        load_dataset("cifar10", "test", data_dir=empty, workspace=tmp_path / "ws")
+    msg = str(missing.value)
+    assert "\n" not in msg
+    assert "cifar-10-batches-py" in msg and str(empty) in msg and str(tmp_path / "ws" / "data") in msg
+    # Without Debian's package (and nothing under the search roots), Fashion-MNIST is missing too.
+    monkeypatch.setitem(data.SYSTEM_LOCATIONS, "fashion-mnist", [tmp_path / "nowhere"])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", "test", data_dir=empty)
+
+
+def test_data_dir_is_searched_first(tmp_path, monkeypatch):
+    """Debian's gzipped files given through --data-dir (system location switched off) load the same images."""
+    monkeypatch.setitem(data.SYSTEM_LOCATIONS, "fashion-mnist", [])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    own = tmp_path / "mine"
+    own.mkdir()
+    for f in FMNIST_DIR.glob("*.gz"):
+        (own / f.name).symlink_to(f)
+    x, y = as_tensors(load_dataset("fashion-mnist", "test", data_dir=own), 5)
+    labels = _idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz", 8)[:5]
+    assert y.tolist() == labels.tolist() and x.shape == (5, 1, 28, 28)
+
+
+def test_image_folder_of_real_cifar10_images(tmp_path):
+    root, labels = _image_folder(tmp_path / "cifar", CIFAR10_CLASSES)
+    # Only some classes are present, so sorted-folder indices differ from CIFAR-10's:
+    # the labels must still be CIFAR-10's.
+    assert len(set(labels.values())) < 10
+    ds = load_dataset(root, expect="cifar10")
+    assert dataset_info(root).name == "cifar10"
+    assert len(ds) == 20
+    for i, (path, _) in enumerate(ds.inner.samples):
+        x, y = ds[i]
+        assert y == labels[Path(path).name], path
+        assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
+        pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255
+        assert torch.allclose(x, pixels)
+    sub = load_dataset(root, n_examples=3)
+    assert [sub[i][1] for i in range(3)] == [ds[i][1] for i in range(3)]
+
+
+def test_image_folder_with_wrong_class_names(tmp_path):
+    root, _ = _image_folder(tmp_path / "numbered", [f"class{i}" for i in range(10)])
+    with pytest.raises(UserError, match="do not match cifar10's classes"):
+        load_dataset(root, expect="cifar10")
+    with pytest.raises(UserError, match="match no known dataset"):
+        load_dataset(root)
+    fashion = [c.replace("/", "-") for c in data.FASHION_MNIST_CLASSES]
+    root, _ = _image_folder(tmp_path / "fashion", fashion)
+    with pytest.raises(UserError, match="do not match cifar10's classes"):
+        load_dataset(root, expect="cifar10")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no class subfolders"):
+        load_dataset(empty)

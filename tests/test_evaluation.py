@@ -1,0 +1,425 @@
+"""The evaluation engine (per-example flags, A_rob, modes, resume, sanity checks) and `adt-ft eval`.
+
+Most engine tests use fake attacks whose per-example outcome is a table the test
+controls, on a model whose prediction for example i is a table too: then every
+number the engine reports can be computed by hand.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from adt_finetune.attacks import ATTACKS, Attack, AttackResult
+from adt_finetune.errors import UserError
+from adt_finetune.evaluation import (SUITES, EvalResult, evaluate, parse_attack_list, read_per_example_csv,
+                                     suite_attacks)
+from adt_finetune.nets import PassCounter
+
+EPS = 0.1
+N = 40
+
+
+# ---------------------------------------------------------------- a table model and table attacks
+
+def encode(n: int) -> torch.Tensor:
+    """n tiny images whose first pixel encodes their index (so fakes can look outcomes up)."""
+    x = torch.full((n, 1, 4, 4), 0.5)
+    x[:, 0, 0, 0] = torch.arange(n) / 1000.0
+    return x
+
+
+def decode(x: torch.Tensor) -> list[int]:
+    return [int(round(v * 1000)) for v in x[:, 0, 0, 0].tolist()]
+
+
+class TableModel(nn.Module):
+    """Predicts `pred[i]` for the image encoding index i."""
+
+    def __init__(self, pred: torch.Tensor):
+        super().__init__()
+        self.register_buffer("pred", pred.clone())
+
+    def forward(self, x):
+        idx = torch.tensor(decode(x))
+        return nn.functional.one_hot(self.pred[idx], 10).float() * 10
+
+
+def make_fake(monkeypatch, name: str, robust_of: dict[int, bool], *, black_box=False, shift=0.0, value=None,
+              dataset_level=False, linf_bounded=True, fail_on_call: int | None = None):
+    """Register an attack `name` that never runs the model: example i is robust iff robust_of[i].
+    `calls` records the indices of every call; `shift`/`value` move x' (to break the sanity checks)."""
+    calls: list[list[int]] = []
+
+    class Fake(Attack):
+        def __call__(self, model, x, y):
+            idx = decode(x)
+            if fail_on_call is not None and len(calls) == fail_on_call:
+                raise RuntimeError("simulated crash")
+            calls.append(idx)
+            x_adv = x.clone()
+            x_adv[:, :, 1:, :] = (x_adv[:, :, 1:, :] + EPS).clamp(0, 1)  # a legal perturbation, index pixel kept
+            if shift:
+                x_adv[:, :, 1:, :] += shift
+            if value is not None:
+                x_adv[:, :, 1, 1] = value
+            return AttackResult(x_adv, torch.tensor([bool(robust_of[i]) for i in idx]))
+
+    Fake.name = name
+    Fake.black_box = black_box
+    Fake.dataset_level = dataset_level
+    Fake.linf_bounded = linf_bounded
+    monkeypatch.setitem(ATTACKS, name, Fake)
+    return calls
+
+
+@pytest.fixture
+def tables():
+    """Clean predictions (about 20% wrong) and three attacks' robust tables, fixed by a seed."""
+    rng = np.random.default_rng(0)
+    y = torch.tensor(rng.integers(0, 10, N))
+    wrong = rng.random(N) < 0.2
+    pred = torch.where(torch.tensor(wrong), (y + 1) % 10, y)
+    robust = {a: {i: bool(rng.random() < p) for i in range(N)} for a, p in (("fa", 0.8), ("fb", 0.6), ("fc", 0.7))}
+    return encode(N), y, TableModel(pred), ~torch.tensor(wrong).numpy(), robust
+
+
+# ---------------------------------------------------------------- A_rob and the two modes
+
+def test_a_rob_is_the_per_example_minimum(monkeypatch, tables):
+    x, y, model, clean, robust = tables
+    calls = {a: make_fake(monkeypatch, a, robust[a]) for a in robust}
+    r = evaluate(model, x, y, attacks=["clean", "fa", "fb", "fc"], eps=EPS, batch_size=16, progress=False)
+
+    table = {a: np.array([robust[a][i] for i in range(N)]) for a in robust}
+    by_hand = clean & table["fa"] & table["fb"] & table["fc"]
+    assert r.clean_acc == pytest.approx(100 * clean.mean())
+    assert r.a_rob == pytest.approx(100 * by_hand.mean())
+    for a in robust:
+        assert r.per_attack[a] == pytest.approx(100 * (clean & table[a]).mean())
+        assert r.a_rob <= r.per_attack[a]
+    assert (r.robust == by_hand).all()
+    # Clean errors are never attacked, and count as broken under every attack.
+    for a in robust:
+        seen = sorted(i for batch in calls[a] for i in batch)
+        assert seen == list(np.flatnonzero(clean))
+    assert (r.flags[~clean] == 0).all()
+    for i, first in enumerate(r.first_broken_by):
+        expected = "clean" if not clean[i] else next((a for a in ("fa", "fb", "fc") if not table[a][i]), "")
+        assert first == expected
+
+
+def test_cascade_attacks_only_still_robust_examples_and_agrees(monkeypatch, tables):
+    x, y, model, clean, robust = tables
+    calls = {a: make_fake(monkeypatch, a, robust[a]) for a in robust}
+    ind = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, batch_size=16, progress=False)
+    for c in calls.values():
+        c.clear()
+    cas = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, mode="cascade", batch_size=16, progress=False)
+
+    still = clean.copy()
+    for a in ("fa", "fb", "fc"):
+        seen = sorted(i for batch in calls[a] for i in batch)
+        assert seen == list(np.flatnonzero(still)), a
+        still &= np.array([robust[a][i] for i in range(N)])
+    assert cas.a_rob == ind.a_rob
+    assert (cas.robust == ind.robust).all()
+    assert cas.first_broken_by == ind.first_broken_by
+    assert cas.cumulative == ind.cumulative
+    # Cascade columns cover only part of the examples: no per-attack accuracy is claimed.
+    assert all(v is None for v in cas.per_attack.values())
+    assert cas.to_json()["per_attack"] == {"fa": None, "fb": None, "fc": None}
+    assert (cas.flags == -1).any() and not (ind.flags == -1).any()
+
+
+def test_clean_logits_are_computed_once(monkeypatch, tables):
+    x, y, model, clean, robust = tables
+    for a in robust:
+        make_fake(monkeypatch, a, robust[a])  # these never run the model
+    with PassCounter(model) as pc:
+        evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, batch_size=16, progress=False)
+    assert pc.images_forward == N
+    assert pc.forward == math.ceil(N / 16)
+
+
+def test_dataset_level_attack_sees_every_example_and_stays_out_of_a_rob(monkeypatch, tables):
+    x, y, model, clean, robust = tables
+    make_fake(monkeypatch, "fa", robust["fa"])
+    everything = {i: True for i in range(N)}
+    calls = make_fake(monkeypatch, "fw", everything, dataset_level=True, linf_bounded=False, shift=0.3)
+    r = evaluate(model, x, y, attacks=["fa", "fw"], eps=EPS, batch_size=8, mode="cascade", progress=False)
+    assert [sorted(c) for c in calls] == [list(range(N))]  # one call, all examples, clean errors included
+    assert r.excluded_from_a_rob == ["fw"]
+    assert r.a_rob == pytest.approx(100 * (clean & np.array([robust["fa"][i] for i in range(N)])).mean())
+    assert r.per_attack["fw"] == pytest.approx(100 * clean.mean())  # a clean error stays an error
+    assert all(c.ok for c in r.sanity)  # its x' leaves the ε-ball by design, which is not a failure
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_skips_finished_attacks_and_batches(monkeypatch, tables, tmp_path):
+    x, y, model, clean, robust = tables
+    resume = tmp_path / "partial"
+    calls_a = make_fake(monkeypatch, "fa", robust["fa"])
+    make_fake(monkeypatch, "fb", robust["fb"], fail_on_call=1)  # crashes on its second batch
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, progress=False, resume_dir=resume)
+    assert len(calls_a) > 0
+
+    calls_a = make_fake(monkeypatch, "fa", robust["fa"])
+    calls_b = make_fake(monkeypatch, "fb", robust["fb"])
+    resumed = evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, progress=False, resume_dir=resume)
+    assert calls_a == []  # finished attack: not run again
+    pool = list(np.flatnonzero(clean))
+    assert sorted(i for c in calls_b for i in c) == pool[8:]  # only the batches after the saved one
+
+    fresh = evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, progress=False)
+    assert (resumed.flags == fresh.flags).all() and resumed.a_rob == fresh.a_rob
+
+    # Saved flags belong to one model, example set and settings: anything else is refused.
+    with pytest.raises(UserError, match="different model"):
+        evaluate(model, x, y, attacks=["fa", "fb"], eps=0.05, batch_size=8, progress=False, resume_dir=resume)
+    other = TableModel(model.pred.roll(1))
+    with pytest.raises(UserError, match="different model"):
+        evaluate(other, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, progress=False, resume_dir=resume)
+
+
+# ---------------------------------------------------------------- sanity checks
+
+def _check(result: EvalResult, name: str):
+    return next(c for c in result.sanity if c.name == name)
+
+
+def test_sanity_checks_catch_out_of_ball_and_out_of_range(monkeypatch, tables):
+    x, y, model, clean, robust = tables
+    make_fake(monkeypatch, "fa", robust["fa"])
+    good = evaluate(model, x, y, attacks=["fa"], eps=EPS, progress=False)
+    assert _check(good, "linf").ok and _check(good, "range").ok and not good.unreliable
+
+    make_fake(monkeypatch, "fa", robust["fa"], shift=0.05)
+    far = evaluate(model, x, y, attacks=["fa"], eps=EPS, progress=False)
+    assert _check(far, "linf").ok is False and far.unreliable
+
+    make_fake(monkeypatch, "fa", robust["fa"], value=-0.02)
+    below = evaluate(model, x, y, attacks=["fa"], eps=EPS, progress=False)
+    assert _check(below, "range").ok is False and below.unreliable
+
+
+def test_pgd100_must_not_beat_pgd20(monkeypatch, tables):
+    x, y, model, clean, robust = tables
+    some = {i: i % 2 == 0 for i in range(N)}
+    more = {i: True for i in range(N)}
+    make_fake(monkeypatch, "pgd20", some)
+    make_fake(monkeypatch, "pgd100", more)
+    bad = evaluate(model, x, y, attacks=["pgd20", "pgd100"], eps=EPS, progress=False)
+    assert _check(bad, "pgd100 ≤ pgd20").ok is False and bad.unreliable
+    make_fake(monkeypatch, "pgd100", some)
+    ok = evaluate(model, x, y, attacks=["pgd20", "pgd100"], eps=EPS, progress=False)
+    assert _check(ok, "pgd100 ≤ pgd20").ok
+
+
+def test_black_box_far_below_white_box_warns(monkeypatch, tables):
+    x, y, model, clean, robust = tables
+    make_fake(monkeypatch, "fa", {i: True for i in range(N)})
+    make_fake(monkeypatch, "fbb", {i: i % 3 != 0 for i in range(N)}, black_box=True)
+    masked = evaluate(model, x, y, attacks=["fa", "fbb"], eps=EPS, progress=False)
+    check = _check(masked, "black-box vs white-box")
+    assert check.ok is False and "gradient" in check.detail
+    make_fake(monkeypatch, "fa", {i: i % 3 != 0 for i in range(N)})
+    fine = evaluate(model, x, y, attacks=["fa", "fbb"], eps=EPS, progress=False)
+    assert _check(fine, "black-box vs white-box").ok
+
+
+# ---------------------------------------------------------------- per-example file
+
+def test_per_example_csv_round_trip(monkeypatch, tables, tmp_path):
+    import pandas as pd
+
+    x, y, model, clean, robust = tables
+    for a in robust:
+        make_fake(monkeypatch, a, robust[a])
+    r = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, mode="cascade", progress=False,
+                 indices=range(100, 100 + N))
+    path = tmp_path / "e.per-example.csv"
+    sha = r.write_csv(path)
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    df = pd.read_csv(path)
+    assert list(df.columns) == ["index", "label", "clean", "fa", "fb", "fc", "robust", "first_broken_by"]
+    assert df["index"].tolist() == list(range(100, 100 + N))
+    assert df["label"].tolist() == y.tolist()
+    assert (df["clean"].to_numpy() == clean).all()
+    for k, a in enumerate(["fa", "fb", "fc"]):
+        col = df[a].to_numpy()
+        unrun = r.flags[:, k] == -1
+        assert np.isnan(col[unrun]).all()  # cascade: not attacked, written as an empty cell
+        assert (col[~unrun] == r.flags[~unrun, k]).all()
+    assert df["robust"].mean() * 100 == pytest.approx(r.a_rob)
+    assert df["first_broken_by"].fillna("").tolist() == r.first_broken_by
+    cols = read_per_example_csv(path)
+    assert cols["robust"] == [str(int(v)) for v in r.robust]
+
+
+# ---------------------------------------------------------------- suites and names
+
+def test_suites_and_attack_lists():
+    assert SUITES["paper"] == ["clean", "fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack"]
+    assert suite_attacks("full", generator_method="exp-am")[-1] == "exp-am"
+    assert "exp-am" not in suite_attacks("full")
+    assert parse_attack_list(" fgsm, pgd20 ") == ["clean", "fgsm", "pgd20"]
+    for name in (a for s in SUITES.values() for a in s):
+        assert name in ("clean", "wasserstein") or name in ATTACKS
+    with pytest.raises(UserError, match="choose from.*fgsm"):
+        parse_attack_list("fgsm,nope")
+    with pytest.raises(UserError, match="paper, aa, quick, full, wasserstein"):
+        suite_attacks("nope")
+
+
+# ---------------------------------------------------------------- real attacks
+
+def test_real_fgsm_pgd20_cascade_equals_independent(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:64], fmnist_test[1][:64]
+    ind = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=EPS, batch_size=32, progress=False)
+    cas = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=EPS, batch_size=32, progress=False,
+                   mode="cascade")
+    assert ind.per_attack["fgsm"] < ind.clean_acc and ind.per_attack["pgd20"] < ind.clean_acc
+    assert ind.a_rob == pytest.approx(100 * (ind.clean & (ind.flags == 1).all(1)).mean())
+    assert ind.a_rob <= min(ind.per_attack.values())
+    # Attacks seed each example from its own pixels, so the batch an example sits in changes nothing.
+    assert cas.a_rob == ind.a_rob and (cas.robust == ind.robust).all()
+    assert all(c.ok for c in ind.sanity), ind.sanity
+    assert ind.max_linf["pgd20"] <= EPS + 1e-6
+
+
+# ---------------------------------------------------------------- the CLI
+
+@pytest.fixture
+def workspace(tmp_path, _trained_cnn_state):
+    """A workspace whose current model is the trained SmallCNN(width=16)."""
+    from adt_finetune.utils import atomic_torch_save
+    from adt_finetune.workspace import ModelRef, Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    path = ws.model_path("fashion-mnist", "Linf", "tiny")
+    atomic_torch_save(_trained_cnn_state, path)
+    ref = ModelRef(name="tiny", arch="adt_finetune.models.small:SmallCNN", dataset="fashion-mnist",
+                   path=str(path), source="file", arch_kwargs={"width": 16})
+    ws.set_current_model(ref)
+    return ws
+
+
+def _one_line_error(code, err):
+    assert code == 2, err
+    assert err.strip().count("\n") == 0, err
+    assert "Traceback" not in err
+
+
+def test_cli_bad_input(cli, workspace, tmp_path):
+    w = ["-w", workspace.root, "--no-progress"]
+    code, _, err = cli("eval", "--attacks", "fgsm,nope", *w)
+    _one_line_error(code, err)
+    assert "nope" in err and "pgd20" in err and "autoattack" in err
+    code, _, err = cli("eval", "--suite", "everything", *w)
+    _one_line_error(code, err)
+    assert "paper, aa, quick, full, wasserstein" in err
+    code, _, err = cli("eval", "--eps", "eight/255", *w)
+    _one_line_error(code, err)
+    assert "ε" in err
+    code, _, err = cli("eval", "--suite", "quick", "--n-examples", "20000", *w)
+    _one_line_error(code, err)
+    assert "20000" in err and "10000" in err
+    code, _, err = cli("eval", "--mode", "sideways", *w)
+    _one_line_error(code, err)
+
+    empty = tmp_path / "empty"
+    code, _, err = cli("eval", "-w", empty)
+    _one_line_error(code, err)
+    assert "no run and no current model" in err
+
+    folder = tmp_path / "pets"
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(folder / cls / "0.png")
+    code, _, err = cli("eval", "--suite", "quick", "--dataset", folder, *w)
+    _one_line_error(code, err)
+    assert "fashion-mnist" in err and "cifar10" in err
+
+    run = workspace.runs_dir / "half"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"id": "half", "status": "running", "method": "exp-am",
+                                              "base_model": workspace.current_model().to_dict()}))
+    workspace.set_latest_run("half")
+    code, _, err = cli("eval", "--suite", "quick", *w)
+    _one_line_error(code, err)
+    assert "half" in err and "no final model" in err
+
+
+def test_cli_eval_writes_entry_and_leaderboard_shows_it(cli, workspace):
+    w = ["-w", workspace.root]
+    code, out, err = cli("eval", "--suite", "quick", "--n-examples", "100", "--no-progress", *w)
+    assert code == 0, err
+    assert "A_rob" in out and "pgd20" in out and "✓ linf" in out
+    folder = workspace.leaderboard_dir / "fashion-mnist" / "Linf"
+    data = json.loads((folder / "tiny_quick.json").read_text())
+    csv = folder / "tiny_quick.per-example.csv"
+    assert data["adt_ft"]["per_example_sha256"] == hashlib.sha256(csv.read_bytes()).hexdigest()
+    assert data["adt_ft"]["n_examples"] == 100 and data["adt_ft"]["attacks"] == ["fgsm", "pgd20"]
+    assert data["eps"] == "0.1" and "autoattack_acc" not in data
+    assert f"{data['adt_ft']['a_rob']:.2f}" == data["reported"]
+    assert workspace.current_model().name == "tiny"
+    assert not (workspace.root / ".adt-ft" / "eval" / "fashion-mnist" / "Linf" / "tiny_quick").exists()
+
+    code, out, err = cli("leaderboard", *w)
+    assert code == 0, err
+    assert "tiny_quick" in out and data["reported"] in out
+    code, out, _ = cli("leaderboard", "--format", "json", *w)
+    rows = json.loads(out)
+    assert rows[0]["entry"] == "tiny_quick" and rows[0]["a_rob"] == data["adt_ft"]["a_rob"]
+
+
+def test_cli_baseline_and_checkpoint_file(cli, workspace, tmp_path):
+    from adt_finetune.models import SmallCNN
+    from adt_finetune.utils import atomic_torch_save
+    from adt_finetune.workspace import ModelRef
+
+    # A finished run whose fine-tuned model is a different (random) SmallCNN(width=16).
+    torch.manual_seed(1)
+    tuned_path = workspace.runs_dir / "r1" / "model.pt"
+    atomic_torch_save(SmallCNN(width=16).state_dict(), tuned_path)
+    tuned = ModelRef(name="r1", arch="adt_finetune.models.small:SmallCNN", dataset="fashion-mnist",
+                     path=str(tuned_path), source="run", arch_kwargs={"width": 16})
+    meta = {"id": "r1", "status": "finished", "method": "exp-am", "loss": "ce", "scope": "full", "epochs": 1,
+            "base_model": workspace.current_model().to_dict(), "model": tuned.to_dict()}
+    (workspace.runs_dir / "r1" / "run.json").write_text(json.dumps(meta))
+    workspace.set_latest_run("r1")
+
+    code, out, err = cli("eval", "--attacks", "fgsm", "--n-examples", "50", "--baseline", "--no-progress",
+                         "-w", workspace.root)
+    assert code == 0, err
+    assert "before: tiny" in out and "after: r1" in out and "change" in out
+    data = json.loads((workspace.leaderboard_dir / "fashion-mnist" / "Linf" / "r1_custom.json").read_text())
+    extra = data["adt_ft"]
+    assert extra["run_id"] == "r1" and extra["method"] == "exp-am" and extra["base_model"] == "tiny"
+    assert extra["baseline"]["model"] == "tiny"
+    # The trained base model is far better than the random fine-tune on clean images.
+    assert extra["baseline"]["clean_acc"] > extra["clean_acc"]
+
+    # A checkpoint file: evaluated without becoming the workspace's current model.
+    ckpt = tmp_path / "plain.pt"
+    atomic_torch_save(SmallCNN().state_dict(), ckpt)
+    code, out, err = cli("eval", "--model", ckpt, "--arch", "adt_finetune.models.small:SmallCNN", "--dataset",
+                         "fashion-mnist", "--attacks", "fgsm", "-n", "20", "--no-progress", "-w", workspace.root)
+    assert code == 0, err
+    assert (workspace.leaderboard_dir / "fashion-mnist" / "Linf" / "plain_custom.json").exists()
+    assert workspace.current_model().name == "tiny"
+    code, _, err = cli("eval", "--model", ckpt, "--attacks", "fgsm", "-w", workspace.root)
+    _one_line_error(code, err)
+    assert "--arch" in err

@@ -1,0 +1,315 @@
+"""The shared trainer: run directories, last-layer scope, exact resume, recipes, the CLI's bad input."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from adt_finetune.attacks.pgd import sign_gradient_ascent
+from adt_finetune.config import TrainConfig, list_recipes
+from adt_finetune.errors import UserError
+from adt_finetune.models import SmallCNN
+from adt_finetune.runs import list_runs, load_run
+from adt_finetune.trainer import _SeededAugmentation, build_config, lr_at, train
+from adt_finetune.workspace import Workspace
+
+ARCH = "adt_finetune.models.small:SmallCNN"
+
+
+def _workspace(root, model=None, name="base"):
+    """A workspace whose current model is a SmallCNN(width=16) (random weights unless given)."""
+    from adt_finetune.zoo import register_model
+
+    if model is None:
+        torch.manual_seed(1)
+        model = SmallCNN(width=16)
+    register_model(model, name=name, arch=ARCH, arch_kwargs={"width": 16}, dataset="fashion-mnist", workspace=root)
+    return root
+
+
+def _small(**kw):
+    base = dict(method="pgd-at", loss="ce", epochs=1, train_subset=128, batch_size=64, pgd_steps=2, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_directory_contents(tmp_path):
+    ws = _workspace(tmp_path)
+    result = train(_small(epochs=2), workspace=ws, progress=False)
+    run = result.path
+    assert run.parent == tmp_path / "runs"
+    assert {p.name for p in run.iterdir()} >= {"run.json", "metrics.jsonl", "checkpoint.pt", "model.pt"}
+    assert not (run / "generator.pt").exists()  # pgd-at has no networks of its own
+
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["epochs_done"] == 2
+    assert meta["eps"] == pytest.approx(0.1) and meta["eps_str"] == "0.1"
+    assert meta["config"]["lr"] == 0.01  # the full-scope default, filled in
+    assert meta["config"]["step_size"] == pytest.approx(0.025)  # ε/4
+    assert meta["base_model"]["name"] == "base" and meta["model"]["source"] == "run"
+    assert meta["model"]["arch_kwargs"] == {"width": 16}
+    assert len(meta["time_per_epoch_s"]) == 2 and meta["versions"]["torch"] and meta["device"] == "cpu"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert all(r["steps"] == 2 and 0 <= r["adv_acc"] <= 1 and r["loss"] > 0 for r in lines)
+    assert lines[1]["lr"] < lines[0]["lr"]  # cosine
+
+    # model.pt is a plain state dict that RobustBench-style code loads, equal to the returned model.
+    plain = SmallCNN(width=16)
+    plain.load_state_dict(torch.load(run / "model.pt"))
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
+
+    info = load_run(None, ws)  # the latest run
+    assert info.path == run and info.finished and info.model.path == str(run / "model.pt")
+    assert [r.id for r in list_runs(ws)] == [result.run_id]
+    from adt_finetune.zoo import model_from_ref
+
+    rebuilt = model_from_ref(info.model)
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+def test_last_layer_scope_trains_only_the_head(tmp_path):
+    torch.manual_seed(2)
+    base = SmallCNN(width=16)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so "untouched" is a real check
+        for m in base.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    ws = _workspace(tmp_path, base)
+    result = train(_small(scope="last-layer"), workspace=ws, progress=False)
+    after = result.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    assert json.loads((result.path / "run.json").read_text())["config"]["lr"] == 0.1  # last-layer default
+
+
+def test_head_reinit_is_seeded_and_fresh(tmp_path):
+    ws = _workspace(tmp_path)
+    base = Workspace(ws).current_model()
+    runs = [train(_small(head_init="reinit", scope="last-layer", lr=1e-12, run_name=f"r{i}"), workspace=ws,
+                  progress=False) for i in range(2)]
+    original = torch.load(base.path)
+    w0, w1 = runs[0].model.fc.weight, runs[1].model.fc.weight
+    assert torch.allclose(w0, w1)  # same seed, same fresh head (lr ~ 0: only the init is visible)
+    assert not torch.allclose(w0, original["fc.weight"], atol=1e-3)
+
+
+def _interrupt_at(step):
+    def hook(global_step):
+        if global_step == step:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs after resume"
+
+
+def test_resume_after_interrupt_mid_epoch_is_exact(tmp_path):
+    ws = _workspace(tmp_path)
+    # 3 steps per epoch, 2 epochs; TRADES draws its random start from the global RNG and BatchNorm
+    # trains, so the RNG and the running statistics both have to be restored exactly.
+    cfg = _small(method="trades", loss="trades", trades_steps=2, epochs=2, train_subset=192, head_init="reinit")
+    straight = train(replace(cfg, run_name="straight"), workspace=ws, progress=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(replace(cfg, run_name="stopped"), workspace=ws, progress=False, on_step=_interrupt_at(4))  # epoch 2, step 1 of 3
+    stopped = load_run("stopped", ws, require_finished=False)
+    assert not stopped.finished and stopped.meta["status"] == "running"
+    with pytest.raises(UserError, match="no final model"):
+        load_run("stopped", ws)
+    resumed = train(workspace=ws, progress=False, resume=True)  # latest run
+    assert resumed.run_id == "stopped"
+    _assert_same_weights(straight.model, resumed.model)
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight.history], rel=1e-6)
+    assert len(load_run("stopped", ws).metrics()) == 2
+
+
+def test_resume_after_crash_from_periodic_checkpoint_with_generator(tmp_path):
+    """A process killed mid-epoch (no chance to save) resumes from its last step checkpoint;
+    exp-am's generator, its Adam state and BatchNorm statistics come back with it."""
+    ws = _workspace(tmp_path)
+    common = dict(method="exp-am", epochs=2, train_subset=192, gen_width=4, checkpoint_every=2)
+    straight = train(_small(run_name="straight", **common), workspace=ws, progress=False)
+
+    def crash(step):
+        if step == 5:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(_small(run_name="crashed", **common), workspace=ws, progress=False, on_step=crash)
+    resumed = train(workspace=ws, progress=False, resume="crashed")
+    _assert_same_weights(straight.model, resumed.model)
+    gen_a = torch.load(straight.path / "generator.pt", weights_only=True)
+    gen_b = torch.load(resumed.path / "generator.pt", weights_only=True)
+    for k, v in gen_a["state_dict"].items():
+        assert torch.equal(v, gen_b["state_dict"][k]), k
+    assert load_run("crashed", ws).generator_path == resumed.path / "generator.pt"
+
+
+def test_resume_refuses_finished_run_and_missing_run(tmp_path):
+    ws = _workspace(tmp_path)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(workspace=ws, progress=False, resume=True)
+    train(_small(run_name="done", max_steps=1), workspace=ws, progress=False)
+    with pytest.raises(UserError, match="already finished"):
+        train(workspace=ws, progress=False, resume="done")
+
+
+def test_max_steps_stops_mid_epoch_and_finishes(tmp_path):
+    ws = _workspace(tmp_path)
+    result = train(_small(max_steps=1, train_subset=192), workspace=ws, progress=False)
+    meta = load_run(result.run_id, ws).meta
+    assert meta["status"] == "finished" and meta["stopped_early"] and meta["epochs_done"] == 0
+    assert result.history[0]["steps"] == 1 and result.history[0]["partial"]
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(lr=0.1, epochs=4, schedule="cosine")
+    assert lr_at(cfg, 0, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 20, 10) == pytest.approx(0.05)
+    assert lr_at(cfg, 39, 10) < 0.001
+    step = TrainConfig(lr=0.1, epochs=4, schedule="step", milestones=[2, 3], gamma=0.1)
+    assert [lr_at(step, s, 10) for s in (0, 19, 20, 30)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
+def test_seeded_augmentation_ignores_order_and_global_rng():
+    from torchvision import transforms as T
+
+    images = torch.rand(6, 3, 8, 8)
+
+    class Crops(torch.utils.data.Dataset):
+        crop = T.RandomCrop(8, padding=2)
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return self.crop(images[i]), 0
+
+    ds = _SeededAugmentation(Crops(), seed=3)
+    forward = [ds[i][0] for i in range(6)]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    backward = [ds[i][0] for i in reversed(range(6))][::-1]
+    assert torch.equal(torch.get_rng_state(), state)  # loading data leaves training's RNG alone
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    assert any(not torch.equal(a, images[i]) for i, a in enumerate(forward))  # it does augment
+    ds.epoch = 1
+    assert any(not torch.equal(a, ds[i][0]) for i, a in enumerate(forward))  # a new draw each epoch
+
+
+def test_recipe_then_flags_precedence(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text(
+        "description: a test recipe\nmethod: pgd-at\nepochs: 3\nlr: 0.05\nbatch_size: 32\neps: 0.05\n")
+    cfg = build_config("mine", {"epochs": 1, "batch_size": None}, workspace=tmp_path)
+    assert (cfg.method, cfg.epochs, cfg.lr, cfg.batch_size, cfg.eps) == ("pgd-at", 1, 0.05, 32, "0.05")
+    assert cfg.recipe == "mine" and cfg.momentum == 0.9  # untouched fields keep TrainConfig's defaults
+    (tmp_path / "recipes" / "typo.yaml").write_text("epochs: three\n")
+    with pytest.raises(UserError, match="epochs must be a whole number"):
+        build_config("typo", workspace=tmp_path)
+
+
+def test_shipped_recipes_parse_and_list():
+    recipes = {name: desc for name, desc, _ in list_recipes()}
+    for name in ("paper-cifar10-exp", "paper-cifar10-exp-am", "paper-cifar10-imp-am", "paper-cifar10-exp-am-trades",
+                 "zhang2019-finetune-last-layer", "zhang2019-finetune-full"):
+        assert recipes.get(name), f"recipe {name} missing or without description"
+    for name in recipes:
+        build_config(name)
+    paper = build_config("paper-cifar10-exp-am")
+    assert (paper.epochs, paper.lr, paper.milestones, paper.batch_size, paper.schedule) == (76, 0.1, [75], 64, "step")
+    assert build_config("paper-cifar10-imp-am-trades").beta == 6.0
+    last = build_config("zhang2019-finetune-last-layer")
+    assert (last.model, last.scope, last.lr, last.epochs, last.schedule) == ("Zhang2019Theoretically", "last-layer",
+                                                                             0.1, 20, "cosine")
+    assert build_config("zhang2019-finetune-full").lr == 0.01
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_train_end_to_end_with_recipe_and_flags(tmp_path, cli):
+    ws = _workspace(tmp_path)
+    (tmp_path / "r.yaml").write_text("method: trades\nepochs: 5\nlr: 0.02\ntrades_steps: 1\nbatch_size: 32\n")
+    code, out, err = cli("train", "--recipe", tmp_path / "r.yaml", "--epochs", "1", "--train-subset", "64",
+                         "--max-steps", "1", "--milestones", "1,2", "--device", "cpu", "--workspace", ws)
+    assert code == 0, err
+    meta = load_run(None, ws).meta
+    cfg = meta["config"]
+    assert (cfg["epochs"], cfg["lr"], cfg["batch_size"], cfg["loss"], cfg["milestones"]) == (1, 0.02, 32, "trades",
+                                                                                          [1, 2])
+    assert meta["recipe"].endswith("r.yaml") and "finished" in out
+
+
+def test_cli_lists_recipes(cli, tmp_path):
+    code, out, _ = cli("recipes", "--workspace", tmp_path)
+    assert code == 0
+    line = next(l for l in out.splitlines() if l.startswith("zhang2019-finetune-full"))
+    assert "Zhang2019Theoretically" in line
+
+
+def test_every_config_field_is_an_option():
+    import typer
+
+    from adt_finetune.cli import app
+    from adt_finetune.config import TrainConfig as TC
+
+    command = typer.main.get_command(app).commands["train"]
+    flags = {opt for p in command.params for opt in p.opts}
+    missing = [f for f in TC.field_names() if "--" + f.replace("_", "-") not in flags]
+    assert not missing and "--resume" in flags
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "magic"], "unknown method 'magic'"),
+    (["--method", "exp-am", "--loss", "hinge"], "unknown loss 'hinge'"),
+    (["--method", "pgd-at", "--loss", "trades"], "--loss trades does not apply to --method pgd-at"),
+    (["--method", "trades", "--loss", "ce"], "--loss ce does not apply to --method trades"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--epochs", "-3"], "--epochs must be positive"),
+    (["--eps", "eight"], "cannot parse ε"),
+    (["--recipe", "RECIPE"], "unknown key 'learning_rate'"),
+    (["--resume"], "nothing to resume"),
+    (["--resume", "--lr", "0.1"], "drop --lr"),
+    (["stray"], "only taken after --resume"),
+    (["--milestones", "a,b"], "--milestones 'a,b' does not parse"),
+    ([], "no current model"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, needle, tmp_path, cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    args = [str(bad) if a == "RECIPE" else a for a in args]
+    code, out, err = cli("train", *args, "--workspace", tmp_path)
+    assert code == 2, (out, err)
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# ---------------------------------------------------------------- learning
+
+def test_pgd_at_finetuning_raises_pgd_accuracy(tmp_path, trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:300], fmnist_test[1][:300]
+
+    def pgd10_acc(model):
+        model.eval()
+        x_adv = sign_gradient_ascent(model, x, y, eps=0.1, step_size=0.025, steps=10,
+                                     generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return (model(x_adv).argmax(1) == y).float().mean().item(), (model(x).argmax(1) == y).float().mean().item()
+
+    before, clean_before = pgd10_acc(trained_cnn)
+    ws = _workspace(tmp_path, trained_cnn)
+    result = train(_small(pgd_steps=5, train_subset=1000, batch_size=100, epochs=1, lr=0.05), workspace=ws,
+                   progress=False)
+    after, clean_after = pgd10_acc(result.model)
+    assert after > before + 0.15, (f"PGD-10 accuracy {before:.1%} before, {after:.1%} after PGD-AT fine-tuning "
+                                   f"(clean {clean_before:.1%} -> {clean_after:.1%})")
