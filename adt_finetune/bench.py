@@ -68,6 +68,11 @@ JSON (`BenchResult.to_dict()`, written atomically by `save_json`)
       prepare_s        attacks: time of attack.prepare (not in the step time)
       note             skip reason, error text, or remarks
 
+Generator width: on CPU the methods run with `gen_width=32` unless
+`config_overrides` says otherwise (`CPU_DEFAULT_OVERRIDES`): the paper's width-256
+generator costs 16–21 GFLOP per image forward, which swamps a small classifier
+and takes minutes per CPU step. The JSON's config_overrides records what ran.
+
 Default attack list: on GPU the paper suite's attacks (fgsm, pgd20, pgd100, mim,
 cw, feature, autoattack); on CPU the cheap ones only (fgsm, pgd20, pgd100, mim,
 cw), because feature (200 targets × 50 steps), autoattack and spsa take minutes
@@ -106,6 +111,11 @@ KNOWN_ATTACKS = ("fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack"
 PAPER_ATTACKS = ("fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack")
 CPU_DEFAULT_ATTACKS = ("fgsm", "pgd20", "pgd100", "mim", "cw")
 LOSSES = ("ce", "trades")
+# The paper's generator (width 256, residual blocks of 512) costs ~16–21 GFLOP per
+# image forward, far more than a small classifier: at full width the amortised
+# methods alone take minutes per CPU step. The CPU default narrows it (shown in the
+# table's caption and the JSON); `--set gen_width=256` restores the paper's width.
+CPU_DEFAULT_OVERRIDES = {"gen_width": 32}
 METHOD_BASELINE = "pgd-at"
 ATTACK_BASELINE = "pgd20"
 DEFAULT_ARCH = "adt_finetune.models.small:SmallCNN"
@@ -167,12 +177,13 @@ class BenchResult:
         """A rich Table of the rows (what `adt-ft bench` prints)."""
         from rich import box
         from rich.table import Table
+        from rich.text import Text  # names and error notes are data, not markup
 
         m = self.meta
         title = (f"{m['arch']} on {m['dataset']} shapes {tuple(m['input_shape'])}, batch {m['batch_size']}, "
                  f"{m['dtype']}{', channels-last' if m['channels_last'] else ''}"
                  f"{', compiled' if m['compile'] else ''} — {m['device']['name']}")
-        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        t = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         notes = any(r.note for r in self.rows)
         t.add_column("item", no_wrap=True)
         t.add_column("loss", no_wrap=True)
@@ -189,17 +200,17 @@ class BenchResult:
             if kind is not None and r.kind != kind:
                 t.add_section()
             kind = r.kind
-            cells = [r.name, r.loss or "", f(r.images_per_s, ",.1f"),
+            cells = [Text(r.name), r.loss or "", f(r.images_per_s, ",.1f"),
                      f(None if r.step_time_s is None else 1e3 * r.step_time_s, ",.1f"),
                      f(r.forward_passes, "d"), f(r.backward_passes, "d"), f(r.peak_mem_mb, ",.0f"),
                      f(r.ratio, ".2f"), f(r.predicted_ratio, ".2f"), f(r.tflops, ".3g")]
-            t.add_row(*cells, *([r.note] if notes else []))
+            t.add_row(*cells, *([Text(r.note)] if notes else []))
         caption = [f"ratio: time ÷ {METHOD_BASELINE}'s (methods), ÷ {ATTACK_BASELINE}'s (attacks); pred.: FLOP cost "
                    f"model; fwd/bwd: classifier passes per step; MB: peak memory", f"torch {m['torch']}", f"{m['steps']} timed steps after {m['warmup']} warm-up (median)",
                    f"classifier {m['classifier_gflop_per_image']['forward']:.3g} GFLOP/image forward"]
         if m["config_overrides"]:
             caption.append("settings " + ", ".join(f"{k}={v}" for k, v in m["config_overrides"].items()))
-        t.caption = "; ".join(caption)
+        t.caption = Text("; ".join(caption))
         return t
 
 
@@ -528,13 +539,13 @@ def run_benchmark(
     default list (module docstring); pass `[]` to skip a group. The baselines
     (pgd-at, pgd20) are added when their group is benchmarked, because ratios are
     measured against them in the same run. `config_overrides` sets TrainConfig
-    fields for the methods (e.g. `{"gen_width": 64}`). Items whose method or
-    attack is not implemented in this build are kept as rows with status
-    "skipped"; an item that raises becomes status "error" (or raises, with
-    `strict`).
+    fields for the methods (e.g. `{"gen_width": 64}`), on top of the device's
+    defaults (`CPU_DEFAULT_OVERRIDES` on CPU, none on GPU). `warmup` counts the
+    untimed steps; the first of them is always run (it is the FLOP-counting step).
+    Items whose method or attack is not implemented in this build are kept as rows
+    with status "skipped"; an item that raises becomes status "error" (or raises,
+    with `strict`).
     """
-    from . import attacks as attack_pkg  # noqa: F401  (registers attacks)
-    from . import methods as method_pkg  # noqa: F401  (registers methods)
     from .attacks import ATTACKS
     from .config import TrainConfig
     from .methods import METHODS
@@ -558,234 +569,261 @@ def run_benchmark(
         method_names.insert(0, METHOD_BASELINE)
     if attack_names and ATTACK_BASELINE not in attack_names:
         attack_names.insert(0, ATTACK_BASELINE)
-    overrides = dict(config_overrides or {})
+    overrides = {**(CPU_DEFAULT_OVERRIDES if dev.type == "cpu" else {}), **(config_overrides or {})}
+    for chosen in ("method", "loss"):
+        if chosen in overrides:
+            raise UserError(f"setting {chosen!r} is chosen by the benchmark: use --methods / --losses")
     base_cfg = TrainConfig().updated({**overrides, "dataset": info.name, "batch_size": int(batch_size),
                                       "seed": seed, "device": str(dev), "amp": dtype != "fp32"})
-    for forbidden in ("method", "loss"):
-        if forbidden in overrides:
-            raise UserError(f"config override {forbidden!r} is chosen by the benchmark: use --methods/--losses")
 
+    bench = _Bench(arch, info, arch_kwargs, dev, dtype, int(batch_size), channels_last, compile, int(steps),
+                   int(warmup), seed, strict)
     say = progress or (lambda msg: None)
-    set_seed(seed)
-    model = build_model(arch, info, arch_kwargs).to(dev)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch_size, info.channels, info.size, info.size, generator=g).to(dev)
-    y = torch.randint(0, info.num_classes, (batch_size,), generator=g).to(dev)
-    if channels_last:
-        model, x = to_channels_last(model, x)
-    init_state = copy.deepcopy(model.state_dict())
-    timed_model = maybe_compile(model, compile)
-    _, head = find_last_linear(model, x)
+    meta = bench.meta()
+    meta["config_overrides"] = overrides
+    rows: list[BenchRow] = []
+    try:
+        for name in method_names:
+            if name not in METHODS:
+                rows.append(BenchRow("method", name, None, status="skipped", baseline=METHOD_BASELINE,
+                                     note="not implemented in this build"))
+                continue
+            accepted = tuple(getattr(METHODS[name], "accepts_loss", LOSSES))
+            # A method with one intrinsic loss (pgd-at: ce, trades: trades) runs with it even
+            # when `losses` names only the other: the baseline must run, and silently dropping
+            # the pointwise TRADES row would hide a method the user asked for.
+            for loss in [l for l in losses if l in accepted] or [accepted[0]]:
+                say(f"method {name} ({loss})")
+                rows.append(bench.method_item(base_cfg.updated({"method": name, "loss": loss})))
+        if attack_names:
+            bench.prepare_attack_inputs()
+        for name in attack_names:
+            if name not in ATTACKS:
+                rows.append(BenchRow("attack", name, None, status="skipped", baseline=ATTACK_BASELINE,
+                                     note="not implemented in this build"))
+                continue
+            say(f"attack {name}")
+            rows.append(bench.attack_item(name))
+    finally:
+        bench.close()
+    _fill_ratios(rows)
+    return BenchResult(meta, rows)
 
-    cost = _CostModel()
-    phase = ["step"]
-    # The same log objects serve every item: the classifier is one object throughout.
-    clf_log = _PassLog("classifier", timed_model, phase)
-    # The replay needs the eager module: FlopCounterMode does not see inside a compiled graph.
-    clf_log.module = model
-    counter = PassCounter(timed_model)
 
-    bwd_kind_flops = {}
-    for kind, rg in ((None, False), ("input", True), ("full", True)):
-        sig = ((tuple(x.shape), rg, True),)
-        bwd_kind_flops[kind] = _replay_flops(model, ((x,), {}), sig, kind) / batch_size
-    meta = {
-        "schema": SCHEMA,
-        "device": {"type": dev.type, "name": device_name(dev), "threads": torch.get_num_threads()},
-        "torch": torch.__version__,
-        "versions": _versions(),
-        "arch": arch,
-        "arch_kwargs": arch_kwargs,
-        "dataset": info.name,
-        "input_shape": [info.channels, info.size, info.size],
-        "num_classes": info.num_classes,
-        "classifier_params": num_params(model),
-        "dtype": dtype,
-        "batch_size": int(batch_size),
-        "channels_last": bool(channels_last),
-        "compile": bool(compile),
-        "steps": int(steps),
-        "warmup": int(warmup),
-        "seed": seed,
-        "config_overrides": overrides,
-        "classifier_gflop_per_image": {"forward": bwd_kind_flops[None] / 1e9,
-                                       "forward_input_backward": bwd_kind_flops["input"] / 1e9,
-                                       "forward_full_backward": bwd_kind_flops["full"] / 1e9},
-        "peak_mem_meaning": PEAK_MEM_MEANING[dev.type],
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+class _Bench:
+    """One architecture on one device: the model, the random batch, the pass logs,
+    and the measurement of one item at a time."""
 
-    def measure(row: BenchRow, make_step: Callable[[], tuple[Callable[[], None], Callable[[], dict]]]) -> None:
-        """Warm up (the first step counted under FlopCounterMode), then time `steps` steps."""
+    def __init__(self, arch, info: DatasetInfo, arch_kwargs, dev, dtype, batch_size, channels_last, compile,
+                 steps, warmup, seed, strict):
+        self.arch, self.info, self.arch_kwargs, self.dev, self.dtype = arch, info, arch_kwargs, dev, dtype
+        self.batch_size, self.channels_last, self.compile = batch_size, channels_last, compile
+        self.steps, self.warmup, self.seed, self.strict = steps, warmup, seed, strict
         set_seed(seed)
-        model.load_state_dict(init_state)
-        extra_logs: list[_PassLog] = []
+        self.model = build_model(arch, info, arch_kwargs).to(dev)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(batch_size, info.channels, info.size, info.size, generator=g).to(dev)
+        self.y = torch.randint(0, info.num_classes, (batch_size,), generator=g).to(dev)
+        if channels_last:
+            self.model, self.x = to_channels_last(self.model, self.x)
+        # Every item starts from the same weights, so no item inherits another's updates.
+        self.init_state = copy.deepcopy(self.model.state_dict())
+        self.timed_model = maybe_compile(self.model, compile)
+        self.head = find_last_linear(self.model, self.x)[1]
+        # With --compile the FLOP-counting step runs eagerly (FlopCounterMode does not see
+        # inside a compiled graph); this flag picks which module a step calls.
+        self.eager_now = False
+        self.phase = ["step"]
+        self.cost = _CostModel()
+        self.clf_log = _PassLog("classifier", self.timed_model, self.phase)
+        self.clf_log.module = self.model  # replays run on the eager module
+        self.counter = PassCounter(self.timed_model)
+
+    def classifier(self) -> nn.Module:
+        return self.model if self.eager_now else self.timed_model
+
+    def close(self) -> None:
+        self.clf_log.remove()
+        self.counter.remove()
+
+    def meta(self) -> dict[str, Any]:
+        per_image = {}
+        for kind, rg in ((None, False), ("input", True), ("full", True)):
+            sig = ((tuple(self.x.shape), rg, True),)
+            per_image[kind] = _replay_flops(self.model, ((self.x,), {}), sig, kind) / self.batch_size / 1e9
+        info = self.info
+        return {
+            "schema": SCHEMA,
+            "device": {"type": self.dev.type, "name": device_name(self.dev), "threads": torch.get_num_threads()},
+            "torch": torch.__version__,
+            "versions": _versions(),
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "dataset": info.name,
+            "input_shape": [info.channels, info.size, info.size],
+            "num_classes": info.num_classes,
+            "classifier_params": num_params(self.model),
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "channels_last": bool(self.channels_last),
+            "compile": bool(self.compile),
+            "steps": self.steps,
+            "warmup": self.warmup,
+            "seed": self.seed,
+            "config_overrides": {},
+            "classifier_gflop_per_image": {"forward": per_image[None], "forward_input_backward": per_image["input"],
+                                           "forward_full_backward": per_image["full"]},
+            "peak_mem_meaning": PEAK_MEM_MEANING[self.dev.type],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    # ------------------------------------------------ items
+
+    def method_item(self, cfg) -> BenchRow:
+        from .methods import MethodContext, make_method
+
+        row = BenchRow("method", cfg.method, cfg.loss, baseline=METHOD_BASELINE)
+        dev, dtype, model, x, y = self.dev, self.dtype, self.model, self.x, self.y
+
+        def make_step():
+            ctx = MethodContext(eps=self.info.eps, in_channels=self.info.channels,
+                                num_classes=self.info.num_classes, image_size=self.info.size, device=dev,
+                                head=self.head, amp_dtype=torch_dtype(dtype))
+            method = make_method(cfg, ctx)
+            for m in method.modules().values():
+                m.to(dev)
+                if self.channels_last:
+                    to_channels_last(m)
+            method.train(True)
+            # What the trainer does: SGD with momentum on the classifier, one backward per step.
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                  weight_decay=2e-4)
+            scaler = make_grad_scaler(dev, dtype)
+
+            def step():
+                net = self.classifier()
+                net.train()
+                method.zero_grad()
+                opt.zero_grad(set_to_none=True)
+                with autocast_context(dev, dtype):
+                    out = method.step(net, x, y)
+                self.phase[0] = "backward"
+                try:
+                    scaler.scale(out.loss).backward()
+                finally:
+                    self.phase[0] = "step"
+                scaler.step(opt)
+                scaler.update()
+                method.after_backward()
+
+            return step, method.modules
+
+        return self._run(row, make_step)
+
+    def prepare_attack_inputs(self) -> None:
+        """Labels = the random model's clean predictions (every example starts robust, so
+        attacks do their full work), and a class-balanced pool for `attack.prepare`."""
+        with torch.no_grad(), eval_mode(self.model):
+            self.y_attack = self.model(self.x).argmax(1)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        pool_x = torch.rand(PREPARE_POOL, *self.x.shape[1:], generator=g).to(self.dev)
+        pool_y = (torch.arange(PREPARE_POOL) % self.info.num_classes).to(self.dev)
+        if self.channels_last:
+            pool_x = to_channels_last(x=pool_x)
+        self.pool = (torch.cat([self.x, pool_x]), torch.cat([self.y_attack, pool_y]))
+
+    def attack_item(self, name: str) -> BenchRow:
+        from .attacks import make_attack
+
+        row = BenchRow("attack", name, None, baseline=ATTACK_BASELINE)
+        dev, dtype = self.dev, self.dtype
+
+        def make_step():
+            attack = make_attack(name, self.info.eps, seed=self.seed)
+            t0 = time.perf_counter()
+            with eval_mode(self.model), autocast_context(dev, dtype):
+                attack.prepare(self.classifier(), *self.pool)
+            _sync(dev)
+            row.prepare_s = time.perf_counter() - t0
+
+            def step():
+                with eval_mode(self.model), autocast_context(dev, dtype):
+                    attack(self.classifier(), self.x, self.y_attack)
+
+            return step, dict
+
+        return self._run(row, make_step)
+
+    # ------------------------------------------------ measurement
+
+    def _run(self, row: BenchRow, make_step) -> BenchRow:
         try:
-            with _PeakMemory(dev) as mem:
+            self._measure(row, make_step)
+        except NotImplementedError as e:
+            row.status, row.note = "skipped", _join("not implemented in this build", str(e))
+            _clear_numbers(row)
+        except UserError:
+            raise
+        except Exception as e:
+            if self.strict:
+                raise
+            row.status, row.note = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _clear_numbers(row)
+        return row
+
+    def _measure(self, row: BenchRow, make_step) -> None:
+        """The FLOP-counting step (untimed, the first warm-up), the rest of the warm-up,
+        then `steps` timed steps; pass counts and the cost model use the last one."""
+        set_seed(self.seed)
+        self.model.load_state_dict(self.init_state)
+        own_logs: list[_PassLog] = []
+        try:
+            with _PeakMemory(self.dev) as mem:
                 step, own_modules = make_step()
-                # Compiled models: count on an eager step first; the compiled warm-up follows.
-                count_separately = compile
-                model_is_eager[0] = count_separately
+                self.eager_now = self.compile
                 try:
                     with GlobalFlopCounter() as fc:
                         step()
                 finally:
-                    model_is_eager[0] = False
+                    self.eager_now = False
                 row.counted_flops = float(fc.get_total_flops())
                 # Logged only now: a method may build its generator lazily in its first step.
-                extra_logs = [_PassLog(n, m, phase) for n, m in _top_level_modules(own_modules()).items()]
-                logs = [clf_log, *extra_logs]
-                for _ in range(max(warmup - (0 if count_separately else 1), 0)):
+                own_logs = [_PassLog(n, m, self.phase) for n, m in _top_level_modules(own_modules()).items()]
+                logs = [self.clf_log, *own_logs]
+                # A compiled model still needs its own warm-up: the counting step ran eagerly.
+                for _ in range(max(self.warmup - (0 if self.compile else 1), 0)):
                     step()
                 times = []
-                for _ in range(steps):
+                for _ in range(self.steps):
                     for log in logs:
                         log.reset()
-                    counter.reset()
-                    _sync(dev)
+                    self.counter.reset()
+                    _sync(self.dev)
                     t0 = time.perf_counter()
                     step()
-                    _sync(dev)
+                    _sync(self.dev)
                     times.append(time.perf_counter() - t0)
             row.peak_mem_mb = mem.mb
             row.step_times_s = times
             row.step_time_s = statistics.median(times)
-            row.images_per_s = batch_size / row.step_time_s
+            row.images_per_s = self.batch_size / row.step_time_s
             row.tflops = row.counted_flops / row.step_time_s / 1e12
-            # Pass counts and the cost model describe the last timed step.
-            row.forward_passes, row.backward_passes = counter.forward, counter.backward
-            row.forward_images = counter.images_forward
+            row.forward_passes, row.backward_passes = self.counter.forward, self.counter.backward
+            row.forward_images = self.counter.images_forward
             row.module_passes = {log.name: {"forward": len(log.passes),
                                             "backward": sum(1 for p in log.passes if p.grad_phases)}
-                                 for log in extra_logs}
+                                 for log in own_logs}
             try:
-                by_module = cost.step_flops(logs)
-            except Exception as e:  # a module whose call cannot be replayed: no prediction, not a failure
+                by_module = self.cost.step_flops(logs)
+            except Exception as e:  # a call that cannot be replayed: no prediction, not a failed item
                 row.note = _join(row.note, f"no cost model ({type(e).__name__}: {e})")
             else:
                 row.predicted_flops_by_module = by_module
                 row.predicted_flops = sum(by_module.values())
         finally:
-            clf_log.reset()
-            for log in extra_logs:
+            self.clf_log.reset()
+            for log in own_logs:
                 log.remove()
-
-    # With --compile the counted step must run eagerly: swap which module the step calls.
-    model_is_eager = [False]
-
-    def classifier() -> nn.Module:
-        return model if model_is_eager[0] else timed_model
-
-    rows: list[BenchRow] = []
-    amp_dtype = torch_dtype(dtype)
-
-    # ------------------------------------------------ methods
-    for name in method_names:
-        if name not in METHODS:
-            rows.append(BenchRow("method", name, None, status="skipped", baseline=METHOD_BASELINE,
-                                 note="not implemented in this build"))
-            continue
-        accepted = tuple(getattr(METHODS[name], "accepts_loss", LOSSES))
-        # A method with one intrinsic loss (pgd-at: ce, trades: trades) runs with it even
-        # when --losses names only the other: the baseline must run, and dropping the
-        # pointwise TRADES row silently would hide a method the user asked for.
-        for loss in [l for l in losses if l in accepted] or [accepted[0]]:
-            row = BenchRow("method", name, loss, baseline=METHOD_BASELINE)
-            from .methods import MethodContext, make_method
-
-            cfg = base_cfg.updated({"method": name, "loss": loss})
-            ctx = MethodContext(eps=info.eps, in_channels=info.channels, num_classes=info.num_classes,
-                                image_size=info.size, device=dev, head=head, amp_dtype=amp_dtype)
-            set_seed(seed)
-            method = make_method(cfg, ctx)
-            say(f"method {name} ({loss})")
-
-            def make_step(method=method):
-                for m in method.modules().values():
-                    m.to(dev)
-                    if channels_last:
-                        to_channels_last(m)
-                method.train(True)
-                params = [p for p in model.parameters() if p.requires_grad]
-                opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=2e-4)
-                scaler = make_grad_scaler(dev, dtype)
-
-                def step():
-                    net = classifier()
-                    net.train()
-                    method.zero_grad()
-                    opt.zero_grad(set_to_none=True)
-                    with autocast_context(dev, dtype):
-                        out = method.step(net, x, y)
-                    phase[0] = "backward"
-                    try:
-                        scaler.scale(out.loss).backward()
-                    finally:
-                        phase[0] = "step"
-                    scaler.step(opt)
-                    scaler.update()
-                    method.after_backward()
-
-                return step, method.modules
-
-            _run_item(row, rows, measure, make_step, strict)
-
-    # ------------------------------------------------ attacks
-    if attack_names:
-        from .attacks import make_attack
-
-        with torch.no_grad(), eval_mode(model):
-            y_att = model(x).argmax(1)
-            gp = torch.Generator().manual_seed(seed + 1)
-            pool_x = torch.rand(PREPARE_POOL, *x.shape[1:], generator=gp).to(dev)
-            pool_y = (torch.arange(PREPARE_POOL) % info.num_classes).to(dev)
-            if channels_last:
-                pool_x = to_channels_last(x=pool_x)
-            pool_x, pool_y = torch.cat([x, pool_x]), torch.cat([y_att, pool_y])
-    for name in attack_names:
-        row = BenchRow("attack", name, None, baseline=ATTACK_BASELINE)
-        if name not in ATTACKS:
-            row.status, row.note = "skipped", "not implemented in this build"
-            rows.append(row)
-            continue
-        say(f"attack {name}")
-
-        def make_step(name=name, row=row):
-            attack = make_attack(name, info.eps, seed=seed)
-            t0 = time.perf_counter()
-            with eval_mode(model), autocast_context(dev, dtype):
-                attack.prepare(classifier(), pool_x, pool_y)
-            _sync(dev)
-            row.prepare_s = time.perf_counter() - t0
-
-            def step():
-                with eval_mode(model), autocast_context(dev, dtype):
-                    attack(classifier(), x, y_att)
-
-            return step, dict
-
-        _run_item(row, rows, measure, make_step, strict)
-
-    clf_log.remove()
-    counter.remove()
-    _fill_ratios(rows)
-    return BenchResult(meta, rows)
-
-
-def _run_item(row: BenchRow, rows: list[BenchRow], measure, make_step, strict: bool) -> None:
-    try:
-        measure(row, make_step)
-    except NotImplementedError as e:
-        row.status, row.note = "skipped", f"not implemented in this build{': ' + str(e) if str(e) else ''}"
-        _clear_numbers(row)
-    except UserError:
-        raise
-    except Exception as e:
-        if strict:
-            raise
-        row.status, row.note = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _clear_numbers(row)
-    rows.append(row)
 
 
 def _clear_numbers(row: BenchRow) -> None:
@@ -832,7 +870,7 @@ def _top_level_modules(mods: dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 
 def _join(a: str, b: str) -> str:
-    return f"{a}; {b}" if a else b
+    return f"{a}; {b}" if a and b else a or b
 
 
 def _versions() -> dict[str, str | None]:

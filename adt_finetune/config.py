@@ -122,6 +122,8 @@ def find_recipe(name_or_path: str | Path, workspace: str | Path = ".") -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
+    if len(p.parts) > 1:
+        raise UserError(f"recipe file {p} does not exist: give an existing YAML file or a name from 'adt-ft recipes'")
     stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
     for folder in reversed(recipe_dirs(workspace)):  # a workspace recipe shadows a shipped one of the same name
         candidate = folder / f"{stem}.yaml"

@@ -13,7 +13,7 @@ Per optimisation step, for every method:
 
 Learning-rate schedules are evaluated per optimisation step (not per epoch):
 cosine anneals from lr to 0 over epochs × steps-per-epoch steps; step multiplies
-lr by gamma at each epoch listed in milestones; constant keeps lr. A --max-steps
+lr by gamma from each (1-based) epoch listed in milestones on; constant keeps lr. A --max-steps
 smoke run follows the full run's schedule and simply stops early.
 
 Resume is exact: the data order of epoch e is a permutation drawn from a generator
@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import runs
 from .config import TrainConfig, find_recipe, read_recipe
-from .data import DatasetInfo, dataset_info, load_dataset
+from .data import DatasetInfo, dataset_info, is_image_folder, load_dataset
 from .errors import UserError
 from .nets import find_last_linear
 from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, format_eps, parse_eps, resolve_device,
@@ -244,8 +244,10 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "step":
-        epoch = step // steps_per_epoch
-        return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+        # Milestones are 1-based epoch numbers from which the factor applies, as in the ADT/TRADES
+        # code's `if epoch >= 75: lr *= 0.1` over epochs 1..76.
+        epoch_number = step // steps_per_epoch + 1
+        return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if epoch_number >= m)
     total = cfg.epochs * steps_per_epoch
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
@@ -376,8 +378,9 @@ class _Session:
         self.model = model.to(device)
         self.train_set = train_set
         self.augmented = _SeededAugmentation(train_set, cfg.seed) if info.augment != "none" else None
-        example = train_set[0][0].unsqueeze(0).to(device)
-        self.head_name, self.head = find_last_linear(self.model, example)
+        # Through the seeded wrapper when there is one, so finding the head draws nothing from the global RNG.
+        first_image = (self.augmented if self.augmented is not None else train_set)[0][0]
+        self.head_name, self.head = find_last_linear(self.model, first_image.unsqueeze(0).to(device))
 
         if cfg.scope == "last-layer":
             for p in self.model.parameters():
@@ -488,6 +491,11 @@ class _Display:
     def print(self, text: str) -> None:
         if self.enabled:
             self.out.print(text, highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        """A message on stderr, above the live progress bars."""
+        if self.enabled:
+            self.progress.console.print(text, highlight=False, soft_wrap=True)
 
     @staticmethod
     def _stats(means: dict[str, float]) -> str:
@@ -602,7 +610,7 @@ def train(cfg: TrainConfig | None = None, *, workspace: str | Path = ".", progre
 
     resume: True (the workspace's latest run) or a run id/folder continues that
     run from its checkpoint with its recorded settings; from `cfg` only device,
-    workers, checkpoint_every and data_dir are taken.
+    workers, checkpoint_every and data_dir are taken, where they differ from the defaults.
 
     on_step(global_step) is called after every optimisation step; raising
     KeyboardInterrupt from it behaves like Ctrl-C (checkpoint, then stop).
@@ -622,7 +630,7 @@ def train(cfg: TrainConfig | None = None, *, workspace: str | Path = ".", progre
         raise UserError("--model scratch needs --dataset")
     info = dataset_info(dataset)
     eps = parse_eps(cfg.eps) if cfg.eps is not None else info.eps
-    cfg = _resolved(cfg, dataset=info.name if not Path(str(dataset)).is_dir() else str(dataset), eps=eps, loss=loss)
+    cfg = _resolved(cfg, dataset=str(dataset) if is_image_folder(dataset) else info.name, eps=eps, loss=loss)
     train_set = _train_set(cfg, ws)
 
     set_seed(cfg.seed)
@@ -688,8 +696,10 @@ def _resume(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None, prog
     if not ckpt_path.exists():
         raise UserError(f"run {info.id} stopped before its first checkpoint: start it again without --resume")
     recorded = TrainConfig().updated(info.meta["config"])
-    if cfg is not None:
-        recorded = replace(recorded, **{k: getattr(cfg, k) for k in RESUME_OVERRIDABLE})
+    if cfg is not None:  # only settings the caller moved away from their defaults
+        defaults = TrainConfig()
+        recorded = replace(recorded, **{k: getattr(cfg, k) for k in RESUME_OVERRIDABLE
+                                        if getattr(cfg, k) != getattr(defaults, k)})
     validate_config(recorded)
     device = resolve_device(recorded.device)
     dinfo = dataset_info(recorded.dataset or info.base_model.dataset)
@@ -700,7 +710,8 @@ def _resume(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None, prog
     set_seed(recorded.seed)
     model = model_from_ref(info.base_model, device=str(device))
     session = _Session(recorded, model, train_set, dinfo, device, reinit_head=False)
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    # On the CPU: RNG states must be CPU tensors; load_state_dict moves the rest to the parameters' device.
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     pos = session.restore(ckpt)
     meta = dict(info.meta)
     meta["resumed"] = list(meta.get("resumed", [])) + [{"at": _now(), "global_step": pos.global_step,
@@ -746,6 +757,9 @@ def _run(s: _Session, run_dir: Path, meta: dict[str, Any], pos: _Position, ws: W
                 if guard.requested:
                     save_checkpoint()
                     atomic_write_json(run_dir / runs.RUN_JSON, meta)
+                    display.note(f"stopped at epoch {pos.epoch + 1}, step {pos.step_in_epoch} of "
+                                 f"{s.steps_per_epoch}; checkpoint saved. Continue with: "
+                                 f"adt-ft train --resume {run_dir.name}")
                     raise KeyboardInterrupt
                 if cfg.max_steps is not None and pos.global_step >= cfg.max_steps:
                     stopped_early = pos.step_in_epoch < s.steps_per_epoch

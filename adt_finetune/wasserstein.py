@@ -556,9 +556,11 @@ class _Progress:
     def __init__(self, enabled: bool, total: int):
         self._bar = None
         if enabled:
+            from rich.console import Console
             from rich.progress import Progress
 
-            self._bar = Progress(transient=True)
+            # stderr: stdout carries the result tables and JSON
+            self._bar = Progress(transient=True, console=Console(stderr=True))
             self._bar.start()
             self._task = self._bar.add_task("Wasserstein suite", total=total)
 

@@ -1,5 +1,7 @@
 """The shared trainer: run directories, last-layer scope, exact resume, recipes, the CLI's bad input."""
 import json
+import math
+import signal
 from dataclasses import replace
 
 import pytest
@@ -105,6 +107,16 @@ def _interrupt_at(step):
     return hook
 
 
+def _sigint_at(step):
+    """A real Ctrl-C arriving during step `step`'s bookkeeping: the trainer's handler must
+    let the step finish, checkpoint, and only then stop."""
+    def hook(global_step):
+        if global_step == step:
+            signal.raise_signal(signal.SIGINT)
+
+    return hook
+
+
 def _assert_same_weights(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -120,7 +132,9 @@ def test_resume_after_interrupt_mid_epoch_is_exact(tmp_path):
     straight = train(replace(cfg, run_name="straight"), workspace=ws, progress=False)
 
     with pytest.raises(KeyboardInterrupt):
-        train(replace(cfg, run_name="stopped"), workspace=ws, progress=False, on_step=_interrupt_at(4))  # epoch 2, step 1 of 3
+        train(replace(cfg, run_name="stopped"), workspace=ws, progress=False, on_step=_sigint_at(4))
+    position = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)["position"]
+    assert (position["epoch"], position["step_in_epoch"], position["global_step"]) == (1, 1, 4)  # mid epoch 2
     stopped = load_run("stopped", ws, require_finished=False)
     assert not stopped.finished and stopped.meta["status"] == "running"
     with pytest.raises(UserError, match="no final model"):
@@ -163,6 +177,20 @@ def test_resume_refuses_finished_run_and_missing_run(tmp_path):
         train(workspace=ws, progress=False, resume="done")
 
 
+def test_scratch_model_records_its_initial_weights(tmp_path):
+    cfg = _small(model="scratch", arch=ARCH, arch_kwargs={"width": 8}, dataset="fashion-mnist", max_steps=1)
+    result = train(cfg, workspace=tmp_path, progress=False)
+    info = load_run(result.run_id, tmp_path)
+    assert info.base_model.source == "scratch" and info.base_model.path == str(result.path / "init.pt")
+    from adt_finetune.zoo import model_from_ref
+
+    init = model_from_ref(info.base_model).state_dict()
+    torch.manual_seed(cfg.seed)  # the run seeds before building, so the same draw reproduces it
+    expected = SmallCNN(width=8).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in init.items())
+    assert not torch.equal(init["fc.weight"], result.model.state_dict()["fc.weight"])
+
+
 def test_max_steps_stops_mid_epoch_and_finishes(tmp_path):
     ws = _workspace(tmp_path)
     result = train(_small(max_steps=1, train_subset=192), workspace=ws, progress=False)
@@ -171,13 +199,33 @@ def test_max_steps_stops_mid_epoch_and_finishes(tmp_path):
     assert result.history[0]["steps"] == 1 and result.history[0]["partial"]
 
 
+def test_amp_runs_the_method_under_bf16_autocast(tmp_path, monkeypatch):
+    from adt_finetune.methods.baselines import PGDAT
+
+    seen = []
+    original = PGDAT.step
+
+    def spy(self, model, x, y):
+        out = original(self, model, x, y)
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return out
+
+    monkeypatch.setattr(PGDAT, "step", spy)
+    ws = _workspace(tmp_path)
+    result = train(_small(amp=True, max_steps=1), workspace=ws, progress=False)
+    assert seen == [(True, torch.bfloat16)]
+    assert math.isfinite(result.final_metrics["loss"])
+    assert all(v.dtype == torch.float32 for k, v in result.model.state_dict().items() if v.is_floating_point())
+
+
 def test_lr_schedules():
     cfg = TrainConfig(lr=0.1, epochs=4, schedule="cosine")
     assert lr_at(cfg, 0, 10) == pytest.approx(0.1)
     assert lr_at(cfg, 20, 10) == pytest.approx(0.05)
     assert lr_at(cfg, 39, 10) < 0.001
+    # Milestones are 1-based epochs: [2, 3] decays in the 2nd and again in the 3rd epoch.
     step = TrainConfig(lr=0.1, epochs=4, schedule="step", milestones=[2, 3], gamma=0.1)
-    assert [lr_at(step, s, 10) for s in (0, 19, 20, 30)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    assert [lr_at(step, s, 10) for s in (0, 9, 10, 20, 39)] == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])
 
 
 def test_seeded_augmentation_ignores_order_and_global_rng():
@@ -249,10 +297,20 @@ def test_cli_train_end_to_end_with_recipe_and_flags(tmp_path, cli):
     assert meta["recipe"].endswith("r.yaml") and "finished" in out
 
 
+def test_cli_resume_continues_latest_run(tmp_path, cli):
+    ws = _workspace(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(_small(run_name="cut", train_subset=192), workspace=ws, progress=False, on_step=_interrupt_at(1))
+    code, out, err = cli("train", "--resume", "--device", "cpu", "--workspace", ws)
+    assert code == 0, err
+    assert "resuming at epoch 1, step 1 of 3" in out
+    assert load_run("cut", ws).finished
+
+
 def test_cli_lists_recipes(cli, tmp_path):
     code, out, _ = cli("recipes", "--workspace", tmp_path)
     assert code == 0
-    line = next(l for l in out.splitlines() if l.startswith("zhang2019-finetune-full"))
+    line = next(text for text in out.splitlines() if text.startswith("zhang2019-finetune-full"))
     assert "Zhang2019Theoretically" in line
 
 

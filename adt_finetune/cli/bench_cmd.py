@@ -18,15 +18,15 @@ def register(app: typer.Typer) -> None:
         arch: str = typer.Option(DEFAULT_ARCH, "--arch",
                                  help="RobustBench zoo name or package.module:Class; built with random weights."),
         dataset: Optional[str] = typer.Option(
-            None, "--dataset", help="Input shapes and classes of this dataset [default: fashion-mnist for the "
+            None, "--dataset", help="Input shapes and classes of this dataset \\[default: fashion-mnist for the "
                                     "default arch, cifar10 otherwise]."),
         arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs",
                                                   help='JSON constructor arguments for module:Class, e.g. \'{"width": 64}\'.'),
         methods: Optional[str] = typer.Option(None, "--methods",
-                                              help="Comma-separated training methods, or none [default: all]."),
+                                              help="Comma-separated training methods, or none \\[default: all]."),
         losses: str = typer.Option("ce,trades", "--losses", help="Losses for the methods that take one."),
         attacks: Optional[str] = typer.Option(
-            None, "--attacks", help="Comma-separated attacks, or none [default: fgsm,pgd20,pgd100,mim,cw on CPU; "
+            None, "--attacks", help="Comma-separated attacks, or none \\[default: fgsm,pgd20,pgd100,mim,cw on CPU; "
                                     "the paper suite's attacks on GPU]."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per step."),
         device: str = DeviceOpt,
@@ -37,15 +37,14 @@ def register(app: typer.Typer) -> None:
         warmup: int = typer.Option(1, "--warmup", help="Untimed steps first (at least the FLOP-counting one)."),
         seed: int = typer.Option(0, "--seed"),
         settings: List[str] = typer.Option([], "--set", help="Training setting KEY=VALUE for the methods, "
-                                                             "repeatable, e.g. --set gen_width=64."),
+                                                             "repeatable, e.g. --set gen_width=256 (the CPU "
+                                                             "default is 32)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here.",
                                                 dir_okay=False),
     ) -> None:
         """Measure every training method and attack side by side on random inputs (no download).
 
-        Per item: images/s, median step time, the classifier's forward/backward passes, peak
-        memory, the step-time ratio to pgd-at (methods) or pgd20 (attacks) from this same run,
-        the ratio a FLOP cost model predicts from the pass counts, and the achieved TFLOP/s.
+        Per item: images/s, median step time, the classifier's forward/backward passes, peak memory, the step-time ratio to pgd-at (methods) or pgd20 (attacks) from this same run, the ratio a FLOP cost model predicts from the pass counts, and the achieved TFLOP/s.
         """
         from ..bench import parse_list, parse_overrides, run_benchmark
         from ..errors import UserError

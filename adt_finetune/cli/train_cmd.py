@@ -44,7 +44,8 @@ _HELP: dict[str, tuple[str, str]] = {
     "momentum": ("SGD momentum. (default 0.9)", "Optimisation"),
     "weight_decay": ("Weight decay. (default 2e-4)", "Optimisation"),
     "schedule": ("cosine (per step) | step (gamma at --milestones) | constant. (default cosine)", "Optimisation"),
-    "milestones": ("Epochs where lr *= gamma with --schedule step, comma-separated, e.g. 75,90.", "Optimisation"),
+    "milestones": ("With --schedule step: 1-based epochs from which lr is multiplied by gamma, e.g. 75,90.",
+                   "Optimisation"),
     "gamma": ("LR factor at each milestone. (default 0.1)", "Optimisation"),
     "adt_lambda": ("Entropy weight λ. Default: 0.01 (exp, exp-am), 1.0 (imp-am hinge form).", "ADT"),
     "imp_entropy": ("IMP-AM entropy term: hinge (released code) | paper.", "ADT"),
@@ -155,8 +156,11 @@ def _train(**kwargs: Any) -> None:
                   soft_wrap=True)
 
 
-def _recipes(workspace: Path = typer.Option(Path("."), "--workspace", "-w", file_okay=False,
-                                            help="Workspace whose recipes/ is listed beside the shipped ones.")) -> None:
+_RECIPES_WORKSPACE = typer.Option(Path("."), "--workspace", "-w", file_okay=False,
+                                  help="Workspace whose recipes/ is listed beside the shipped ones.")
+
+
+def _recipes(workspace: Path = _RECIPES_WORKSPACE) -> None:
     """List the training recipes (shipped and in the workspace's recipes/), one line each."""
     from ..config import list_recipes
 

@@ -1,0 +1,130 @@
+"""The embedded default: the whole pull → train → eval → leaderboard pipeline on
+real Fashion-MNIST, offline, on a CPU, in a few minutes.
+
+Stands in for a RobustBench download: a small CNN is trained normally for a short
+time and saved into the workspace exactly like a pulled model, so every later
+step is the real command's code path.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+QUICKSTART_MODEL = "quickstart-SmallCNN"
+SMALL_CNN = "adt_finetune.models.small:SmallCNN"
+
+
+@dataclass
+class QuickstartSettings:
+    """Budgets chosen so the whole pipeline fits in ~5 minutes on 2 CPU cores."""
+
+    width: int = 32                 # SmallCNN width of the stand-in "pretrained" model
+    pretrain_images: int = 20000    # standard training: first N training images ...
+    pretrain_epochs: int = 2        # ... for this many epochs (Adam, lr 1e-3)
+    method: str = "exp-am"
+    finetune_images: int = 10000    # ADT fine-tuning on the first N training images
+    finetune_epochs: int = 2
+    finetune_lr: float = 0.05
+    gen_width: int = 16             # a narrow generator: the paper's 256 is for GPUs
+    n_examples: int = 1000          # evaluation: first N test images
+    suite: str = "quick"
+    seed: int = 0
+
+
+@dataclass
+class QuickstartResult:
+    workspace: Path
+    model_ref: Any
+    run_id: str
+    record: Any                     # evaluation.EvalRecord
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _pretrain(settings: QuickstartSettings, data_dir, workspace: Path, log: Callable[[str], None]):
+    from .data import as_tensors, load_dataset
+    from .models import SmallCNN
+    from .utils import set_seed
+
+    set_seed(settings.seed)
+    x, y = as_tensors(load_dataset("fashion-mnist", "train", data_dir=data_dir, workspace=workspace,
+                                   augment=False), settings.pretrain_images)
+    model = SmallCNN(width=settings.width)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    gen = torch.Generator().manual_seed(settings.seed)
+    model.train()
+    for epoch in range(settings.pretrain_epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        log(f"  epoch {epoch + 1}/{settings.pretrain_epochs}: last batch loss {loss.item():.3f}")
+    return model.eval()
+
+
+def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | None = None, data_dir=None,
+               progress: bool = True, log: Callable[[str], None] = print) -> QuickstartResult:
+    """Run the embedded default pipeline in `workspace` and return what it produced."""
+    from . import zoo
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .evaluation import evaluate_workspace
+    from .trainer import train
+    from .workspace import Workspace
+
+    s = settings or QuickstartSettings()
+    ws = Workspace(workspace)
+    seconds: dict[str, float] = {}
+
+    # Fail early and clearly when the data is missing, before any work is done.
+    load_dataset("fashion-mnist", "test", data_dir=data_dir, workspace=ws.root)
+
+    t = time.perf_counter()
+    log(f"[1/4] pretrain: a standard (not robust) SmallCNN on {s.pretrain_images} Fashion-MNIST images, "
+        "standing in for a RobustBench download")
+    model = _pretrain(s, data_dir, ws.root, log)
+    ref = zoo.register_model(model, name=QUICKSTART_MODEL, arch=SMALL_CNN, arch_kwargs={"width": s.width},
+                             dataset="fashion-mnist", workspace=ws.root, source="quickstart")
+    seconds["pretrain"] = time.perf_counter() - t
+    log(f"  saved {ref.path}; it is now the workspace's current model ({seconds['pretrain']:.0f}s)")
+
+    t = time.perf_counter()
+    log(f"[2/4] train: ADT fine-tuning (--method {s.method}, generator width {s.gen_width}) on "
+        f"{s.finetune_images} images for {s.finetune_epochs} epoch(s)")
+    cfg = TrainConfig(method=s.method, epochs=s.finetune_epochs, train_subset=s.finetune_images,
+                      gen_width=s.gen_width, lr=s.finetune_lr, seed=s.seed, data_dir=data_dir,
+                      run_name=None)
+    run = train(cfg, workspace=ws.root, progress=progress)
+    seconds["train"] = time.perf_counter() - t
+    log(f"  run {run.run_id} finished ({seconds['train']:.0f}s)")
+
+    t = time.perf_counter()
+    log(f"[3/4] eval: --suite {s.suite} on the first {s.n_examples} test images, with --baseline (before → after)")
+    record = evaluate_workspace(run=run.run_id, suite=s.suite, n_examples=s.n_examples, baseline=True,
+                                seed=s.seed, data_dir=data_dir, workspace=ws.root, progress=progress,
+                                device="cpu")
+    seconds["eval"] = time.perf_counter() - t
+    log(f"  wrote {record.json_path} ({seconds['eval']:.0f}s)")
+    return QuickstartResult(ws.root, ref, run.run_id, record, seconds)
+
+
+NEXT_STEPS = """\
+Next, on CIFAR-10 with a real RobustBench model (a GPU helps; see README):
+  adt-ft pull Zhang2019
+  adt-ft train --recipe zhang2019-finetune-last-layer --method exp-am
+  adt-ft eval --suite paper --baseline"""
+
+
+def check_settings(s: QuickstartSettings) -> None:
+    for name in ("pretrain_images", "pretrain_epochs", "finetune_images", "finetune_epochs", "n_examples"):
+        if getattr(s, name) <= 0:
+            raise UserError(f"quickstart: {name.replace('_', '-')} must be positive")
