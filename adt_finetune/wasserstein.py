@@ -478,13 +478,19 @@ class WassersteinReport:
         for row in self.rows:
             fo = row["first_order"]
             fo_text = "n/a" if fo is None or not math.isfinite(fo) else f"{100 * fo:.2f}%"
-            lines.append(f"| {format_eps(row['budget']) if row['budget'] > 0 else '0'} | {100 * row['wpgd_acc']:.2f}% "
+            lines.append(f"| {format_budget(row['budget'])} | {100 * row['wpgd_acc']:.2f}% "
                          f"| {fo_text} | {100 * row['pgd_acc']:.2f}% |")
         return "\n".join(lines)
 
 
+def format_budget(budget: float) -> str:
+    """'0.2' and '0.025' as typed; '8/255' for budgets that are only short as 255ths."""
+    short = f"{budget:.4g}"
+    return short if float(short) == budget else format_eps(budget)
+
+
 def flag_key(attack: str, budget: float) -> str:
-    return f"{attack}@{format_eps(budget) if budget > 0 else '0'}"
+    return f"{attack}@{format_budget(budget)}"
 
 
 def _pointwise_pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, batch_size: int,
@@ -510,7 +516,7 @@ def wasserstein_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     and pointwise PGD-20 (CE, step δ/4, uniform random start) at ε = δ.
 
     `budgets=None` uses `default_budgets(eps)`. Per-example flags are keyed
-    "wpgd@δ" and "pgd20@δ" (δ formatted like ε, e.g. "wpgd@0.1", "wpgd@8/255").
+    "wpgd@δ" and "pgd20@δ" (`format_budget`: "wpgd@0.1", "wpgd@8/255").
     """
     q = _check_q(q)
     resolve_loss(loss)
@@ -528,7 +534,7 @@ def wasserstein_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
         bar.advance(1, "clean statistics")
         rows, flags = [], {}
         for budget in budget_list:
-            label = format_eps(budget) if budget > 0 else "0"
+            label = format_budget(budget)
             res = wpgd(model, x, y, budget=budget, q=q, steps=steps, ratio=ratio, loss=loss, batch_size=batch_size,
                        device=dev, progress=lambda t, acc, _l=label: bar.advance(1, f"W-PGD δ={_l} acc {acc:.3f}"))
             bar.advance(steps + 1 - len(res.accuracies), f"W-PGD δ={label}")  # an early stop skips iterates

@@ -4,10 +4,12 @@ Nothing here times anything: the numbers a benchmark measures are not test mater
 """
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
+from rich.console import Console
 
 from adt_finetune.bench import BenchRow, run_benchmark
 from adt_finetune.errors import UserError
@@ -152,3 +154,29 @@ def test_arch_that_does_not_fit_the_dataset_is_a_user_error():
     with pytest.raises(UserError, match="outputs"):
         run_benchmark(TINY, dataset="cifar100", arch_kwargs={"width": 4, "num_classes": 10}, methods=["pgd-at"],
                       attacks=[], batch_size=2, steps=1)
+
+
+def test_failing_items_become_rows_and_the_run_goes_on(monkeypatch):
+    from adt_finetune.methods import METHODS, TrainMethod
+
+    class Boom(TrainMethod):
+        def step(self, model, x, y):
+            raise RuntimeError("boom [in the step]")
+
+    class Unfinished(TrainMethod):
+        def step(self, model, x, y):
+            raise NotImplementedError
+
+    monkeypatch.setitem(METHODS, "wdat", Boom)
+    monkeypatch.setitem(METHODS, "imp-am", Unfinished)
+    result = run_benchmark(TINY, dataset="fashion-mnist", methods=["wdat", "imp-am"], losses=["ce"], attacks=[],
+                           batch_size=2, steps=1, arch_kwargs=TINY_KWARGS)
+    assert [(r.name, r.status) for r in result.rows] == [("pgd-at", "ok"), ("wdat", "error"), ("imp-am", "skipped")]
+    assert result.rows[1].note == "RuntimeError: boom [in the step]" and result.rows[1].ratio is None
+    assert result.rows[0].ratio == 1.0
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(result.table())
+    assert "boom [in the step]" in console.export_text()  # notes are shown as text, not read as markup
+    with pytest.raises(RuntimeError, match="boom"):
+        run_benchmark(TINY, dataset="fashion-mnist", methods=["wdat"], losses=["ce"], attacks=[], batch_size=2,
+                      steps=1, arch_kwargs=TINY_KWARGS, strict=True)

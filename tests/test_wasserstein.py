@@ -67,6 +67,7 @@ def test_parse_budgets_fractions_sorted_unique():
     assert W.parse_budgets([0.1, "0.05"]) == pytest.approx([0.05, 0.1])
     assert W.default_budgets(0.1) == pytest.approx([0.025, 0.05, 0.1, 0.2])
     assert W.default_budgets(0.8) == pytest.approx([0.2, 0.4, 0.8, 1.0])
+    assert W.flag_key("wpgd", 0.2) == "wpgd@0.2" and W.flag_key("pgd20", 8 / 255) == "pgd20@8/255"
 
 
 # ------------------------------------------------------------------ primitives

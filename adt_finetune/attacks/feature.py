@@ -35,10 +35,11 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 @register_attack("feature")
 class FeatureAttack(Attack):
     """Settings: targets (M, 200), steps (50), step_size (ε/8), random_start (true),
-    chunk (copies per forward/backward, 1000: bounds memory, not results)."""
+    chunk (copies per forward/backward, 400: bounds memory, not results;
+    lower it if a large model runs out of memory)."""
 
     def __init__(self, eps: float, *, seed: int = 0, targets: Any = 200, steps: Any = 50, step_size: Any = None,
-                 random_start: Any = True, chunk: Any = 1000, **settings: Any):
+                 random_start: Any = True, chunk: Any = 400, **settings: Any):
         super().__init__(eps, seed=seed, **settings)
         self.targets = int_setting(self.name, "targets", targets, 1)
         self.steps = int_setting(self.name, "steps", steps, 0)
