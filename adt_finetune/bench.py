@@ -20,6 +20,11 @@ What a "step" is
     early once an example is broken (feature, spsa, exp, autoattack's later
     stages) are still cheaper on a random-weight model than on a robust one.
 
+Timing: each item is set up and warmed up on its own (its peak memory is
+measured then), then all items of a group are timed round-robin, one step each
+per round, `steps` rounds: background load and clock drift hit every item alike,
+so ratios stay fair on a shared machine.
+
 Cost model (`predicted_ratio`)
     Every call of the classifier and of each generator module (the method's
     `modules()`) is logged with its input shapes and which backward it received:
@@ -50,8 +55,10 @@ JSON (`BenchResult.to_dict()`, written atomically by `save_json`)
       loss             "ce" | "trades" for methods, null for attacks
       status           "ok" | "skipped" | "error"; note says why
       images_per_s     batch_size / step_time_s
-      step_time_s      median over the timed steps
+      step_time_s      median wall time over the timed steps
       step_times_s     every timed step
+      step_cpu_s       CPU devices: median process CPU time per step (all threads); unlike
+                       wall time it does not grow when other processes share the cores
       forward_passes   classifier forward passes per step (nets.PassCounter)
       backward_passes  classifier backward passes per step (gradient reaching its output)
       forward_images   images through the classifier per step (ADT-EXP runs k·B at once)
@@ -61,6 +68,7 @@ JSON (`BenchResult.to_dict()`, written atomically by `save_json`)
       ratio_to_pgd_at  step time / pgd-at's (methods; null for attacks)
       ratio_to_pgd20   time per batch / pgd20's (attacks; null for methods)
       ratio            whichever of the two applies
+      cpu_ratio        CPU devices: the same ratio from step_cpu_s
       predicted_ratio  the cost model's ratio to the same baseline
       predicted_flops  the cost model's FLOPs per step; predicted_flops_by_module splits it
       counted_flops    FLOPs of one whole step counted directly
@@ -123,9 +131,11 @@ DEFAULT_ARCH = "adt_finetune.models.small:SmallCNN"
 PREPARE_POOL = 512
 
 PEAK_MEM_MEANING = {
-    "cuda": "torch.cuda.max_memory_allocated during the item (absolute, includes the classifier's weights)",
-    "cpu": "increase of the process's resident set size over the item, sampled every 2 ms from /proc/self/statm "
-           "(memory the item needed beyond what was already resident; allocator caching can make it an underestimate)",
+    "cuda": "torch.cuda.max_memory_allocated over the item's set-up and warm-up steps (absolute, includes the "
+            "classifier's weights)",
+    "cpu": "increase of the process's resident set size over the item's set-up and warm-up steps, sampled every "
+           "2 ms from /proc/self/statm (memory the item needed beyond what was already resident; allocator caching "
+           "can make it an underestimate)",
 }
 
 
@@ -138,6 +148,7 @@ class BenchRow:
     images_per_s: float | None = None
     step_time_s: float | None = None
     step_times_s: list[float] = field(default_factory=list)
+    step_cpu_s: float | None = None
     forward_passes: int | None = None
     backward_passes: int | None = None
     forward_images: int | None = None
@@ -147,6 +158,7 @@ class BenchRow:
     ratio_to_pgd_at: float | None = None
     ratio_to_pgd20: float | None = None
     ratio: float | None = None
+    cpu_ratio: float | None = None
     predicted_ratio: float | None = None
     predicted_flops: float | None = None
     predicted_flops_by_module: dict[str, float] = field(default_factory=dict)
@@ -183,11 +195,13 @@ class BenchResult:
         title = (f"{m['arch']} on {m['dataset']} shapes {tuple(m['input_shape'])}, batch {m['batch_size']}, "
                  f"{m['dtype']}{', channels-last' if m['channels_last'] else ''}"
                  f"{', compiled' if m['compile'] else ''} — {m['device']['name']}")
-        t = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        t = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
         notes = any(r.note for r in self.rows)
         t.add_column("item", no_wrap=True)
         t.add_column("loss", no_wrap=True)
-        for col in ("img/s", "ms/step", "fwd", "bwd", "MB", "ratio", "pred.", "TFLOP/s"):
+        cpu = m["device"]["type"] == "cpu"
+        for col in ("img/s", "ms/step", "f/b", "MB", "ratio", *(["cpu×"] if cpu else []), "pred.", "TFLOP/s"):
             t.add_column(col, justify="right", no_wrap=True)
         if notes:
             t.add_column("note", overflow="fold")
@@ -202,11 +216,15 @@ class BenchResult:
             kind = r.kind
             cells = [Text(r.name), r.loss or "", f(r.images_per_s, ",.1f"),
                      f(None if r.step_time_s is None else 1e3 * r.step_time_s, ",.1f"),
-                     f(r.forward_passes, "d"), f(r.backward_passes, "d"), f(r.peak_mem_mb, ",.0f"),
-                     f(r.ratio, ".2f"), f(r.predicted_ratio, ".2f"), f(r.tflops, ".3g")]
+                     "—" if r.forward_passes is None else f"{r.forward_passes}/{r.backward_passes}",
+                     f(r.peak_mem_mb, ",.0f"), f(r.ratio, ".2f"), *([f(r.cpu_ratio, ".2f")] if cpu else []),
+                     f(r.predicted_ratio, ".2f"), f(r.tflops, ".2g")]
             t.add_row(*cells, *([Text(r.note)] if notes else []))
-        caption = [f"ratio: time ÷ {METHOD_BASELINE}'s (methods), ÷ {ATTACK_BASELINE}'s (attacks); pred.: FLOP cost "
-                   f"model; fwd/bwd: classifier passes per step; MB: peak memory", f"torch {m['torch']}", f"{m['steps']} timed steps after {m['warmup']} warm-up (median)",
+        caption = [f"ratio: wall time ÷ {METHOD_BASELINE}'s (methods), ÷ {ATTACK_BASELINE}'s (attacks)"
+                   + ("; cpu×: the same with process CPU time" if cpu else "")
+                   + "; pred.: FLOP cost model; f/b: classifier forward/backward passes per step; MB: peak memory",
+                   f"torch {m['torch']}, {m['device']['threads']} threads",
+                   f"{m['steps']} timed steps after {m['warmup']} warm-up (median, items interleaved)",
                    f"classifier {m['classifier_gflop_per_image']['forward']:.3g} GFLOP/image forward"]
         if m["config_overrides"]:
             caption.append("settings " + ", ".join(f"{k}={v}" for k, v in m["config_overrides"].items()))
@@ -365,8 +383,8 @@ class _CostModel:
             self._cache[key] = _replay_flops(log.module, log.samples[p.sig], p.sig, kind)
         return self._cache[key]
 
-    def step_flops(self, logs: Sequence[_PassLog]) -> dict[str, float]:
-        return {log.name: float(sum(self.pass_flops(log, p) for p in log.passes)) for log in logs}
+    def step_flops(self, logged: Sequence[tuple[_PassLog, list[_Pass]]]) -> dict[str, float]:
+        return {log.name: float(sum(self.pass_flops(log, p) for p in passes)) for log, passes in logged}
 
 
 # ---------------------------------------------------------------- memory and timing
@@ -583,6 +601,7 @@ def run_benchmark(
     meta["config_overrides"] = overrides
     rows: list[BenchRow] = []
     try:
+        items = []
         for name in method_names:
             if name not in METHODS:
                 rows.append(BenchRow("method", name, None, status="skipped", baseline=METHOD_BASELINE,
@@ -593,17 +612,20 @@ def run_benchmark(
             # when `losses` names only the other: the baseline must run, and silently dropping
             # the pointwise TRADES row would hide a method the user asked for.
             for loss in [l for l in losses if l in accepted] or [accepted[0]]:
-                say(f"method {name} ({loss})")
-                rows.append(bench.method_item(base_cfg.updated({"method": name, "loss": loss})))
+                items.append(bench.method_item(base_cfg.updated({"method": name, "loss": loss})))
+                rows.append(items[-1][0])
+        bench.run_group(items, say)
         if attack_names:
             bench.prepare_attack_inputs()
+        items = []
         for name in attack_names:
             if name not in ATTACKS:
                 rows.append(BenchRow("attack", name, None, status="skipped", baseline=ATTACK_BASELINE,
                                      note="not implemented in this build"))
                 continue
-            say(f"attack {name}")
-            rows.append(bench.attack_item(name))
+            items.append(bench.attack_item(name))
+            rows.append(items[-1][0])
+        bench.run_group(items, say)
     finally:
         bench.close()
     _fill_ratios(rows)
@@ -612,7 +634,7 @@ def run_benchmark(
 
 class _Bench:
     """One architecture on one device: the model, the random batch, the pass logs,
-    and the measurement of one item at a time."""
+    and the measurement of groups of items."""
 
     def __init__(self, arch, info: DatasetInfo, arch_kwargs, dev, dtype, batch_size, channels_last, compile,
                  steps, warmup, seed, strict):
@@ -626,7 +648,8 @@ class _Bench:
         self.y = torch.randint(0, info.num_classes, (batch_size,), generator=g).to(dev)
         if channels_last:
             self.model, self.x = to_channels_last(self.model, self.x)
-        # Every item starts from the same weights, so no item inherits another's updates.
+        # Every item is set up from the same weights; the interleaved timed steps then share
+        # the model, which changes the values but not the cost of anyone's step.
         self.init_state = copy.deepcopy(self.model.state_dict())
         self.timed_model = maybe_compile(self.model, compile)
         self.head = find_last_linear(self.model, self.x)[1]
@@ -679,7 +702,7 @@ class _Bench:
 
     # ------------------------------------------------ items
 
-    def method_item(self, cfg) -> BenchRow:
+    def method_item(self, cfg) -> tuple[BenchRow, Callable]:
         from .methods import MethodContext, make_method
 
         row = BenchRow("method", cfg.method, cfg.loss, baseline=METHOD_BASELINE)
@@ -718,7 +741,7 @@ class _Bench:
 
             return step, method.modules
 
-        return self._run(row, make_step)
+        return row, make_step
 
     def prepare_attack_inputs(self) -> None:
         """Labels = the random model's clean predictions (every example starts robust, so
@@ -732,7 +755,7 @@ class _Bench:
             pool_x = to_channels_last(x=pool_x)
         self.pool = (torch.cat([self.x, pool_x]), torch.cat([self.y_attack, pool_y]))
 
-    def attack_item(self, name: str) -> BenchRow:
+    def attack_item(self, name: str) -> tuple[BenchRow, Callable]:
         from .attacks import make_attack
 
         row = BenchRow("attack", name, None, baseline=ATTACK_BASELINE)
@@ -752,83 +775,129 @@ class _Bench:
 
             return step, dict
 
-        return self._run(row, make_step)
+        return row, make_step
 
     # ------------------------------------------------ measurement
 
-    def _run(self, row: BenchRow, make_step) -> BenchRow:
+    def run_group(self, items: list[tuple[BenchRow, Callable]], say: Callable[[str], None]) -> None:
+        """Set up and warm up each item in turn, then time them interleaved.
+
+        Round-robin timing (one step of each item, `steps` times over) exposes every
+        item to the same background load and clock drift, so the ratios between them
+        stay fair on a shared or thermally throttling machine.
+        """
+        live: list[_Item] = []
+        for row, make_step in items:
+            say(f"{row.kind} {row.name}" + (f" ({row.loss})" if row.loss else ""))
+            item = self._guard(row, lambda: self._prepare(row, make_step))
+            if item is not None:
+                live.append(item)
+        if live:
+            say(f"timing {len(live)} item{'s' if len(live) > 1 else ''} interleaved, {self.steps} "
+                f"step{'s' if self.steps > 1 else ''} each")
+        for _ in range(self.steps):
+            for item in list(live):
+                if self._guard(item.row, lambda: self._timed_step(item)) is None:
+                    live.remove(item)
+                    for log in item.own_logs:
+                        log.remove()
+        for item in live:
+            self._finish(item)
+        for item in live:
+            for log in item.own_logs:
+                log.remove()
+
+    def _guard(self, row: BenchRow, fn: Callable):
+        """Run one part of an item; a failure becomes the row's status instead of ending the run."""
         try:
-            self._measure(row, make_step)
+            return fn() or True
         except NotImplementedError as e:
             row.status, row.note = "skipped", _join("not implemented in this build", str(e))
-            _clear_numbers(row)
         except UserError:
             raise
         except Exception as e:
             if self.strict:
                 raise
             row.status, row.note = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            _clear_numbers(row)
-        return row
+        _clear_numbers(row)
+        self.clf_log.reset()
+        return None
 
-    def _measure(self, row: BenchRow, make_step) -> None:
-        """The FLOP-counting step (untimed, the first warm-up), the rest of the warm-up,
-        then `steps` timed steps; pass counts and the cost model use the last one."""
+    def _prepare(self, row: BenchRow, make_step) -> "_Item":
+        """Build the item, run its FLOP-counting step (untimed, the first warm-up) and the rest
+        of the warm-up, measuring its peak memory over all of that."""
         set_seed(self.seed)
         self.model.load_state_dict(self.init_state)
-        own_logs: list[_PassLog] = []
-        try:
-            with _PeakMemory(self.dev) as mem:
-                step, own_modules = make_step()
-                self.eager_now = self.compile
-                try:
-                    with GlobalFlopCounter() as fc:
-                        step()
-                finally:
-                    self.eager_now = False
-                row.counted_flops = float(fc.get_total_flops())
-                # Logged only now: a method may build its generator lazily in its first step.
-                own_logs = [_PassLog(n, m, self.phase) for n, m in _top_level_modules(own_modules()).items()]
-                logs = [self.clf_log, *own_logs]
-                # A compiled model still needs its own warm-up: the counting step ran eagerly.
-                for _ in range(max(self.warmup - (0 if self.compile else 1), 0)):
-                    step()
-                times = []
-                for _ in range(self.steps):
-                    for log in logs:
-                        log.reset()
-                    self.counter.reset()
-                    _sync(self.dev)
-                    t0 = time.perf_counter()
-                    step()
-                    _sync(self.dev)
-                    times.append(time.perf_counter() - t0)
-            row.peak_mem_mb = mem.mb
-            row.step_times_s = times
-            row.step_time_s = statistics.median(times)
-            row.images_per_s = self.batch_size / row.step_time_s
-            row.tflops = row.counted_flops / row.step_time_s / 1e12
-            row.forward_passes, row.backward_passes = self.counter.forward, self.counter.backward
-            row.forward_images = self.counter.images_forward
-            row.module_passes = {log.name: {"forward": len(log.passes),
-                                            "backward": sum(1 for p in log.passes if p.grad_phases)}
-                                 for log in own_logs}
+        with _PeakMemory(self.dev) as mem:
+            step, own_modules = make_step()
+            self.eager_now = self.compile
             try:
-                by_module = self.cost.step_flops(logs)
-            except Exception as e:  # a call that cannot be replayed: no prediction, not a failed item
-                row.note = _join(row.note, f"no cost model ({type(e).__name__}: {e})")
-            else:
-                row.predicted_flops_by_module = by_module
-                row.predicted_flops = sum(by_module.values())
-        finally:
-            self.clf_log.reset()
-            for log in own_logs:
-                log.remove()
+                with GlobalFlopCounter() as fc:
+                    step()
+            finally:
+                self.eager_now = False
+            row.counted_flops = float(fc.get_total_flops())
+            # Logged only now: a method may build its generator lazily in its first step.
+            item = _Item(row, step, [_PassLog(n, m, self.phase) for n, m in _top_level_modules(own_modules()).items()])
+            # A compiled model still needs its own warm-up: the counting step ran eagerly.
+            for _ in range(max(self.warmup - (0 if self.compile else 1), 0)):
+                step()
+        row.peak_mem_mb = mem.mb
+        self.clf_log.reset()
+        return item
+
+    def _timed_step(self, item: "_Item") -> None:
+        self.clf_log.reset()
+        for log in item.own_logs:
+            log.reset()
+        self.counter.reset()
+        _sync(self.dev)
+        wall, cpu = time.perf_counter(), time.process_time()
+        item.step()
+        _sync(self.dev)
+        item.times.append(time.perf_counter() - wall)
+        item.cpu_times.append(time.process_time() - cpu)
+        # Pass counts and the cost model describe the item's last timed step.
+        item.counts = (self.counter.forward, self.counter.backward, self.counter.images_forward)
+        item.clf_passes = list(self.clf_log.passes)
+        self.clf_log.reset()
+
+    def _finish(self, item: "_Item") -> None:
+        row = item.row
+        row.step_times_s = item.times
+        row.step_time_s = statistics.median(item.times)
+        if self.dev.type == "cpu":
+            row.step_cpu_s = statistics.median(item.cpu_times)
+        row.images_per_s = self.batch_size / row.step_time_s
+        row.tflops = row.counted_flops / row.step_time_s / 1e12
+        row.forward_passes, row.backward_passes, row.forward_images = item.counts
+        row.module_passes = {log.name: {"forward": len(log.passes),
+                                        "backward": sum(1 for p in log.passes if p.grad_phases)}
+                             for log in item.own_logs}
+        try:
+            by_module = self.cost.step_flops([(self.clf_log, item.clf_passes),
+                                              *[(log, log.passes) for log in item.own_logs]])
+        except Exception as e:  # a call that cannot be replayed: no prediction, not a failed item
+            row.note = _join(row.note, f"no cost model ({type(e).__name__}: {e})")
+        else:
+            row.predicted_flops_by_module = by_module
+            row.predicted_flops = sum(by_module.values())
+
+
+@dataclass
+class _Item:
+    row: BenchRow
+    step: Callable[[], None]
+    own_logs: list[_PassLog]
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    counts: tuple[int, int, int] = (0, 0, 0)
+    clf_passes: list[_Pass] = field(default_factory=list)
 
 
 def _clear_numbers(row: BenchRow) -> None:
-    for k in ("images_per_s", "step_time_s", "forward_passes", "backward_passes", "forward_images", "peak_mem_mb",
-              "predicted_flops", "counted_flops", "tflops"):
+    for k in ("images_per_s", "step_time_s", "step_cpu_s", "forward_passes", "backward_passes", "forward_images",
+              "peak_mem_mb", "predicted_flops", "counted_flops", "tflops"):
         setattr(row, k, None)
     row.step_times_s, row.module_passes, row.predicted_flops_by_module = [], {}, {}
 
@@ -844,6 +913,8 @@ def _fill_ratios(rows: list[BenchRow]) -> None:
         if not ok(r) or base is None:
             continue
         r.ratio = r.step_time_s / base.step_time_s
+        if r.step_cpu_s is not None and base.step_cpu_s:
+            r.cpu_ratio = r.step_cpu_s / base.step_cpu_s
         if r.kind == "method":
             r.ratio_to_pgd_at = r.ratio
         else:

@@ -96,9 +96,10 @@ def check_attack_names(names: Sequence[str]) -> list[str]:
         if n not in valid:
             raise UserError(f"unknown attack {n!r}: choose from {', '.join(valid)}")
     seen: set[str] = set()
-    dup = [n for n in names if n in seen or seen.add(n)]
-    if dup:
-        raise UserError(f"attack {dup[0]!r} is listed twice")
+    for n in names:
+        if n in seen:
+            raise UserError(f"attack {n!r} is listed twice")
+        seen.add(n)
     return list(names)
 
 
@@ -604,8 +605,9 @@ def sanity_checks(result: EvalResult, ranges: dict[str, tuple[float, float]],
         worst = max(bounded, key=lambda a: result.max_linf[a])
         d = result.max_linf[worst]
         ok = d <= eps + LINF_TOLERANCE
+        rounding = " (up to float32 rounding)" if ok and d > eps else ""
         checks.append(SanityCheck("linf", ok, f"max ‖x'−x‖∞ = {d:.6g} ({worst}) {'≤' if ok else '>'} ε = {eps:.6g}"
-                                  + ("" if ok else ": the attack leaves the threat model, its numbers are invalid")))
+                                  + (rounding if ok else ": the attack leaves the threat model, its numbers are invalid")))
     # An attack that ran on no example leaves its initial (empty) range: min > max.
     ran = {a: r for a, r in ranges.items() if r[0] <= r[1]}
     if ran:
@@ -658,7 +660,7 @@ def results_table(rows: Sequence[tuple[str, EvalResult]], title: str | None = No
     cascade = any(r.mode == "cascade" for _, r in rows)
     table = Table(title=title, caption=("cascade mode: attack columns are cumulative (robust to it and every "
                                         "earlier attack)" if cascade else None))
-    table.add_column("model")
+    table.add_column("model", min_width=min(24, max(len(label) for label, _ in rows)))
     for c in ["clean", *columns, "A_rob"]:
         numeric_style = dict(justify="right", no_wrap=True, min_width=len(c))
         marked = cascade and any(r.in_a_rob(c) for _, r in rows)
@@ -675,18 +677,33 @@ def results_table(rows: Sequence[tuple[str, EvalResult]], title: str | None = No
     return table
 
 
+def print_wide(console, renderable) -> None:
+    """Print a table whole: into a pipe or file at the width it needs (rich would
+    otherwise crop it at 80 columns); on a terminal, rich fits it to the window."""
+    from rich.console import Console
+
+    need = console.measure(renderable, options=console.options.update(width=10_000)).maximum
+    if need > console.width and not console.is_terminal:
+        Console(file=console.file, width=need, color_system=None).print(renderable)
+    else:
+        console.print(renderable)
+
+
 def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
 def print_sanity(result: EvalResult, console) -> None:
+    from rich.markup import escape
+
     for c in result.sanity:
+        detail = escape(c.detail)
         if c.ok is None:
-            console.print(f"  [dim]– {c.name}: {c.detail}[/]", highlight=False)
+            console.print(f"  [dim]– {c.name}: {detail}[/]", highlight=False, soft_wrap=True)
         elif c.ok:
-            console.print(f"  [green]✓[/] {c.name}: {c.detail}", highlight=False)
+            console.print(f"  [green]✓[/] {c.name}: {detail}", highlight=False, soft_wrap=True)
         else:
-            console.print(f"  [bold yellow]⚠ WARNING[/] {c.name}: {c.detail}", highlight=False)
+            console.print(f"  [bold yellow]⚠ WARNING[/] {c.name}: {detail}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- workspace-level evaluation (what `adt-ft eval` runs)
@@ -749,7 +766,8 @@ def _ref_info(ref) -> dict[str, Any]:
     return {"name": ref.name, "architecture": _arch_label(ref.arch)}
 
 
-def resolve_target(*, model: str | None = None, arch: str | None = None, run: str | None = None,
+def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+                   run: str | None = None,
                    dataset: str | None = None, threat_model: str = "Linf", workspace: str | Path = ".",
                    device: str | torch.device = "cpu", baseline: bool = False) -> Target:
     """The model `adt-ft eval` evaluates: --model (zoo name or checkpoint file with
@@ -764,8 +782,8 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, run: st
     ws = Workspace(workspace)
     if model is not None and run is not None:
         raise UserError("give --model or --run, not both")
-    if arch is not None and model is None:
-        raise UserError("--arch describes a checkpoint file: use it together with --model PATH")
+    if (arch is not None or arch_kwargs) and model is None:
+        raise UserError("--arch and --arch-kwargs describe a checkpoint file: use them together with --model PATH")
     if baseline and model is not None:
         raise UserError("--baseline compares a run with the model it started from: use it with --run (or with no "
                         "--model to take the latest run)")
@@ -786,7 +804,8 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, run: st
                 raise UserError(f"--arch {arch} does not say which dataset the model is for: give --dataset "
                                 "(a dataset name or an image folder)")
             ds = wanted or "cifar10"
-            net = zoo.load_model(path, arch=arch, dataset=ds, threat_model=tm, workspace=ws.root)
+            net = zoo.load_model(path, arch=arch, dataset=ds, threat_model=tm, workspace=ws.root,
+                                 arch_kwargs=arch_kwargs)
             if ":" in arch:
                 info = {"name": path.stem, "architecture": _arch_label(arch)}
             else:
@@ -794,6 +813,9 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, run: st
                             venue="")
             context = {"base_model": path.stem, "model_source": f"file {path.resolve()} ({arch})"}
             return Target(path.stem, net.to(device).eval(), ds, tm, info, context, path.stem)
+        if arch is not None or arch_kwargs:
+            raise UserError(f"--arch goes with a checkpoint file, and {model!r} is not a file: give the file's path, "
+                            "or drop --arch to use the zoo model of that name")
         entry = zoo.resolve_name(model, wanted or "cifar10", tm)
         net = zoo.load_model(entry.name, dataset=entry.dataset, threat_model=entry.threat_model, workspace=ws.root)
         context = {"base_model": entry.name, "model_source": "zoo"}
@@ -872,7 +894,8 @@ def _resume_dir(workspace: Path, dataset: str, threat_model: str, entry: str) ->
 
 
 def evaluate_workspace(
-    *, model: str | None = None, arch: str | None = None, run: str | None = None, suite: str = "paper",
+    *, model: str | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+    run: str | None = None, suite: str = "paper",
     attacks: str | None = None, n_examples: int | None = None, eps: str | float | None = None,
     mode: str = "independent", batch_size: int = 256, seed: int = 0, device: str = "auto",
     baseline: bool = False, dataset: str | None = None, data_dir: str | Path | None = None,
@@ -899,7 +922,7 @@ def evaluate_workspace(
     if entry is not None:
         check_entry_name(entry)
     dev = resolve_device(device)
-    target = resolve_target(model=model, arch=arch, run=run, dataset=dataset, workspace=ws.root, device=dev,
+    target = resolve_target(model=model, arch=arch, arch_kwargs=arch_kwargs, run=run, dataset=dataset, workspace=ws.root, device=dev,
                             baseline=baseline)
     if attacks is not None:
         names, suite_label = parse_attack_list(attacks), "custom"

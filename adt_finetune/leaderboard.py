@@ -102,7 +102,7 @@ def write_entry(
     aa = autoattack_accuracy(result)
     others = [result.attacks[k] for k in result.pointwise if result.attacks[k] != "autoattack"]
     suite = context.get("suite")
-    footnote = info.pop("footnote", None) or _footnote(result, dataset, suite)
+    footnote = info.pop("footnote", None) or _footnote(result, dataset, suite, context.get("data"))
 
     data: dict[str, Any] = {
         "link": str(info.pop("link", "") or ""),
@@ -146,10 +146,11 @@ def write_entry(
     return path
 
 
-def _footnote(result, dataset: str, suite: str | None) -> str:
+def _footnote(result, dataset: str, suite: str | None, data: str | None) -> str:
     attacks = ", ".join(result.attacks[k] for k in result.pointwise) or "none"
-    text = (f"adt-ft eval{f' (suite {suite})' if suite else ''}, {result.mode} mode, on the first "
-            f"{result.n_examples} {dataset} test images; robust accuracy is the per-example minimum over {attacks}.")
+    data = data or f"first {result.n_examples} {dataset} test images"
+    text = (f"adt-ft eval{f' (suite {suite})' if suite else ''}, {result.mode} mode, on the {data}; "
+            f"robust accuracy is the per-example minimum over {attacks}.")
     if result.unreliable:
         failed = "; ".join(c.detail for c in result.sanity if c.ok is False)
         text += f" Sanity check failed: {failed}"
@@ -296,7 +297,7 @@ def table(entries: Iterable[Entry], title: str | None = None):
         # Numbers never wrap or truncate; long names may wrap instead.
         numeric = h not in HEADERS[:3]
         t.add_column(h, justify="right" if numeric else "left", style="bold" if h == "A_rob" else None,
-                     no_wrap=numeric, min_width=len(h) if numeric else None)
+                     no_wrap=numeric, min_width=len(h) if numeric else min(20, max([len(h)] + [len(r[h.replace(" ", "_")]) for r in data])))
     for r in data:
         t.add_row(*_cells(r, attack_cols))
     return t

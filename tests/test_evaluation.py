@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,6 +296,18 @@ def test_real_fgsm_pgd20_cascade_equals_independent(trained_cnn, fmnist_test):
     assert ind.max_linf["pgd20"] <= EPS + 1e-6
 
 
+def test_wasserstein_suite_columns_are_reported_outside_a_rob(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:16], fmnist_test[1][:16]
+    r = evaluate(trained_cnn, x, y, attacks=suite_attacks("wasserstein"), eps=EPS, budgets="0.05", batch_size=16,
+                 progress=False)
+    assert r.attacks == ["wpgd@0.05", "pgd20@0.05"] and r.excluded_from_a_rob == r.attacks
+    assert r.a_rob is None  # no pointwise attack at ε ran
+    assert (r.flags[~r.clean] == 0).all()
+    assert r.per_attack["wpgd@0.05"] < r.clean_acc
+    assert r.wasserstein["rows"][0]["budget"] == pytest.approx(0.05)
+    assert r.to_json()["wasserstein"]["clean"]["upsilon"] > 0
+
+
 # ---------------------------------------------------------------- the CLI
 
 @pytest.fixture
@@ -335,6 +346,14 @@ def test_cli_bad_input(cli, workspace, tmp_path):
     _one_line_error(code, err)
     assert "20000" in err and "10000" in err
     code, _, err = cli("eval", "--mode", "sideways", *w)
+    _one_line_error(code, err)
+    code, _, err = cli("eval", "--baseline", "--suite", "quick", *w)
+    _one_line_error(code, err)
+    assert "--baseline needs a run" in err
+    code, _, err = cli("eval", "--suite", "wasserstein", "--budgets", "lots", *w)
+    _one_line_error(code, err)
+    assert "lots" in err
+    code, _, err = cli("eval", "--model", "Zhang2019", "--arch", "x.y:Z", *w)
     _one_line_error(code, err)
 
     empty = tmp_path / "empty"

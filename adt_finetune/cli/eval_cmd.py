@@ -23,10 +23,27 @@ def parse_settings(items: List[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _parse_arch_kwargs(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--arch-kwargs {text!r} is not JSON ({e.msg}): write e.g. '{{\"width\": 16}}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--arch-kwargs must be a JSON object such as '{{\"width\": 16}}', got {text!r}")
+    return value
+
+
 def eval_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name or checkpoint file (default: the "
                                                                     "latest run, else the current model)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="With a checkpoint file: zoo name or package.module:Class."),
+    arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="JSON constructor arguments for a "
+                                                                          "package.module:Class --arch, e.g. "
+                                                                          "'{\"width\": 16}'."),
     run: Optional[str] = typer.Option(None, "--run", help="Run id or run folder (default: the latest run)."),
     suite: str = typer.Option("paper", "--suite", "-s", help="paper, aa, quick, full or wasserstein."),
     attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated attacks instead of a suite, "
@@ -55,29 +72,29 @@ def eval_cmd(
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Evaluate a model (default: the latest run) with an attack suite; write a leaderboard entry."""
-    from ..evaluation import evaluate_workspace, print_sanity, results_table
+    from ..evaluation import evaluate_workspace, print_sanity, print_wide, results_table
 
     rec = evaluate_workspace(
-        model=model, arch=arch, run=run, suite=suite, attacks=attacks, n_examples=n_examples, eps=eps, mode=mode,
+        model=model, arch=arch, arch_kwargs=_parse_arch_kwargs(arch_kwargs), run=run, suite=suite, attacks=attacks, n_examples=n_examples, eps=eps, mode=mode,
         batch_size=batch_size, seed=seed, device=device, baseline=baseline, dataset=dataset, data_dir=data_dir,
         budgets=budgets, entry=entry, resume=resume, workspace=workspace, attack_settings=parse_settings(settings),
         progress=progress)
     r = rec.result
     console.print(f"{rec.target.dataset} {rec.target.threat_model} ε = {r.to_json()['eps_str']}, suite {rec.suite}, "
-                  f"{r.mode} mode, {rec.data_source}", highlight=False)
+                  f"{r.mode} mode, {rec.data_source}", highlight=False, soft_wrap=True, markup=False)
     if rec.baseline is not None:
         rows = [(f"before: {rec.target.base.label}", rec.baseline), (f"after: {rec.target.label}", r)]
     else:
         rows = [(rec.target.label, r)]
-    console.print(results_table(rows))
+    print_wide(console, results_table(rows))
     if r.wasserstein:
         _print_wasserstein(r.wasserstein)
     for label, res in rows:
         console.print(f"sanity checks ({label}):", highlight=False)
         print_sanity(res, console)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in r.timings_s.items())
-    console.print(f"attack time: {times or 'none'}", highlight=False)
-    console.print(f"wrote {rec.json_path}\n  and {rec.csv_path}", highlight=False)
+    console.print(f"attack time: {times or 'none'}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {rec.json_path}\n  and {rec.csv_path}", highlight=False, soft_wrap=True, markup=False)
     if any(res.unreliable for _, res in rows):
         err_console.print("[bold yellow]warning:[/] a sanity check failed; the entry is marked unreliable",
                           highlight=False)
@@ -94,7 +111,7 @@ def _print_wasserstein(report: dict[str, Any]) -> None:
     for row in report.get("rows", []):
         t.add_row(_num(row.get("budget")), _pct(row.get("wpgd_acc")), _pct(row.get("first_order")),
                   _pct(row.get("pgd_acc")))
-    console.print(t)
+    print_wide(console, t)
 
 
 def _num(v: Any) -> str:
@@ -116,6 +133,7 @@ def leaderboard_cmd(
     """Show the workspace's leaderboard entries, best robust accuracy (A_rob) first."""
     from .. import leaderboard as lb
     from ..data import canonical_name
+    from ..evaluation import print_wide
     from ..workspace import Workspace
 
     if fmt not in lb.FORMATS:
@@ -139,7 +157,7 @@ def leaderboard_cmd(
             if fmt == "markdown":
                 typer.echo(lb.render(group, "markdown", title=title))
             else:
-                console.print(lb.table(group, title=title))
+                print_wide(console, lb.table(group, title=title))
     if plot is not None:
         lb.plot(entries, plot)
         err_console.print(f"wrote {plot}", highlight=False)
