@@ -205,7 +205,7 @@ def _folder_info(path: Path, expect: str | None = None) -> DatasetInfo:
     if known is not None:
         return known
     raise UserError(f"the class folders of {path} ({', '.join(classes[:10])}) match no known dataset: name them "
-                    f"after CIFAR-10's or Fashion-MNIST's classes, or pass --dataset-of NAME")
+                    "after CIFAR-10's, SVHN's (0-9) or Fashion-MNIST's classes (torchvision's class names)")
 
 
 class _RemappedFolder(Dataset):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.text import Text
 
 
 from ..errors import UserError
@@ -55,11 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="adt-ft")
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # The message is plain text: file names and module paths must not be read as markup or emoji.
+        err_console.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: finished work is saved; rerun with --resume to continue")
-        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,8 +20,8 @@ def quickstart_cmd(
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Pretrain a small CNN on Fashion-MNIST, fine-tune it with ADT-EXP-AM, evaluate before → after (offline, CPU)."""
-    from ..evaluation import results_table
-    from ..leaderboard import read_entries, render
+    from ..evaluation import print_wide, results_table
+    from ..leaderboard import read_entries, table
     from ..quickstart import NEXT_STEPS, QuickstartSettings, check_settings, quickstart
 
     settings = QuickstartSettings(n_examples=n_examples, finetune_images=finetune_images, finetune_epochs=epochs,
@@ -31,12 +31,12 @@ def quickstart_cmd(
     res = quickstart(workspace, settings=settings, data_dir=data_dir, progress=progress,
                      log=lambda m: console.print(m, highlight=False))
     rec = res.record
-    console.print(results_table([("before: " + rec.target.base.label, rec.baseline),
+    print_wide(console, results_table([("before: " + rec.target.base.label, rec.baseline),
                                  ("after: " + rec.target.label, rec.result)],
-                                title="Fashion-MNIST, ε = 0.1: robust accuracy (%)"))
+                                      title="Fashion-MNIST, ε = 0.1: robust accuracy (%)"))
     console.print("[4/4] leaderboard:", highlight=False)
     entries = read_entries(res.workspace / "leaderboard", dataset="fashion-mnist", threat_model="Linf")
-    console.print(render(entries, fmt="table"))
+    print_wide(console, table(entries))
     console.print(f"done in {time.perf_counter() - start:.0f}s (workspace {res.workspace})", highlight=False)
     console.print(NEXT_STEPS, highlight=False)
 
