@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .precision import amp_dtype_name, autocast_context
 from .nets import eval_mode
 from .utils import atomic_write_json, atomic_write_text, format_eps, sha256_file
 
@@ -148,6 +149,7 @@ class EvalResult:
     wasserstein: dict[str, Any] | None = None
     #: columns reported but not part of A_rob: other threat models (W-PGD) or budgets
     excluded_from_a_rob: list[str] = field(default_factory=list)
+    amp: bool = False               # attacks searched under bf16/fp16 autocast (verdicts always fp32)
 
     def in_a_rob(self, column: str) -> bool:
         return column in self.attacks and column not in self.excluded_from_a_rob
@@ -249,6 +251,7 @@ class EvalResult:
             "unreliable": self.unreliable,
             "wasserstein": self.wasserstein,
             "device": self.device,
+            "amp": self.amp,
         }
 
     def csv_text(self) -> str:
@@ -358,6 +361,7 @@ def evaluate(
     resume_dir: str | Path | None = None,
     indices: Sequence[int] | None = None,
     budgets: Sequence[float] | str | None = None,
+    amp: bool = False,
 ) -> EvalResult:
     """Evaluate `model` on (x, y) under `attacks` (registry names, plus "clean"
     and "wasserstein"); see the module docstring for the definitions.
@@ -404,7 +408,7 @@ def evaluate(
     excluded = [a for a, obj in attack_objs.items() if not getattr(obj, "linf_bounded", True)]
 
     fp = fingerprint(model, x, y, attacks=names, eps=eps, mode=mode, seed=seed, batch_size=batch_size,
-                     settings=recorded_settings, budgets=budget_list)
+                     settings=recorded_settings, budgets=budget_list, amp=amp)
     state = _ResumeState(Path(resume_dir) / "state.json" if resume_dir is not None else None, fp)
 
     columns = list(attack_names)
@@ -433,7 +437,7 @@ def evaluate(
                         x_dev, y_dev = x.to(device), y.to(device)
                     step = max(1, len(pool)) if getattr(attack, "dataset_level", False) else batch_size
                     _run_attack(attack, model, x, y, x_dev, y_dev, pool, st, state, bar,
-                                batch_size=step, seed=seed, device=device, n_total=n)
+                                batch_size=step, seed=seed, device=device, n_total=n, amp=amp)
                 if len(st["robust"]) != len(pool):
                     raise UserError(f"the partial evaluation state in {resume_dir} does not match this evaluation "
                                     "(attack order or examples): rerun without --resume")
@@ -457,7 +461,7 @@ def evaluate(
 
     result = EvalResult(
         attacks=columns, indices=idx, labels=y.numpy().astype(np.int64), clean=clean, flags=flags,
-        eps=float(eps), mode=mode, seed=seed, batch_size=batch_size, device=str(device), timings_s=timings,
+        eps=float(eps), mode=mode, seed=seed, batch_size=batch_size, device=str(device), timings_s=timings, amp=amp,
         max_linf=max_linf, attack_settings=recorded_settings, wasserstein=wasserstein_json,
         excluded_from_a_rob=excluded)
     result.sanity = sanity_checks(result, ranges, black_box={a for a, o in attack_objs.items() if o.black_box})
@@ -482,7 +486,7 @@ def _batch_seed(seed: int, name: str, start: int) -> int:
 
 
 def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, state: _ResumeState, bar,
-                *, batch_size: int, seed: int, device: torch.device, n_total: int) -> None:
+                *, batch_size: int, seed: int, device: torch.device, n_total: int, amp: bool = False) -> None:
     name = attack.name
     done = len(st["robust"])
     robust_so_far = int(sum(st["robust"]))
@@ -496,7 +500,8 @@ def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, s
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(_batch_seed(seed, name, start))
-            res = attack(model, xb, yb)
+            with autocast_context(device, amp_dtype_name(device, amp)):
+                res = attack(model, xb, yb)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -504,6 +509,12 @@ def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, s
         if robust.shape[0] != len(ids) or res.x_adv.shape != xb.shape:
             raise RuntimeError(f"attack {name!r} returned shapes {tuple(res.x_adv.shape)}/{tuple(robust.shape)} "
                                f"for a batch of {tuple(xb.shape)}")
+        if amp:
+            # The search ran in reduced precision; the verdict is the fp32 model's on the
+            # returned x', so every "broken" is a real fp32 adversarial example and no
+            # number depends on bf16 rounding. One extra forward per batch.
+            with torch.no_grad():
+                robust = (model(res.x_adv.detach().float()).argmax(1) == yb).cpu()
         with torch.no_grad():
             x_adv = res.x_adv.detach()
             dist = (x_adv.float() - xb).abs().flatten(1).amax(1).max().item()
@@ -900,7 +911,7 @@ def evaluate_workspace(
     mode: str = "independent", batch_size: int = 256, seed: int = 0, device: str = "auto",
     baseline: bool = False, dataset: str | None = None, data_dir: str | Path | None = None,
     budgets: str | None = None, entry: str | None = None, resume: bool = False, workspace: str | Path = ".",
-    attack_settings: dict[str, dict[str, Any]] | None = None, progress: bool = True,
+    attack_settings: dict[str, dict[str, Any]] | None = None, progress: bool = True, amp: bool = False,
 ) -> EvalRecord:
     """`adt-ft eval` as a function: resolve the model and examples, evaluate (and
     the run's base model with `baseline`), write the leaderboard entry.
@@ -942,7 +953,7 @@ def evaluate_workspace(
     x, y, data_source = load_examples(target.dataset, dataset, n_examples, data_dir=data_dir, workspace=ws.root)
 
     entry_name = entry or _clean_name(f"{target.default_entry}_{suite_label}")
-    common = dict(attacks=names, eps=eps_value, mode=mode, batch_size=batch_size, seed=seed, device=dev,
+    common = dict(amp=amp, attacks=names, eps=eps_value, mode=mode, batch_size=batch_size, seed=seed, device=dev,
                   attack_settings=settings, progress=progress, budgets=budgets)
     main_dir = _resume_dir(ws.root, target.dataset, target.threat_model, entry_name)
     base_dir = _resume_dir(ws.root, target.dataset, target.threat_model, entry_name + ".baseline")

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh test
 VENV=${ADT_FT_VENV:-.venv}
-ADT_FT_OFFLINE=1 "$VENV/bin/python" -m pytest -q "$@"
+ADT_FT_OFFLINE=1 "$VENV/bin/python" -m pytest "$@"

@@ -442,3 +442,27 @@ def test_cli_baseline_and_checkpoint_file(cli, workspace, tmp_path):
     code, _, err = cli("eval", "--model", ckpt, "--attacks", "fgsm", "-w", workspace.root)
     _one_line_error(code, err)
     assert "--arch" in err
+
+
+
+def test_amp_flags_are_the_fp32_models_verdict(monkeypatch):
+    """--amp: the attack searches under autocast, but the recorded flag is what the fp32 model says
+    about the returned x' — not the attack's own (reduced-precision) claim."""
+    y = torch.arange(N) % 10
+    model = TableModel(y)                        # right on every image, perturbed or not
+    x = encode(N)
+    make_fake(monkeypatch, "liar", {i: False for i in range(N)})   # claims every example broken
+    plain = evaluate(model, x, y, attacks=["liar"], eps=EPS, progress=False)
+    amp = evaluate(model, x, y, attacks=["liar"], eps=EPS, progress=False, amp=True)
+    assert plain.per_attack["liar"] == 0.0       # without --amp the attack's verdict stands
+    assert amp.per_attack["liar"] == 100.0 and amp.a_rob == 100.0
+    assert amp.to_json()["amp"] is True
+
+
+def test_amp_search_agrees_with_fp32(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:150], fmnist_test[1][:150]
+    fp32 = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=0.1, progress=False)
+    amp = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=0.1, progress=False, amp=True)
+    assert amp.clean_acc == fp32.clean_acc
+    for name in ("fgsm", "pgd20"):  # bf16 rounding may flip a few borderline examples, no more
+        assert abs(amp.per_attack[name] - fp32.per_attack[name]) <= 4.0, (name, amp.per_attack, fp32.per_attack)

@@ -68,6 +68,8 @@ def eval_cmd(
     settings: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting ATTACK.KEY=VALUE, "
                                                                      "repeatable (e.g. autoattack.version=plus)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation of the same entry."),
+    amp: bool = typer.Option(False, "--amp", help="Search attacks under bf16 autocast (fp16 on GPUs without bf16); "
+                                                  "verdicts are always the fp32 model's."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     workspace: Path = WorkspaceOpt,
 ) -> None:
@@ -78,7 +80,7 @@ def eval_cmd(
         model=model, arch=arch, arch_kwargs=_parse_arch_kwargs(arch_kwargs), run=run, suite=suite, attacks=attacks, n_examples=n_examples, eps=eps, mode=mode,
         batch_size=batch_size, seed=seed, device=device, baseline=baseline, dataset=dataset, data_dir=data_dir,
         budgets=budgets, entry=entry, resume=resume, workspace=workspace, attack_settings=parse_settings(settings),
-        progress=progress)
+        progress=progress, amp=amp)
     r = rec.result
     console.print(f"{rec.target.dataset} {rec.target.threat_model} ε = {r.to_json()['eps_str']}, suite {rec.suite}, "
                   f"{r.mode} mode, {rec.data_source}", highlight=False, soft_wrap=True, markup=False)
