@@ -149,7 +149,8 @@ class EvalResult:
     wasserstein: dict[str, Any] | None = None
     #: columns reported but not part of A_rob: other threat models (W-PGD) or budgets
     excluded_from_a_rob: list[str] = field(default_factory=list)
-    amp: bool = False               # attacks searched under bf16/fp16 autocast (verdicts always fp32)
+    amp: bool = False               # --amp given: the attacks in amp_attacks searched under bf16 autocast
+    amp_attacks: list[str] = field(default_factory=list)  # (their verdicts are still fp32; the rest ran in fp32)
 
     def in_a_rob(self, column: str) -> bool:
         return column in self.attacks and column not in self.excluded_from_a_rob
@@ -252,6 +253,7 @@ class EvalResult:
             "wasserstein": self.wasserstein,
             "device": self.device,
             "amp": self.amp,
+            "amp_attacks": list(self.amp_attacks),
         }
 
     def csv_text(self) -> str:
@@ -391,6 +393,10 @@ def evaluate(
 
         budget_list = parse_budgets(budgets)
     device = torch.device(device)
+    if amp and amp_dtype_name(device, True) != "bf16":
+        # fp16 without loss scaling underflows the input gradients of confident examples
+        # (sign(0) = 0 stalls the attack): a weaker attack would report too high a number.
+        raise UserError(f"--amp: evaluation searches in bf16, which device {device} does not support; drop --amp")
     x = x.detach().float().cpu()
     y = y.detach().long().cpu()
     n = len(x)
@@ -462,6 +468,7 @@ def evaluate(
     result = EvalResult(
         attacks=columns, indices=idx, labels=y.numpy().astype(np.int64), clean=clean, flags=flags,
         eps=float(eps), mode=mode, seed=seed, batch_size=batch_size, device=str(device), timings_s=timings, amp=amp,
+        amp_attacks=[a for a, o in attack_objs.items() if amp and o.amp_search],
         max_linf=max_linf, attack_settings=recorded_settings, wasserstein=wasserstein_json,
         excluded_from_a_rob=excluded)
     result.sanity = sanity_checks(result, ranges, black_box={a for a, o in attack_objs.items() if o.black_box})
@@ -500,7 +507,7 @@ def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, s
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(_batch_seed(seed, name, start))
-            with autocast_context(device, amp_dtype_name(device, amp)):
+            with autocast_context(device, amp_dtype_name(device, amp and attack.amp_search)):
                 res = attack(model, xb, yb)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -509,7 +516,7 @@ def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, s
         if robust.shape[0] != len(ids) or res.x_adv.shape != xb.shape:
             raise RuntimeError(f"attack {name!r} returned shapes {tuple(res.x_adv.shape)}/{tuple(robust.shape)} "
                                f"for a batch of {tuple(xb.shape)}")
-        if amp:
+        if amp and attack.amp_search:
             # The search ran in reduced precision; the verdict is the fp32 model's on the
             # returned x', so every "broken" is a real fp32 adversarial example and no
             # number depends on bf16 rounding. One extra forward per batch.

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,29 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+def foolbox_cifar10_pngs() -> list[Path]:
+    """foolbox's 20 real CIFAR-10 test images, named cifar10_<index>_<label>.png."""
+    import foolbox
+
+    files = sorted((Path(foolbox.__file__).parent / "data").glob("cifar10_*.png"))
+    assert len(files) == 20
+    return files
+
+
+@pytest.fixture
+def image_folder():
+    """make(root, class_names): foolbox's CIFAR-10 PNGs sorted into one subfolder per class
+    (ImageFolder layout); returns (root, {file name: CIFAR-10 label})."""
+
+    def make(root: Path, class_names) -> tuple[Path, dict[str, int]]:
+        labels = {}
+        for f in foolbox_cifar10_pngs():
+            label = int(f.stem.split("_")[2])
+            (root / class_names[label]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / class_names[label] / f.name)
+            labels[f.name] = label
+        return root, labels
+
+    return make

@@ -373,3 +373,23 @@ def test_exp_am_fine_tuning_raises_pgd_accuracy(trained_cnn, fmnist_train, fmnis
     after = _pgd20_accuracy(model, x_test, y_test, eps)
     assert after > before + 0.15, (f"PGD-20 accuracy (ε = 0.1, first 500 Fashion-MNIST test images): "
                                    f"{before:.1%} before exp-am fine-tuning, {after:.1%} after")
+
+
+@pytest.mark.parametrize("name", ["exp-am", "imp-am"])
+def test_generator_gradient_inputs_raw_or_normalised(name):
+    """--gen-normalize-gradients (default): the generator sees g/mean|g| per example, so scaling an
+    example's gradients changes nothing; --no-gen-normalize-gradients feeds them raw (released code)."""
+    x, _ = saturated_batch(n=4)
+    g = torch.Generator().manual_seed(1)
+    g1, g2 = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    for normalise in (True, False):
+        gen = method_for(name, gen_normalize_gradients=normalise).generator.eval()
+        assert gen.init_kwargs["normalize_gradients"] is normalise  # saved with the run, so the attack matches
+
+        def out(scale):
+            torch.manual_seed(0)  # imp-am draws z
+            with torch.no_grad():
+                return gen.sample_delta(x, scale * g1, scale * g2, EPS)
+
+        same = torch.allclose(out(1.0), out(1e-3), atol=1e-6)
+        assert same is normalise, (name, normalise)

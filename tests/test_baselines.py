@@ -19,7 +19,7 @@ EPS = 0.1
 def _method(name: str, model: nn.Module, **cfg):
     _, head = find_last_linear(model, torch.zeros(1, 1, 28, 28))
     ctx = MethodContext(eps=EPS, in_channels=1, num_classes=10, image_size=28, device=torch.device("cpu"), head=head)
-    loss = {"pgd-at": "ce", "trades": "trades"}[name]
+    loss = cfg.pop("loss", {"pgd-at": "ce", "trades": "trades"}.get(name))
     return make_method(TrainConfig(method=name, loss=loss, **cfg), ctx)
 
 
@@ -170,3 +170,38 @@ def test_loss_rules_for_baselines():
     assert resolve_loss(TrainConfig(method="trades")) == "trades"
     with pytest.raises(UserError, match="unknown loss"):
         resolve_loss(TrainConfig(method="exp-am", loss="hinge"))
+
+
+@pytest.mark.parametrize("name,settings,inner", [
+    ("trades", {}, 10),
+    ("exp", {"exp_steps": 2, "exp_samples": 3}, 2),
+    ("wdat", {"wdat_steps": 3}, 3),
+])
+def test_trades_loss_shares_the_clean_pass_when_modes_agree(name, settings, inner, trained_cnn, fmnist_test,
+                                                             monkeypatch):
+    """--scope last-layer keeps the body in eval mode, so the eval-mode KL target and the
+    train-mode clean logits are one function: one clean pass serves both, and the loss and
+    its gradient are exactly what two separate passes give."""
+    from adt_finetune.methods import losses
+
+    x, y = fmnist_test[0][:16], fmnist_test[1][:16]
+    _last_layer_modes(trained_cnn)
+    head = find_last_linear(trained_cnn, torch.zeros(1, 1, 28, 28))[1]
+
+    def one_step(force_separate: bool):
+        if force_separate:
+            monkeypatch.setattr(losses, "needs_separate_target", lambda model: True)
+        torch.manual_seed(0)
+        method = _method(name, trained_cnn, loss="trades", **settings)
+        with PassCounter(trained_cnn) as pc:
+            out = method.step(trained_cnn, x, y)
+            head.zero_grad(set_to_none=True)
+            out.loss.backward()
+        monkeypatch.undo()
+        return pc.forward, out.loss.detach(), head.weight.grad.clone()
+
+    shared_passes, shared_loss, shared_grad = one_step(False)
+    separate_passes, separate_loss, separate_grad = one_step(True)
+    assert shared_passes == inner + 2 and separate_passes == inner + 3
+    assert torch.allclose(shared_loss, separate_loss, rtol=1e-5, atol=1e-6), (shared_loss, separate_loss)
+    assert torch.allclose(shared_grad, separate_grad, rtol=1e-4, atol=1e-6)

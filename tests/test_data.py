@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +20,6 @@ def _idx(path: Path, header: int) -> np.ndarray:
     """An IDX file read independently of torchvision: big-endian header, then uint8 data."""
     with gzip.open(path, "rb") as fh:
         return np.frombuffer(fh.read(), dtype=np.uint8, offset=header)
-
-
-def _foolbox_cifar10_pngs() -> list[Path]:
-    import foolbox
-
-    files = sorted((Path(foolbox.__file__).parent / "data").glob("cifar10_*.png"))
-    assert len(files) == 20
-    return files
-
-
-def _image_folder(root: Path, class_names) -> tuple[Path, dict[str, int]]:
-    """foolbox's CIFAR-10 PNGs (cifar10_<index>_<label>.png) sorted into one subfolder per class."""
-    labels = {}
-    for f in _foolbox_cifar10_pngs():
-        label = int(f.stem.split("_")[2])
-        (root / class_names[label]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, root / class_names[label] / f.name)
-        labels[f.name] = label
-    return root, labels
 
 
 def test_fashion_mnist_offline_matches_the_raw_files(fmnist_test):
@@ -102,8 +82,8 @@ def test_data_dir_is_searched_first(tmp_path, monkeypatch):
     assert y.tolist() == labels.tolist() and x.shape == (5, 1, 28, 28)
 
 
-def test_image_folder_of_real_cifar10_images(tmp_path):
-    root, labels = _image_folder(tmp_path / "cifar", CIFAR10_CLASSES)
+def test_image_folder_of_real_cifar10_images(tmp_path, image_folder):
+    root, labels = image_folder(tmp_path / "cifar", CIFAR10_CLASSES)
     # Only some classes are present, so sorted-folder indices differ from CIFAR-10's:
     # the labels must still be CIFAR-10's.
     assert len(set(labels.values())) < 10
@@ -120,14 +100,14 @@ def test_image_folder_of_real_cifar10_images(tmp_path):
     assert [sub[i][1] for i in range(3)] == [ds[i][1] for i in range(3)]
 
 
-def test_image_folder_with_wrong_class_names(tmp_path):
-    root, _ = _image_folder(tmp_path / "numbered", [f"class{i}" for i in range(10)])
+def test_image_folder_with_wrong_class_names(tmp_path, image_folder):
+    root, _ = image_folder(tmp_path / "numbered", [f"class{i}" for i in range(10)])
     with pytest.raises(UserError, match="do not match cifar10's classes"):
         load_dataset(root, expect="cifar10")
     with pytest.raises(UserError, match="match no known dataset"):
         load_dataset(root)
     fashion = [c.replace("/", "-") for c in data.FASHION_MNIST_CLASSES]
-    root, _ = _image_folder(tmp_path / "fashion", fashion)
+    root, _ = image_folder(tmp_path / "fashion", fashion)
     with pytest.raises(UserError, match="do not match cifar10's classes"):
         load_dataset(root, expect="cifar10")
     empty = tmp_path / "empty"

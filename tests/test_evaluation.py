@@ -51,7 +51,8 @@ class TableModel(nn.Module):
 
 
 def make_fake(monkeypatch, name: str, robust_of: dict[int, bool], *, black_box=False, shift=0.0, value=None,
-              dataset_level=False, linf_bounded=True, fail_on_call: int | None = None):
+              dataset_level=False, linf_bounded=True, fail_on_call: int | None = None, amp_search=False,
+              autocast_seen: list | None = None):
     """Register an attack `name` that never runs the model: example i is robust iff robust_of[i].
     `calls` records the indices of every call; `shift`/`value` move x' (to break the sanity checks)."""
     calls: list[list[int]] = []
@@ -62,6 +63,8 @@ def make_fake(monkeypatch, name: str, robust_of: dict[int, bool], *, black_box=F
             if fail_on_call is not None and len(calls) == fail_on_call:
                 raise RuntimeError("simulated crash")
             calls.append(idx)
+            if autocast_seen is not None:
+                autocast_seen.append(torch.is_autocast_enabled("cpu"))
             x_adv = x.clone()
             x_adv[:, :, 1:, :] = (x_adv[:, :, 1:, :] + EPS).clamp(0, 1)  # a legal perturbation, index pixel kept
             if shift:
@@ -74,6 +77,7 @@ def make_fake(monkeypatch, name: str, robust_of: dict[int, bool], *, black_box=F
     Fake.black_box = black_box
     Fake.dataset_level = dataset_level
     Fake.linf_bounded = linf_bounded
+    Fake.amp_search = amp_search
     monkeypatch.setitem(ATTACKS, name, Fake)
     return calls
 
@@ -446,17 +450,35 @@ def test_cli_baseline_and_checkpoint_file(cli, workspace, tmp_path):
 
 
 def test_amp_flags_are_the_fp32_models_verdict(monkeypatch):
-    """--amp: the attack searches under autocast, but the recorded flag is what the fp32 model says
-    about the returned x' — not the attack's own (reduced-precision) claim."""
+    """--amp: a fixed-step attack searches under autocast, but the recorded flag is what the fp32
+    model says about the returned x' — not the attack's own (reduced-precision) claim."""
     y = torch.arange(N) % 10
     model = TableModel(y)                        # right on every image, perturbed or not
     x = encode(N)
-    make_fake(monkeypatch, "liar", {i: False for i in range(N)})   # claims every example broken
+    seen: list[bool] = []
+    make_fake(monkeypatch, "liar", {i: False for i in range(N)}, amp_search=True, autocast_seen=seen)
     plain = evaluate(model, x, y, attacks=["liar"], eps=EPS, progress=False)
     amp = evaluate(model, x, y, attacks=["liar"], eps=EPS, progress=False, amp=True)
+    assert seen and not seen[0] and all(seen[1:])  # plain run without autocast, --amp run under it
     assert plain.per_attack["liar"] == 0.0       # without --amp the attack's verdict stands
     assert amp.per_attack["liar"] == 100.0 and amp.a_rob == 100.0
-    assert amp.to_json()["amp"] is True
+    assert amp.to_json()["amp"] is True and amp.to_json()["amp_attacks"] == ["liar"]
+
+
+def test_amp_keeps_attacks_that_decide_from_logits_in_fp32(monkeypatch):
+    """An attack that stops early or picks among samples (feature, spsa, exp, autoattack) would
+    decide from bf16 logits and then be re-judged on one point only: it must not run under autocast."""
+    from adt_finetune.attacks import ATTACKS as registry
+
+    assert [n for n in ("fgsm", "pgd20", "pgd100", "mim", "cw") if not registry[n].amp_search] == []
+    assert [n for n in ("feature", "spsa", "exp", "autoattack", "exp-am", "imp-am") if registry[n].amp_search] == []
+    y = torch.arange(N) % 10
+    seen: list[bool] = []
+    make_fake(monkeypatch, "stopper", {i: i % 2 == 0 for i in range(N)}, autocast_seen=seen)
+    res = evaluate(TableModel(y), encode(N), y, attacks=["stopper"], eps=EPS, progress=False, amp=True)
+    assert seen and not any(seen)
+    assert res.per_attack["stopper"] == 50.0     # its own verdict, made in fp32
+    assert res.to_json()["amp_attacks"] == []
 
 
 def test_amp_search_agrees_with_fp32(trained_cnn, fmnist_test):
@@ -466,3 +488,29 @@ def test_amp_search_agrees_with_fp32(trained_cnn, fmnist_test):
     assert amp.clean_acc == fp32.clean_acc
     for name in ("fgsm", "pgd20"):  # bf16 rounding may flip a few borderline examples, no more
         assert abs(amp.per_attack[name] - fp32.per_attack[name]) <= 4.0, (name, amp.per_attack, fp32.per_attack)
+
+
+def test_cli_eval_real_cifar10_checkpoint_on_an_image_folder_with_autoattack(cli, tmp_path, image_folder):
+    """`adt-ft eval --model model_test.pt --arch pyautoattack.examples.resnet:ResNet18 --dataset FOLDER
+    --suite aa`: pyautoattack's shipped (not robust) CIFAR-10 ResNet-18 on real CIFAR-10 test images."""
+    import importlib.util
+    from pathlib import Path
+
+    from adt_finetune.data import CIFAR10_CLASSES
+
+    ckpt = Path(importlib.util.find_spec("pyautoattack").origin).parent / "examples" / "model_test.pt"
+    folder, labels = image_folder(tmp_path / "cifar10-images", CIFAR10_CLASSES)
+    ws = tmp_path / "ws"
+    code, out, err = cli("eval", "--model", ckpt, "--arch", "pyautoattack.examples.resnet:ResNet18",
+                         "--dataset", folder, "--suite", "aa", "-n", "3", "--no-progress", "-w", ws)
+    assert code == 0, err
+    (entry,) = (ws / "leaderboard" / "cifar10" / "Linf").glob("*.json")
+    data = json.loads(entry.read_text())
+    x = data["adt_ft"]
+    assert data["dataset"] == "cifar10" and data["eps"] == "8/255" and x["n_examples"] == 3
+    assert x["attacks"] == ["autoattack"]
+    clean, aa = float(data["clean_acc"]), float(data["autoattack_acc"])
+    assert clean >= 50.0, f"a real CIFAR-10 classifier on real CIFAR-10 images: clean {clean}%"
+    # A standard (not adversarially trained) ResNet-18 falls to AutoAttack at 8/255.
+    assert aa < clean and aa <= 20.0, (clean, aa)
+    assert x["a_rob"] == aa and "autoattack" in out

@@ -30,6 +30,11 @@ class Attack:
     name: ClassVar[str] = ""
     #: the model's gradients are not used (black-box); for the gradient-masking check
     black_box: ClassVar[bool] = False
+    #: `eval --amp` may run the search under autocast: the search takes no decision from
+    #: the model's output (no early stop, no pick among copies), so the fp32 verdict on
+    #: the returned x' is the whole result. Attacks that decide from reduced-precision
+    #: logits (stop once "broken", return the "worst" sample) keep fp32.
+    amp_search: ClassVar[bool] = False
 
     def __init__(self, eps: float, *, seed: int = 0, **settings: Any):
         self.eps = float_setting(self.name, "eps", eps)

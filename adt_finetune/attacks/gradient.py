@@ -47,6 +47,7 @@ class SignGradientAttack(Attack):
 
     default_steps: ClassVar[int] = 20
     default_random_start: ClassVar[bool] = True
+    amp_search = True  # fixed step count, last iterate: nothing is decided from the logits
 
     def __init__(self, eps: float, *, seed: int = 0, steps: Any = None, step_size: Any = None,
                  random_start: Any = None, **settings: Any):
@@ -75,6 +76,8 @@ class SignGradientAttack(Attack):
 @register_attack("fgsm")
 class FGSM(Attack):
     """One step of ε·sign(∇x CE) from x itself (no random start, no settings)."""
+
+    amp_search = True
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with eval_mode(model):

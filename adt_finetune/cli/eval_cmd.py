@@ -68,8 +68,9 @@ def eval_cmd(
     settings: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting ATTACK.KEY=VALUE, "
                                                                      "repeatable (e.g. autoattack.version=plus)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation of the same entry."),
-    amp: bool = typer.Option(False, "--amp", help="Search attacks under bf16 autocast (fp16 on GPUs without bf16); "
-                                                  "verdicts are always the fp32 model's."),
+    amp: bool = typer.Option(False, "--amp", help="Run the fixed-step gradient attacks (fgsm, pgd, mim, cw) under bf16 "
+                                                  "autocast; verdicts are always the fp32 model's, and attacks that "
+                                                  "stop early or pick among samples stay fp32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     workspace: Path = WorkspaceOpt,
 ) -> None:

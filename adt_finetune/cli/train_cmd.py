@@ -55,6 +55,9 @@ _HELP: dict[str, tuple[str, str]] = {
     "exp_lr": ("ADT-EXP inner Adam lr. (default 0.3)", "ADT"),
     "exp_accumulate_grad": ("Keep (μ, v) gradients across inner steps, as the released code.", "ADT"),
     "gen_width": ("Generator width (residual blocks use 2×). (default 256)", "ADT"),
+    "gen_normalize_gradients": ("Feed the generators g1, g2 divided by their per-example mean |g| (adt-ft's "
+                                "default); --no-gen-normalize-gradients feeds raw gradients as the released code.",
+                                "ADT"),
     "gen_lr": ("Generator Adam lr. (default 2e-4)", "ADT"),
     "gen_betas": ("Generator Adam betas, e.g. 0.5,0.999.", "ADT"),
     "z_dim": ("IMP-AM noise dimension. (default 64)", "ADT"),

@@ -117,7 +117,7 @@ class ADTExpAM(_AmortisedADT):
     TRADES (+ the train-mode clean pass). clean_acc comes from the eval-mode g1 pass."""
 
     def _build_generator(self) -> nn.Module:
-        return ExplicitGenerator(self.ctx.in_channels, self.cfg.gen_width)
+        return ExplicitGenerator(self.ctx.in_channels, self.cfg.gen_width, self.cfg.gen_normalize_gradients)
 
     def _draw(self, x, g1, g2):
         mu, sigma = self.generator(x, g1, g2)
@@ -151,7 +151,8 @@ class ADTImpAM(_AmortisedADT):
         return IMP_HINGE_LAMBDA if self.cfg.imp_entropy == "hinge" else DEFAULT_LAMBDA
 
     def _build_generator(self) -> nn.Module:
-        return ImplicitGenerator(self.ctx.in_channels, self.cfg.gen_width, self.cfg.z_dim)
+        return ImplicitGenerator(self.ctx.in_channels, self.cfg.gen_width, self.cfg.z_dim,
+                                 self.cfg.gen_normalize_gradients)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "entropy_net": self.entropy_net}

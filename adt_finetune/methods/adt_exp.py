@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..nets import eval_mode
 from . import tanh_gaussian as tg
 from .base import MethodContext, StepOutput, TrainMethod, register_method
-from .losses import trades_kl, training_loss
+from .losses import trades_kl, trades_target, training_loss
 
 #: (logits of the k·B perturbed inputs, labels repeated k times) -> per-row loss to maximise
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -102,7 +102,8 @@ class ADTExp(TrainMethod):
     eval-mode pass (detached, the TRADES reference's choice), and the loss is
     CE(f(x)) + β·KL(f(x) ‖ f(x')) with both passes in train mode.
     Forward passes per step: T + 1 with CE; T + 3 with TRADES (eval-mode target, then
-    train-mode clean and adversarial passes). clean_acc is reported only with TRADES,
+    train-mode clean and adversarial passes), T + 2 when train and eval mode agree
+    (--scope last-layer: one clean pass is both target and loss term). clean_acc is reported only with TRADES,
     where a clean pass exists anyway.
     """
 
@@ -121,9 +122,9 @@ class ADTExp(TrainMethod):
         trades = cfg.loss == "trades"
         metrics: dict[str, float] = {}
         objective = None
+        logits_clean = None
         if trades:
-            with torch.no_grad(), eval_mode(model):
-                target_logits = model(x)
+            logits_clean, target_logits = trades_target(model, x)
             metrics["clean_acc"] = (target_logits.argmax(1) == y).float().mean().item()
             target_rep = target_logits.repeat(k, 1)
 
@@ -137,7 +138,8 @@ class ADTExp(TrainMethod):
             delta, u, r = tg.sample(mu, sigma, eps)
             x_adv = tg.apply_perturbation(x, delta.to(x.dtype))
             metrics["entropy"] = tg.entropy_estimate(sigma, u, r).item()
-        logits_clean = model(x) if trades else None  # clean before adversarial, as TRADES does
+        if trades and logits_clean is None:
+            logits_clean = model(x)  # clean before adversarial, as TRADES does
         logits_adv = model(x_adv)
         loss = training_loss(cfg.loss, logits_adv, y, logits_clean=logits_clean, beta=cfg.beta)
         metrics["loss"] = loss.item()

@@ -10,7 +10,7 @@ Forward passes of the classifier per training step (tests/test_baselines.py coun
     trades   steps + 2, or steps + 3         (10 attack passes, clean and adversarial training
                                               passes, plus one eval-mode clean pass for the
                                               attack's target when the model has BatchNorm or
-                                              dropout in train mode; see `_needs_separate_target`)
+                                              dropout in train mode; see `losses.needs_separate_target`)
 """
 from __future__ import annotations
 
@@ -21,23 +21,7 @@ from ..attacks.pgd import sign_gradient_ascent
 from ..config import TrainConfig
 from ..nets import eval_mode
 from .base import MethodContext, StepOutput, TrainMethod, register_method
-from .losses import trades_kl, training_loss
-
-# Layers whose output depends on train/eval mode. A custom module that branches on
-# `self.training` by itself is not detected; zoo architectures do not do that.
-_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-
-
-def _needs_separate_target(model: nn.Module) -> bool:
-    """Whether the eval-mode clean logits (TRADES' attack target) differ from the train-mode ones.
-
-    The attack runs in eval mode (SPEC §4), so its KL target must be the eval-mode
-    prediction; the loss' clean pass runs in train mode. With no mode-dependent
-    layer in train mode (e.g. --scope last-layer, where the body stays in eval mode)
-    the two are the same function and one pass serves both.
-    """
-    return any(m.training and isinstance(m, _MODE_DEPENDENT) for m in model.modules())
-
+from .losses import trades_kl, trades_target, training_loss
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.detach().argmax(1) == y).float().mean().item()
@@ -83,13 +67,7 @@ class TRADES(_PointwiseBaseline):
         self.beta = cfg.beta
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        separate_target = _needs_separate_target(model)
-        if separate_target:
-            with torch.no_grad(), eval_mode(model):
-                target = model(x)
-        else:
-            logits_clean = model(x)
-            target = logits_clean.detach()
+        logits_clean, target = trades_target(model, x)
 
         def kl_to_clean(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
             return trades_kl(target, logits)
@@ -97,7 +75,7 @@ class TRADES(_PointwiseBaseline):
         with eval_mode(model):
             x_adv = sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
                                          loss_fn=kl_to_clean, start="normal")
-        if separate_target:
+        if logits_clean is None:
             logits_clean = model(x)
         logits_adv = model(x_adv)
         loss = training_loss("trades", logits_adv, y, logits_clean=logits_clean, beta=self.beta)

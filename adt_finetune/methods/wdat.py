@@ -33,7 +33,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..nets import eval_mode
 from .base import MethodContext, StepOutput, TrainMethod, register_method
-from .losses import trades_kl, training_loss
+from .losses import trades_kl, trades_target, training_loss
 
 TRADES_START_STD = 0.001
 
@@ -78,15 +78,19 @@ class WDAT(TrainMethod):
             self.upsilon_seen[t] = True
         return float(self.upsilon_sq[t].sqrt())
 
-    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """x' from the W-PGD map on this batch, found with the classifier in eval mode."""
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    target: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """x' from the W-PGD map on this batch, found with the classifier in eval mode
+        (`target`: the eval-mode clean logits, the KL reference of the TRADES loss)."""
         from ..wasserstein import wpgd_map
 
         upsilon = self._ema_upsilon if self.cfg.upsilon == "ema" else None
+        if self.cfg.loss == "trades" and target is None:
+            with torch.no_grad(), eval_mode(model):
+                target = model(x)
         with eval_mode(model):
             if self.cfg.loss == "trades":
-                with torch.no_grad():
-                    logits_clean = model(x)
+                logits_clean = target
                 noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
                 start = (x + TRADES_START_STD * noise).clamp(0.0, 1.0)
 
@@ -104,11 +108,15 @@ class WDAT(TrainMethod):
     # -------------------------------------------------------------- the training step
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        x_adv, dist = self.adversarial(model, x, y)
+        logits_clean = target = None
+        if self.cfg.loss == "trades":
+            logits_clean, target = trades_target(model, x)
+        x_adv, dist = self.adversarial(model, x, y, target)
+        if self.cfg.loss == "trades" and logits_clean is None:
+            logits_clean = model(x)  # clean before adversarial, as TRADES does
         logits_adv = model(x_adv)
         metrics: dict[str, float] = {"w2_dist": dist}
         if self.cfg.loss == "trades":
-            logits_clean = model(x)
             loss = training_loss("trades", logits_adv, y, logits_clean=logits_clean, beta=self.cfg.beta)
             with torch.no_grad():
                 metrics["kl"] = float(trades_kl(logits_clean, logits_adv).mean())
