@@ -514,3 +514,16 @@ def test_cli_eval_real_cifar10_checkpoint_on_an_image_folder_with_autoattack(cli
     # A standard (not adversarially trained) ResNet-18 falls to AutoAttack at 8/255.
     assert aa < clean and aa <= 20.0, (clean, aa)
     assert x["a_rob"] == aa and "autoattack" in out
+
+
+def test_amp_without_bf16_is_refused(monkeypatch):
+    """fp16 attack gradients underflow without loss scaling (a stalled attack reports too high a
+    number), so --amp on a device without bf16 is one clear error, not a silent fp16 search."""
+    import adt_finetune.evaluation as ev
+
+    monkeypatch.setattr(ev, "amp_dtype_name", lambda device, amp: "fp16" if amp else "fp32")
+    y = torch.arange(N) % 10
+    make_fake(monkeypatch, "any", {i: True for i in range(N)})
+    with pytest.raises(UserError, match="bf16"):
+        evaluate(TableModel(y), encode(N), y, attacks=["any"], eps=EPS, progress=False, amp=True)
+    assert evaluate(TableModel(y), encode(N), y, attacks=["any"], eps=EPS, progress=False).a_rob == 100.0
