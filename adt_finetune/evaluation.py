@@ -495,6 +495,7 @@ def _batch_seed(seed: int, name: str, start: int) -> int:
 def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, state: _ResumeState, bar,
                 *, batch_size: int, seed: int, device: torch.device, n_total: int, amp: bool = False) -> None:
     name = attack.name
+    search_amp = amp and attack.amp_search
     done = len(st["robust"])
     robust_so_far = int(sum(st["robust"]))
     task = bar.add_task(name, total=len(pool), completed=done,
@@ -507,7 +508,7 @@ def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, s
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(_batch_seed(seed, name, start))
-            with autocast_context(device, amp_dtype_name(device, amp and attack.amp_search)):
+            with autocast_context(device, amp_dtype_name(device, search_amp)):
                 res = attack(model, xb, yb)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -516,7 +517,7 @@ def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, s
         if robust.shape[0] != len(ids) or res.x_adv.shape != xb.shape:
             raise RuntimeError(f"attack {name!r} returned shapes {tuple(res.x_adv.shape)}/{tuple(robust.shape)} "
                                f"for a batch of {tuple(xb.shape)}")
-        if amp and attack.amp_search:
+        if search_amp:
             # The search ran in reduced precision; the verdict is the fp32 model's on the
             # returned x', so every "broken" is a real fp32 adversarial example and no
             # number depends on bf16 rounding. One extra forward per batch.

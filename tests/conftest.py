@@ -87,6 +87,19 @@ def foolbox_cifar10_pngs() -> list[Path]:
 
 
 @pytest.fixture
+def cifar10_pngs() -> list[Path]:
+    return foolbox_cifar10_pngs()
+
+
+@pytest.fixture
+def pyautoattack_checkpoint() -> Path:
+    """pyautoattack's shipped CIFAR-10 ResNet-18 state dict (class: pyautoattack.examples.resnet:ResNet18)."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec("pyautoattack").origin).parent / "examples" / "model_test.pt"
+
+
+@pytest.fixture
 def image_folder():
     """make(root, class_names): foolbox's CIFAR-10 PNGs sorted into one subfolder per class
     (ImageFolder layout); returns (root, {file name: CIFAR-10 label})."""

@@ -490,15 +490,13 @@ def test_amp_search_agrees_with_fp32(trained_cnn, fmnist_test):
         assert abs(amp.per_attack[name] - fp32.per_attack[name]) <= 4.0, (name, amp.per_attack, fp32.per_attack)
 
 
-def test_cli_eval_real_cifar10_checkpoint_on_an_image_folder_with_autoattack(cli, tmp_path, image_folder):
+def test_cli_eval_real_cifar10_checkpoint_on_an_image_folder_with_autoattack(cli, tmp_path, image_folder,
+                                                                            pyautoattack_checkpoint):
     """`adt-ft eval --model model_test.pt --arch pyautoattack.examples.resnet:ResNet18 --dataset FOLDER
     --suite aa`: pyautoattack's shipped (not robust) CIFAR-10 ResNet-18 on real CIFAR-10 test images."""
-    import importlib.util
-    from pathlib import Path
-
     from adt_finetune.data import CIFAR10_CLASSES
 
-    ckpt = Path(importlib.util.find_spec("pyautoattack").origin).parent / "examples" / "model_test.pt"
+    ckpt = pyautoattack_checkpoint
     folder, labels = image_folder(tmp_path / "cifar10-images", CIFAR10_CLASSES)
     ws = tmp_path / "ws"
     code, out, err = cli("eval", "--model", ckpt, "--arch", "pyautoattack.examples.resnet:ResNet18",

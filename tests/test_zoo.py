@@ -6,7 +6,6 @@ socket fail so they exercise RobustBench's real download code offline.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import socket
@@ -91,11 +90,6 @@ class _WritesMarker:
 def _hostile_checkpoint(path: Path, marker: Path) -> Path:
     torch.save({"conv.weight": torch.zeros(2), "payload": _WritesMarker(marker)}, path)
     return path
-
-
-def _pyautoattack_example() -> Path:
-    spec = importlib.util.find_spec("pyautoattack")
-    return Path(spec.origin).parent / "examples" / "model_test.pt"
 
 
 # ---------------------------------------------------------------- metadata table
@@ -363,11 +357,11 @@ def test_pull_alias_loads_placed_checkpoint_without_network(cli, zhang_workspace
     assert no_network == []
 
 
-def test_pull_from_file_pyautoattack_resnet18(cli, tmp_path):
+def test_pull_from_file_pyautoattack_resnet18(cli, tmp_path, pyautoattack_checkpoint, cifar10_pngs):
     from PIL import Image
     from pyautoattack.examples.resnet import ResNet18
 
-    ckpt = _pyautoattack_example()
+    ckpt = pyautoattack_checkpoint
     code, out, err = cli("pull", "--from-file", ckpt, "--arch", "pyautoattack.examples.resnet:ResNet18",
                          "--dataset", "cifar10", "-w", tmp_path)
     assert code == 0, err
@@ -375,10 +369,9 @@ def test_pull_from_file_pyautoattack_resnet18(cli, tmp_path):
     ref = Workspace(tmp_path).current_model()
     assert (ref.source, ref.name, ref.path, ref.dataset) == ("file", "model_test", str(ckpt.resolve()), "cifar10")
     # Real weights on real CIFAR-10 test images: far above chance.
-    import foolbox
     import numpy as np
 
-    files = sorted((Path(foolbox.__file__).parent / "data").glob("cifar10_*.png"))
+    files = cifar10_pngs
     x = torch.stack([torch.tensor(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1)
                      for f in files]).float() / 255
     y = torch.tensor([int(f.stem.split("_")[2]) for f in files])

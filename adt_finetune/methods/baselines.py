@@ -23,6 +23,7 @@ from ..nets import eval_mode
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
 
+
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.detach().argmax(1) == y).float().mean().item()
 

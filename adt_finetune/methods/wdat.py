@@ -90,12 +90,11 @@ class WDAT(TrainMethod):
                 target = model(x)
         with eval_mode(model):
             if self.cfg.loss == "trades":
-                logits_clean = target
                 noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
                 start = (x + TRADES_START_STD * noise).clamp(0.0, 1.0)
 
                 def objective(logits: torch.Tensor) -> torch.Tensor:
-                    return trades_kl(logits_clean, logits)
+                    return trades_kl(target, logits)
             else:
                 start = None
 
