@@ -13,7 +13,7 @@ _LAZY = {
     "pull": ("adt_finetune.zoo", "pull"),
     "load_dataset": ("adt_finetune.data", "load_dataset"),
     "TrainConfig": ("adt_finetune.config", "TrainConfig"),
-    "train": ("adt_finetune.trainer", "train"),
+    "train": ("adt_finetune.training", "train"),
     "evaluate": ("adt_finetune.evaluation", "evaluate"),
     "Workspace": ("adt_finetune.workspace", "Workspace"),
 }

@@ -1,6 +1,6 @@
 """Typed configuration for training. YAML recipes set fields, CLI flags override them.
 
-Every default here is the one SPEC §4 documents; `None` means "derived at run
+Every default here is the one docs/methods.md documents; `None` means "derived at run
 time" (ε from the dataset, lr from the scope, λ from the method).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ class TrainConfig:
     loss: str = "ce"                  # ce | trades
     scope: str = "full"               # full | last-layer
     head_init: str = "keep"           # keep | reinit
-    # optimisation (fine-tuning defaults, SPEC §4.6)
+    # optimisation (fine-tuning defaults, docs/methods.md "Fine-tuning protocol")
     epochs: int = 20
     batch_size: int = 128
     optimizer: str = "sgd"
@@ -38,7 +38,7 @@ class TrainConfig:
     gamma: float = 0.1
     # threat model
     eps: str | None = None            # None: the dataset's budget; "8/255" or "0.031"
-    # ADT (SPEC §4.1–4.3)
+    # ADT (docs/methods.md "ADT-EXP" … "ADT-IMP-AM")
     adt_lambda: float | None = None   # None: 0.01 (exp, exp-am), 1.0 (imp-am, hinge form)
     imp_entropy: str = "hinge"        # hinge (released code) | paper
     imp_hinge: float = 0.9
@@ -52,11 +52,11 @@ class TrainConfig:
     gen_betas: tuple[float, float] = (0.5, 0.999)
     z_dim: int = 64
     beta: float = 6.0                 # TRADES β
-    # baselines (SPEC §4.5)
+    # baselines (docs/methods.md "Baselines")
     pgd_steps: int = 7
     trades_steps: int = 10
     step_size: float | None = None    # None: ε/4
-    # wdat (SPEC §6)
+    # wdat (docs/methods.md "wdat")
     wdat_budget: str | None = None    # None: the dataset's ε
     wdat_steps: int = 10
     wdat_ratio: float = 1.875

@@ -78,7 +78,7 @@ def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | No
     from .config import TrainConfig
     from .data import load_dataset
     from .evaluation import evaluate_workspace
-    from .trainer import train
+    from .training import train
     from .workspace import Workspace
 
     s = settings or QuickstartSettings()

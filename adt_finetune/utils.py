@@ -153,3 +153,31 @@ def resolve_device(name: str):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return dev
+
+
+def parse_json_object(text: str | None, flag: str = "--arch-kwargs") -> dict[str, Any] | None:
+    """A JSON object given on the command line (e.g. --arch-kwargs '{"width": 16}'); None stays None."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag} {text!r} is not JSON ({e.msg}): write e.g. '{{\"width\": 16}}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object such as '{{\"width\": 16}}', got {text!r}")
+    return value
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def looks_like_checkpoint(name: str | os.PathLike) -> bool:
+    """Whether a --model value names a checkpoint file (an existing file, or a checkpoint suffix)
+    rather than a zoo name. The one rule for train, eval and the Python API."""
+    path = Path(name).expanduser()
+    return path.is_file() or path.suffix in CHECKPOINT_SUFFIXES
+
+
+def format_pct(value: float | None, digits: int = 2, missing: str = "—") -> str:
+    """A percentage already in [0, 100] as text; `missing` for None."""
+    return missing if value is None else f"{value:.{digits}f}"

@@ -222,7 +222,7 @@ class Study:
     def train(self, job: Job) -> None:
         from adt_finetune.errors import UserError
         from adt_finetune.runs import load_run
-        from adt_finetune.trainer import train
+        from adt_finetune.training import train
 
         folder = self.ws.runs_dir / job.run_name
         skip = None

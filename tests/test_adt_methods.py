@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
-from adt_finetune.attacks.pgd import sign_gradient_ascent
+from adt_finetune.perturb.linf import sign_gradient_ascent
 from adt_finetune.config import TrainConfig
 from adt_finetune.errors import UserError
 from adt_finetune.methods import MethodContext, make_method
-from adt_finetune.methods import tanh_gaussian as tg
-from adt_finetune.methods.adt_exp import fit_exp_distribution, sample_exp
-from adt_finetune.methods.generators import (EntropyNet, ExplicitGenerator, ImplicitGenerator, generator_attack,
+from adt_finetune.perturb import tanh_gaussian as tg
+from adt_finetune.perturb.exp import fit_exp_distribution, sample_exp
+from adt_finetune.perturb.generators import (EntropyNet, ExplicitGenerator, ImplicitGenerator,
                                              gradient_features, load_generator, save_generator)
 from adt_finetune.models import SmallCNN
-from adt_finetune.nets import PassCounter
+from adt_finetune.nets import PassCounter, eval_mode
 
 EPS = 0.3  # large, so that clipping to [0, 1] matters
 SIZE = 12  # small images keep the generators cheap; SmallCNN pools adaptively
@@ -102,6 +102,15 @@ def test_training_inputs_stay_in_ball_and_box(name, loss):
     assert (x_adv[x == 0] > 0).float().mean() > 0.2
     assert (x_adv[x == 1] < 1).float().mean() > 0.2
     assert torch.isfinite(out.loss)
+
+
+def generator_attack(gen, meta, model, x, y, generator=None):
+    """One x' per example drawn from a generator (eval mode), as the exp-am/imp-am attacks draw them."""
+    eps = float(meta["eps"])
+    g1, g2, _ = gradient_features(model, x, y, eps)
+    with torch.no_grad(), eval_mode(gen):
+        delta = gen.sample_delta(x, g1, g2, eps, generator=generator)
+    return tg.apply_perturbation(x.detach(), delta)
 
 
 def test_exp_attack_pieces_and_generator_attack_stay_in_ball_and_box():
@@ -379,7 +388,7 @@ def test_exp_am_fine_tuning_raises_pgd_accuracy(trained_cnn, fmnist_train, fmnis
 def test_generator_gradient_inputs_raw_or_normalised(name):
     """--gen-normalize-gradients (default): the generator's backbone sees g/mean|g| per example;
     --no-gen-normalize-gradients feeds the raw gradients (the released code)."""
-    from adt_finetune.methods.generators import normalize_gradient
+    from adt_finetune.perturb.generators import normalize_gradient
 
     x, _ = saturated_batch(n=4)
     g = torch.Generator().manual_seed(1)

@@ -1,4 +1,4 @@
-"""The evaluation attacks (issue 4, SPEC §5.1): the ε-ball invariant, strength on an
+"""The evaluation attacks (issue 4; docs/evaluation.md, "Attacks"): the ε-ball invariant, strength on an
 attackable model, agreement with torchattacks and pyautoattack, hand-computed losses,
 early stopping, seeding and RNG hygiene."""
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _run(name, eps, model, x, y, seed=0, **settings):
 @pytest.fixture(scope="module")
 def generator_files(tmp_path_factory):
     """A randomly initialised generator file of each kind, as an ADT run would save it."""
-    from adt_finetune.methods.generators import ExplicitGenerator, ImplicitGenerator, save_generator
+    from adt_finetune.perturb.generators import ExplicitGenerator, ImplicitGenerator, save_generator
 
     root = tmp_path_factory.mktemp("gen")
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from adt_finetune.errors import UserError
 from adt_finetune.methods import MethodContext, make_method
 from adt_finetune.methods.losses import trades_kl, training_loss
 from adt_finetune.nets import PassCounter, eval_mode, find_last_linear
-from adt_finetune.trainer import build_config, resolve_loss
+from adt_finetune.training import build_config, resolve_loss
 
 EPS = 0.1
 

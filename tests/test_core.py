@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from adt_finetune.attacks.pgd import project_linf, sign_gradient_ascent
+from adt_finetune.perturb.linf import project_linf, sign_gradient_ascent
 from adt_finetune.errors import UserError
 from adt_finetune.nets import PassCounter, eval_mode, find_last_linear
 from adt_finetune.utils import atomic_write_text, format_eps, parse_eps

@@ -517,7 +517,7 @@ def test_cli_eval_real_cifar10_checkpoint_on_an_image_folder_with_autoattack(cli
 def test_amp_without_bf16_is_refused(monkeypatch):
     """fp16 attack gradients underflow without loss scaling (a stalled attack reports too high a
     number), so --amp on a device without bf16 is one clear error, not a silent fp16 search."""
-    import adt_finetune.evaluation as ev
+    import adt_finetune.evaluation.engine as ev
 
     monkeypatch.setattr(ev, "amp_dtype_name", lambda device, amp: "fp16" if amp else "fp32")
     y = torch.arange(N) % 10

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from adt_finetune.attacks.pgd import sign_gradient_ascent
+from adt_finetune.perturb.linf import sign_gradient_ascent
 from adt_finetune.errors import UserError
 from adt_finetune.methods.losses import training_loss
 from adt_finetune.precision import (

@@ -18,7 +18,7 @@ from adt_finetune.evaluation import SUITES, check_attack_names
 from adt_finetune.methods import METHODS, MethodContext, make_method
 from adt_finetune.models import SmallCNN
 from adt_finetune.nets import find_last_linear
-from adt_finetune.trainer import build_config, resolve_loss, validate_config
+from adt_finetune.training import build_config, resolve_loss, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 

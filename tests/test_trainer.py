@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adt_finetune.attacks.pgd import sign_gradient_ascent
+from adt_finetune.perturb.linf import sign_gradient_ascent
 from adt_finetune.config import TrainConfig, list_recipes
 from adt_finetune.errors import UserError
 from adt_finetune.models import SmallCNN
 from adt_finetune.runs import list_runs, load_run
-from adt_finetune.trainer import _SeededAugmentation, build_config, lr_at, train
+from adt_finetune.training import _SeededAugmentation, build_config, lr_at, train
 from adt_finetune.workspace import Workspace
 
 ARCH = "adt_finetune.models.small:SmallCNN"

@@ -1,6 +1,6 @@
 """Wasserstein distributional robustness: losses, the W-PGD primitives and loop,
 clean statistics, the first-order estimate, the suite, the `wpgd` attack and
-`wdat` fine-tuning (SPEC §6, issue 5)."""
+`wdat` fine-tuning (docs/evaluation.md and docs/methods.md, issue 5)."""
 import json
 import math
 from pathlib import Path
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adt_finetune import wasserstein as W
+from adt_finetune.evaluation import wasserstein as WS
+from adt_finetune.perturb import wasserstein as W
 from adt_finetune.attacks import make_attack
-from adt_finetune.attacks.pgd import sign_gradient_ascent
+from adt_finetune.perturb.linf import sign_gradient_ascent
 from adt_finetune.config import TrainConfig, read_recipe
 from adt_finetune.errors import UserError
 from adt_finetune.methods import MethodContext, make_method
@@ -67,7 +68,7 @@ def test_parse_budgets_fractions_sorted_unique():
     assert W.parse_budgets([0.1, "0.05"]) == pytest.approx([0.05, 0.1])
     assert W.default_budgets(0.1) == pytest.approx([0.025, 0.05, 0.1, 0.2])
     assert W.default_budgets(0.8) == pytest.approx([0.2, 0.4, 0.8, 1.0])
-    assert W.flag_key("wpgd", 0.2) == "wpgd@0.2" and W.flag_key("pgd20", 8 / 255) == "pgd20@8/255"
+    assert WS.flag_key("wpgd", 0.2) == "wpgd@0.2" and WS.flag_key("pgd20", 8 / 255) == "pgd20@8/255"
 
 
 # ------------------------------------------------------------------ primitives
@@ -224,7 +225,7 @@ def suite_report(_trained_cnn_state, fmnist_test):
     model = SmallCNN(width=16)
     model.load_state_dict(_trained_cnn_state)
     model.eval()
-    return W.wasserstein_suite(model, fmnist_test[0][:N_EVAL], fmnist_test[1][:N_EVAL], eps=0.1,
+    return WS.wasserstein_suite(model, fmnist_test[0][:N_EVAL], fmnist_test[1][:N_EVAL], eps=0.1,
                                budgets=EVAL_BUDGETS, steps=EVAL_STEPS, progress=False)
 
 
@@ -246,10 +247,10 @@ def test_suite_report_flags_and_json(suite_report):
     rep = suite_report
     assert set(rep.flags) == {f"{a}@{b}" for a in ("wpgd", "pgd20") for b in ("0.02", "0.05", "0.1")}
     for r in rep.rows:
-        key = W.flag_key("wpgd", r["budget"])
+        key = WS.flag_key("wpgd", r["budget"])
         assert rep.flags[key].shape == (N_EVAL,) and rep.flags[key].dtype == torch.bool
         assert float(rep.flags[key].double().mean()) == pytest.approx(r["wpgd_acc"])
-        assert float(rep.flags[W.flag_key("pgd20", r["budget"])].double().mean()) == pytest.approx(r["pgd_acc"])
+        assert float(rep.flags[WS.flag_key("pgd20", r["budget"])].double().mean()) == pytest.approx(r["pgd_acc"])
         c = rep.clean
         assert r["first_order"] == pytest.approx(W.first_order_estimate(c.accuracy, c.v0, c.w0, c.upsilon,
                                                                          r["budget"]))

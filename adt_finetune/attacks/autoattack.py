@@ -1,4 +1,4 @@
-"""AutoAttack through pyautoattack 0.2.0 (SPEC §2, §5.1).
+"""AutoAttack through pyautoattack 0.2.0 (docs/evaluation.md, "AutoAttack").
 
 pyautoattack reseeds torch's global RNG (CPU and CUDA) inside every sub-attack;
 the wrapper saves and restores both around it so that running AutoAttack does
@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import UserError
 from ..nets import eval_mode
 from .base import Attack, bool_setting, register_attack
-from .pgd import project_linf
+from ..perturb.linf import project_linf
 
 VERSIONS = ("standard", "plus", "rand")
 SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")

@@ -1,4 +1,4 @@
-"""ADT-EXP's distribution as an attack (SPEC §5.1): fit the per-example tanh-Gaussian
+"""ADT-EXP's distribution as an attack (docs/evaluation.md, "Attacks"): fit the per-example tanh-Gaussian
 over δ against the fixed model (T steps, k samples per step), then draw k samples;
 an example is broken if any of them is misclassified.
 
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ..nets import eval_mode
+from ..perturb.exp import fit_exp_distribution, sample_exp
 from .base import (Attack, AttackResult, bool_setting, example_seeds, float_setting, int_setting,
                    register_attack)
-from .gradient import margin
-from .pgd import project_linf
+from ..perturb.linf import margin, project_linf
 
 
 def batch_generator(x: torch.Tensor, key: str) -> torch.Generator:
@@ -59,8 +59,6 @@ class EXPAttack(Attack):
         self.accumulate = bool_setting(self.name, "accumulate", accumulate)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        from ..methods.adt_exp import fit_exp_distribution, sample_exp
-
         x = x.detach()
         if len(x) == 0:
             return AttackResult(x.clone(), torch.ones(0, dtype=torch.bool, device=x.device))

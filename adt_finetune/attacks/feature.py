@@ -1,4 +1,4 @@
-"""The penultimate-feature attack of the ADT paper's suite (SPEC §5.1).
+"""The penultimate-feature attack of the ADT paper's suite (docs/evaluation.md, "Attacks").
 
 For each image, M copies each chase the penultimate features of one image of
 another class (sign descent on 1 − cos); the image is broken as soon as any copy
@@ -17,8 +17,7 @@ from ..errors import UserError
 from ..nets import FeatureTap, eval_mode, find_last_linear
 from .base import (Attack, AttackResult, bool_setting, example_generators, float_setting, int_setting,
                    register_attack)
-from .gradient import margin
-from .pgd import project_linf
+from ..perturb.linf import margin, project_linf
 
 
 def feature_loss(feat_adv: torch.Tensor, feat_target: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The amortised ADT generators as attacks (SPEC §5.1): `exp-am` and `imp-am` load the
+"""The amortised ADT generators as attacks (docs/evaluation.md, "Attacks"): `exp-am` and `imp-am` load the
 generator saved with an ADT-EXP-AM / ADT-IMP-AM run and draw adversarial inputs
 from it for the model under evaluation (its gradients g1, g2 are the generator's input).
 
@@ -17,7 +17,8 @@ from ..errors import UserError
 from ..nets import eval_mode
 from .base import Attack, AttackResult, int_setting, register_attack
 from .exp import batch_generator, worst_of_samples
-from .pgd import project_linf
+from ..perturb.generators import gradient_features, load_generator
+from ..perturb.linf import project_linf
 
 
 class GeneratorAttack(Attack):
@@ -33,8 +34,6 @@ class GeneratorAttack(Attack):
         self._gen: nn.Module | None = None
 
     def _generator_on(self, device: torch.device) -> nn.Module:
-        from ..methods.generators import load_generator
-
         if self._gen is None:
             gen, meta = load_generator(self.path, device)
             if meta.get("kind") != self.name:
@@ -48,15 +47,13 @@ class GeneratorAttack(Attack):
         self._generator_on(x.device)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        from ..methods.generators import gradient_features
-
         x = x.detach()
         if len(x) == 0:
             return AttackResult(x.clone(), torch.ones(0, dtype=torch.bool, device=x.device))
         gen = self._generator_on(x.device)
         generator = batch_generator(x, f"{self.name}:{self.seed}")
         with eval_mode(model):
-            # g1, g2 once for all draws: generators.generator_attack, without repeating its two passes per draw
+            # g1, g2 once for all draws
             g1, g2, _ = gradient_features(model, x, y, self.eps)
             with torch.no_grad(), eval_mode(gen):
                 deltas = torch.stack([gen.sample_delta(x, g1, g2, self.eps, generator=generator)

@@ -1,4 +1,4 @@
-"""The ADT paper's white-box gradient attacks (SPEC §5.1): fgsm, pgd/pgd20/pgd100, mim, cw.
+"""The ADT paper's white-box gradient attacks (docs/evaluation.md, "Attacks"; Dong et al. 2020, §5.1): fgsm, pgd/pgd20/pgd100, mim, cw.
 
 All of them are `sign_gradient_ascent` with a loss, a step count and a start:
 x' stays a leaf inside the ε-ball and [0, 1] and is projected after each step, so
@@ -10,36 +10,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..nets import eval_mode
 from .base import Attack, bool_setting, example_generators, float_setting, int_setting, register_attack
-from .pgd import ce_loss, project_linf, sign_gradient_ascent
-
-
-def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example z_y − max_{j≠y} z_j: negative exactly when the example is misclassified."""
-    true_logit = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return true_logit - others.max(1).values
-
-
-def margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
-    """Per-example CW loss −max(z_y − max_{j≠y} z_j + κ, 0), which the attacker maximises.
-
-    Maximising it pushes the true logit below the best other one; the hinge stops
-    the push once the margin is below −κ (with κ = 50, practically never).
-    """
-    return -torch.relu(margin(logits, y) + kappa)
-
-
-def uniform_start(x: torch.Tensor, eps: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """x + U(−ε, ε) noise, each example's noise from its own generator, projected into [0, 1]."""
-    noise = torch.empty_like(x)
-    for row, g in zip(noise, generators):
-        row.uniform_(-1.0, 1.0, generator=g)
-    return project_linf(x + eps * noise, x, eps)
+from ..perturb.linf import ce_loss, margin_loss, sign_gradient_ascent, uniform_start
 
 
 class SignGradientAttack(Attack):

@@ -1,4 +1,4 @@
-"""SPSA (Uesato et al. 2018), the gradient-free attack of the suite (SPEC §5.1).
+"""SPSA (Uesato et al. 2018), the gradient-free attack of the suite (docs/evaluation.md, "Attacks").
 
 It never asks the model for a gradient: each iteration estimates ∇x of the margin
 z_y − max_{j≠y} z_j from antithetic Rademacher finite differences and takes an
@@ -16,8 +16,7 @@ from torch import nn
 from ..errors import UserError
 from ..nets import eval_mode
 from .base import Attack, AttackResult, example_generators, float_setting, int_setting, register_attack
-from .gradient import margin
-from .pgd import project_linf
+from ..perturb.linf import margin, project_linf
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

@@ -1,11 +1,11 @@
-"""`wpgd`: the Wasserstein distributional attack (SPEC §6) behind the attack interface.
+"""`wpgd`: the Wasserstein distributional attack (docs/evaluation.md, "Distributional robustness") behind the attack interface.
 
 It is dataset-level: the budget is shared by the whole evaluation set, so the
 evaluation engine must pass every example in one call (`dataset_level = True`)
 and the result depends on which examples are attacked together. Its x_adv is
 not inside the pointwise ε-ball: single images may move further than the
 budget while others stay put (`linf_bounded = False` tells the engine's
-ε-ball sanity check to skip it). The algorithm lives in `adt_finetune.wasserstein`.
+ε-ball sanity check to skip it). The algorithm lives in `adt_finetune.perturb.wasserstein`.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..perturb import wasserstein as W
 from .base import Attack, AttackResult, register_attack
 
 
@@ -26,9 +27,6 @@ class WPGD(Attack):
     def __init__(self, eps: float, *, seed: int = 0, budget: float | str | None = None, q: int = 2,
                  steps: int = 50, ratio: float = 1.875, loss: str = "redlr", batch_size: int = 256,
                  **settings: Any):
-        # Imported here: adt_finetune.wasserstein imports this package (for the PGD loop).
-        from .. import wasserstein as W
-
         super().__init__(eps, seed=seed, **settings)
         self.budget = self.eps if budget is None else W.parse_budgets([budget])[0]
         self.q = W._check_q(q)
@@ -47,8 +45,6 @@ class WPGD(Attack):
         self._last_distance: float | None = None
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        from .. import wasserstein as W
-
         res = W.wpgd(model, x, y, budget=self.budget, q=self.q, steps=self.steps, ratio=self.ratio, loss=self.loss,
                      batch_size=self.batch_size, device=x.device)
         self._last_distance = res.distance

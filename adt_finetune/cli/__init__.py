@@ -27,9 +27,9 @@ app = typer.Typer(
 def _register_commands() -> None:
     # Imported here so that `adt-ft --help` stays fast and a broken optional
     # command cannot stop the others from loading.
-    from . import bench_cmd, eval_cmd, quickstart_cmd, train_cmd, zoo_cmd
+    from . import bench_cmd, eval_cmd, leaderboard_cmd, quickstart_cmd, train_cmd, zoo_cmd
 
-    for mod in (zoo_cmd, train_cmd, eval_cmd, bench_cmd, quickstart_cmd):
+    for mod in (zoo_cmd, train_cmd, eval_cmd, leaderboard_cmd, bench_cmd, quickstart_cmd):
         mod.register(app)
 
 

@@ -1,9 +1,9 @@
-"""`adt-ft train` and `adt-ft recipes`: a thin layer over `adt_finetune.trainer`.
+"""`adt-ft train` and `adt-ft recipes`: a thin layer over `adt_finetune.training`.
 
 Every TrainConfig field is an option (`--some-field` for `some_field`), generated
 from the dataclass so a field added to TrainConfig is reachable at once. Options
 default to None, meaning "not given": the value then comes from the recipe, else
-from TrainConfig's default (`trainer.build_config`).
+from TrainConfig's default (`training.build_config`).
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def _config_parameters() -> list[inspect.Parameter]:
 
 
 def _train(**kwargs: Any) -> None:
-    from ..trainer import RESUME_OVERRIDABLE, build_config, train
+    from ..training import RESUME_OVERRIDABLE, build_config, train
 
     resume: bool = kwargs.pop("resume")
     run: str | None = kwargs.pop("run")

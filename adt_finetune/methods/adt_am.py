@@ -1,5 +1,5 @@
 """ADT-EXP-AM (`--method exp-am`) and ADT-IMP-AM (`--method imp-am`): a generator
-amortises the adversarial distribution over examples (SPEC §4.2–4.4).
+amortises the adversarial distribution over examples (docs/methods.md, "ADT-EXP-AM", "ADT-IMP-AM", "Losses").
 
 One backward pass per step trains both players. The step returns
 
@@ -11,7 +11,7 @@ the regulariser depends on the generator (and q_ψ) only. Gradient *descent* on
 - the classifier (no path through R to it) descends the training loss;
 - the generator, reached through R, ascends the training loss (for TRADES the
   reversed gradient is divided by β, so it ascends exactly the KL term, the
-  adversary's objective of SPEC §4.4 — the clean CE has no gradient at x' anyway);
+  adversary's objective of docs/methods.md "Losses" — the clean CE has no gradient at x' anyway);
 - the regulariser is written so that descending it raises the entropy:
   exp-am: −λ·H (H the tanh-Gaussian estimate, element mean, λ = 0.01);
   imp-am: λ·max(neg_ent − τ, 0), the released hinge (λ = 1, τ = 0.9), or with
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from . import tanh_gaussian as tg
-from .adt_exp import DEFAULT_LAMBDA
+from ..perturb import tanh_gaussian as tg
+from ..perturb.exp import DEFAULT_LAMBDA
 from .base import MethodContext, StepOutput, TrainMethod, register_method
-from .generators import EntropyNet, ExplicitGenerator, ImplicitGenerator, gradient_features
+from ..perturb.generators import EntropyNet, ExplicitGenerator, ImplicitGenerator, gradient_features
 from .losses import trades_kl, training_loss
 
 IMP_HINGE_LAMBDA = 1.0

@@ -1,4 +1,4 @@
-"""Pointwise baselines (SPEC §4.5): PGD-AT (Madry et al.) and TRADES (Zhang et al.).
+"""Pointwise baselines (docs/methods.md, "Baselines"): PGD-AT (Madry et al.) and TRADES (Zhang et al.).
 
 Both carry their own training loss, so each accepts exactly one `--loss`: PGD-AT
 is defined by CE on x', TRADES by CE(f(x), y) + β·KL(f(x) ‖ f(x')). Asking for the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attacks.pgd import sign_gradient_ascent
+from ..perturb.linf import sign_gradient_ascent
 from ..config import TrainConfig
 from ..nets import eval_mode
 from .base import MethodContext, StepOutput, TrainMethod, register_method

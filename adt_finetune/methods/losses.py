@@ -1,4 +1,4 @@
-"""The outer training losses shared by every method (SPEC §4.4)."""
+"""The outer training losses shared by every method (docs/methods.md, "Losses")."""
 from __future__ import annotations
 
 import torch
@@ -15,7 +15,7 @@ _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd
 def needs_separate_target(model: nn.Module) -> bool:
     """Whether the eval-mode clean logits (TRADES' attack target) differ from the train-mode ones.
 
-    The attack runs in eval mode (SPEC §4), so its KL target must be the eval-mode
+    The attack runs in eval mode (docs/methods.md, "Training methods"), so its KL target must be the eval-mode
     prediction; the loss' clean pass runs in train mode. With no mode-dependent
     layer in train mode (e.g. --scope last-layer, where the body stays in eval mode)
     the two are the same function and one pass serves both.

@@ -1,4 +1,4 @@
-"""`wdat`: Wasserstein-distributional TRADES fine-tuning (SPEC §6).
+"""`wdat`: Wasserstein-distributional TRADES fine-tuning (docs/methods.md, "wdat").
 
 Per mini-batch, the W-PGD map (q = 2, l∞ ground cost) moves the batch inside
 the W_2 ball of radius δ around it, sharing the budget across the batch's
@@ -32,6 +32,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..errors import UserError
 from ..nets import eval_mode
+from ..perturb.wasserstein import parse_budgets, wpgd_map
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
 
@@ -45,8 +46,6 @@ class WDAT(TrainMethod):
     default_loss: ClassVar[str] = "trades"
 
     def __init__(self, cfg: TrainConfig, ctx: MethodContext):
-        from ..wasserstein import parse_budgets
-
         super().__init__(cfg, ctx)
         self.budget = float(ctx.eps) if cfg.wdat_budget in (None, "") else parse_budgets([cfg.wdat_budget])[0]
         if int(cfg.wdat_steps) < 1:
@@ -82,8 +81,6 @@ class WDAT(TrainMethod):
                     target: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """x' from the W-PGD map on this batch, found with the classifier in eval mode
         (`target`: the eval-mode clean logits, the KL reference of the TRADES loss)."""
-        from ..wasserstein import wpgd_map
-
         upsilon = self._ema_upsilon if self.cfg.upsilon == "ema" else None
         if self.cfg.loss == "trades" and target is None:
             with torch.no_grad(), eval_mode(model):

@@ -45,14 +45,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from . import runs
-from .config import TrainConfig, find_recipe, read_recipe
-from .data import DatasetInfo, dataset_info, is_image_folder, load_dataset
-from .errors import UserError
-from .nets import find_last_linear
-from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, format_eps, parse_eps, resolve_device,
+from .. import runs
+from ..config import TrainConfig, find_recipe, read_recipe
+from ..data import DatasetInfo, dataset_info, is_image_folder, load_dataset
+from ..errors import UserError
+from ..nets import find_last_linear
+from ..utils import (atomic_torch_save, atomic_write_json, atomic_write_text, format_eps, parse_eps, resolve_device,
                     set_seed, versions)
-from .workspace import ModelRef, Workspace
+from ..workspace import ModelRef, Workspace
 
 DEFAULT_LR = {"full": 0.01, "last-layer": 0.1}
 SCOPES = ("full", "last-layer")
@@ -150,7 +150,7 @@ def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | N
             raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train --help'")
         cfg = cfg.updated({k: _coerce(k, v, "option") for k, v in overrides.items()})
     loss_given = "loss" in given_keys
-    from .methods import METHODS
+    from ..methods import METHODS
 
     if cfg.method in METHODS:  # an unknown method is reported by train() with the list of methods
         if not loss_given:
@@ -194,7 +194,7 @@ def validate_config(cfg: TrainConfig) -> None:
 def default_loss(method: str) -> str:
     """The loss a method trains with when none is asked for: its `default_loss` if it
     declares one (wdat: trades), else ce when it accepts ce, else its only loss (trades)."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     cls = METHODS[method]
     declared = getattr(cls, "default_loss", None)
@@ -212,7 +212,7 @@ def resolve_loss(cfg: TrainConfig) -> str:
     stricter: an explicitly given loss must be accepted, and an absent one is the
     method's `default_loss`.
     """
-    from .methods import METHODS
+    from ..methods import METHODS
 
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}: choose from {', '.join(sorted(METHODS))}")
@@ -255,7 +255,7 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 # ---------------------------------------------------------------- model and data
 
 def _resolve_model(cfg: TrainConfig, ws: Workspace) -> ModelRef:
-    from . import zoo
+    from .. import zoo
 
     if cfg.model is None:
         return ws.require_current_model()
@@ -371,7 +371,7 @@ class _Session:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_set: Dataset, info: DatasetInfo,
                  device: torch.device, *, reinit_head: bool):
-        from .methods import MethodContext, make_method
+        from ..methods import MethodContext, make_method
 
         self.cfg = cfg
         self.device = device
@@ -590,7 +590,7 @@ def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def _save_generator(path: Path, method: Any) -> None:
     try:
-        from .methods.generators import save_generator  # the ADT methods' own format, when present
+        from ..perturb.generators import save_generator  # the ADT methods' own format, when present
     except ImportError:
         atomic_torch_save({"method": method.name,
                            "state_dict": {k: m.state_dict() for k, m in method.modules().items()}}, path)
@@ -635,11 +635,11 @@ def train(cfg: TrainConfig | None = None, *, workspace: str | Path = ".", progre
 
     set_seed(cfg.seed)
     if scratch:
-        from .zoo import build_architecture
+        from ..zoo import build_architecture
 
         model = build_architecture(cfg.arch, info.name, "Linf", cfg.arch_kwargs)
     else:
-        from .zoo import model_from_ref
+        from ..zoo import model_from_ref
 
         model = model_from_ref(base_ref, device=str(device))
     session = _Session(cfg, model, train_set, info, device, reinit_head=cfg.head_init == "reinit")
@@ -705,7 +705,7 @@ def _resume(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None, prog
     dinfo = dataset_info(recorded.dataset or info.base_model.dataset)
     train_set = _train_set(recorded, ws)
 
-    from .zoo import model_from_ref
+    from ..zoo import model_from_ref
 
     set_seed(recorded.seed)
     model = model_from_ref(info.base_model, device=str(device))

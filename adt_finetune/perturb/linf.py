@@ -76,3 +76,27 @@ def sign_gradient_ascent(
                 grad = velocity
             x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example z_y − max_{j≠y} z_j: negative exactly when the example is misclassified."""
+    true_logit = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return true_logit - others.max(1).values
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+    """Per-example CW loss −max(z_y − max_{j≠y} z_j + κ, 0), which the attacker maximises.
+
+    Maximising it pushes the true logit below the best other one; the hinge stops
+    the push once the margin is below −κ (with κ = 50, practically never).
+    """
+    return -torch.relu(margin(logits, y) + kappa)
+
+
+def uniform_start(x: torch.Tensor, eps: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """x + U(−ε, ε) noise, each example's noise from its own generator, projected into [0, 1]."""
+    noise = torch.empty_like(x)
+    for row, g in zip(noise, generators):
+        row.uniform_(-1.0, 1.0, generator=g)
+    return project_linf(x + eps * noise, x, eps)

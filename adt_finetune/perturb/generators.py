@@ -1,7 +1,7 @@
 """The ADT-EXP-AM and ADT-IMP-AM generators, ADT-IMP-AM's entropy network, the
 gradient features they read, and the generator file that doubles as an attack.
 
-Architectures follow SPEC §4.2–4.3 and the authors' released `models/generator.py`
+Architectures follow docs/methods.md ("ADT-EXP-AM", "ADT-IMP-AM"; Dong et al. 2020, §3.3 and App. B) and the authors' released `models/generator.py`
 (the "resnet_3blocks" generator with zero padding); widths are arguments so tests
 and CPU runs can use narrow ones.
 """
@@ -253,18 +253,3 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     gen.load_state_dict(blob["state_dict"])
     meta = {"kind": blob["kind"], "eps": float(blob["eps"]), "kwargs": dict(blob["kwargs"])}
     return gen.to(device).eval(), meta
-
-
-def generator_attack(gen: nn.Module, meta: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     eps: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One adversarial input per example drawn from the generator (ε from `meta` unless given).
-
-    The generator runs in eval mode (BatchNorm running statistics), so an example's
-    perturbation does not depend on which other examples share its batch; it must be
-    on x's device. Two forward/backward passes of the classifier for g1 and g2.
-    """
-    eps = float(meta["eps"] if eps is None else eps)
-    g1, g2, _ = gradient_features(model, x, y, eps)
-    with torch.no_grad(), eval_mode(gen):
-        delta = gen.sample_delta(x, g1, g2, eps, generator=generator)
-    return tg.apply_perturbation(x.detach(), delta)

@@ -1,7 +1,7 @@
 """The evaluation engine: clean accuracy once, then every attack of a suite,
 with a per-example robust flag for every (example, attack) pair.
 
-Definitions (SPEC §5.3). All accuracies are percentages in [0, 100].
+Definitions: docs/evaluation.md, "Per-example accuracy". All accuracies are percentages in [0, 100].
 
 - Clean logits are computed once. Attacks run only on clean-correct examples:
   a clean error is non-robust under every attack (x itself lies in the ball).
@@ -53,10 +53,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
-from .precision import amp_dtype_name, autocast_context
-from .nets import eval_mode
-from .utils import atomic_write_json, atomic_write_text, format_eps, sha256_file
+from ..errors import UserError
+from ..precision import amp_dtype_name, autocast_context
+from ..nets import eval_mode
+from ..utils import atomic_write_json, atomic_write_text, format_eps, sha256_file
 
 PAPER = ["clean", "fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack"]
 SUITES: dict[str, list[str]] = {
@@ -78,7 +78,7 @@ RESUME_FORMAT = 1
 # ---------------------------------------------------------------- suites and names
 
 def valid_attack_names() -> list[str]:
-    from .attacks import ATTACKS
+    from ..attacks import ATTACKS
 
     return list(PSEUDO) + sorted(ATTACKS)
 
@@ -389,7 +389,7 @@ def evaluate(
         raise UserError(f"settings given for {unknown[0]!r}, which is not in the attack list")
     budget_list = None
     if "wasserstein" in names and budgets is not None:
-        from .wasserstein import parse_budgets
+        from ..perturb.wasserstein import parse_budgets
 
         budget_list = parse_budgets(budgets)
     device = torch.device(device)
@@ -405,7 +405,7 @@ def evaluate(
         raise ValueError(f"indices must have one entry per example ({n}), got shape {idx.shape}")
     model = model.to(device)
 
-    from .attacks import make_attack
+    from ..attacks import make_attack
 
     # Built up front so that a bad setting fails before any compute.
     attack_objs = {a: make_attack(a, eps, seed=seed, **settings.get(a, {})) for a in attack_names}
@@ -590,7 +590,7 @@ class _Progress:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
-            from .cli.common import err_console
+            from ..cli.common import err_console
 
             self._bar = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -614,7 +614,7 @@ class _Progress:
 
 def sanity_checks(result: EvalResult, ranges: dict[str, tuple[float, float]],
                   black_box: set[str]) -> list[SanityCheck]:
-    """SPEC §5.3's checks. A failed check marks the result unreliable."""
+    """The sanity checks of docs/evaluation.md, "Sanity checks". A failed check marks the result unreliable."""
     checks: list[SanityCheck] = []
     eps = result.eps
     pointwise = [result.attacks[k] for k in result.pointwise]
@@ -776,7 +776,7 @@ def _zoo_info(entry) -> dict[str, Any]:
 def _ref_info(ref) -> dict[str, Any]:
     """RobustBench facts for a ModelRef: the zoo entry's when it is a zoo model."""
     if ref.source == "zoo" and ":" not in ref.arch:
-        from .zoo import resolve_name
+        from ..zoo import resolve_name
 
         try:
             return _zoo_info(resolve_name(ref.arch, ref.dataset, ref.threat_model))
@@ -794,9 +794,9 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
 
     Never changes the workspace's current model or latest run.
     """
-    from . import zoo
-    from .data import dataset_info
-    from .workspace import Workspace
+    from .. import zoo
+    from ..data import dataset_info
+    from ..workspace import Workspace
 
     ws = Workspace(workspace)
     if model is not None and run is not None:
@@ -842,7 +842,7 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
                       context, entry.name)
 
     if run is not None or ws.latest_run() is not None:
-        from .runs import load_run
+        from ..runs import load_run
 
         info_run = load_run(run, ws.root)
         if info_run.model is None:  # load_run refuses unfinished runs; this guards a hand-edited run.json
@@ -886,7 +886,7 @@ def load_examples(model_dataset: str, dataset: str | None = None, n_examples: in
                   data_dir: str | Path | None = None, workspace: str | Path = ".") -> tuple[torch.Tensor, torch.Tensor, str]:
     """The first N test examples of the model's dataset, or of an image folder whose
     class names must be that dataset's. Default N: 1000 or the whole set if smaller."""
-    from .data import as_tensors, canonical_name, is_image_folder, load_dataset
+    from ..data import as_tensors, canonical_name, is_image_folder, load_dataset
 
     if dataset is not None and is_image_folder(dataset):
         source: str = str(dataset)
@@ -929,10 +929,10 @@ def evaluate_workspace(
     """
     import shutil
 
-    from .data import DATASETS
-    from .leaderboard import check_entry_name, write_entry
-    from .utils import parse_eps, resolve_device
-    from .workspace import Workspace
+    from ..data import DATASETS
+    from ..leaderboard import check_entry_name, write_entry
+    from ..utils import parse_eps, resolve_device
+    from ..workspace import Workspace
 
     ws = Workspace(workspace)
     if mode not in MODES:

@@ -106,11 +106,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .data import DatasetInfo, dataset_info
-from .errors import UserError
-from .nets import PassCounter, eval_mode, find_last_linear, num_params
-from .precision import autocast_context, check_dtype, make_grad_scaler, maybe_compile, to_channels_last, torch_dtype
-from .utils import atomic_write_json, set_seed
+from ..data import DatasetInfo, dataset_info
+from ..errors import UserError
+from ..nets import PassCounter, eval_mode, find_last_linear, num_params
+from ..precision import autocast_context, check_dtype, make_grad_scaler, maybe_compile, to_channels_last, torch_dtype
+from ..utils import atomic_write_json, set_seed
 
 SCHEMA = "adt-ft-bench/1"
 KNOWN_METHODS = ("pgd-at", "trades", "exp", "exp-am", "imp-am", "wdat")
@@ -511,7 +511,7 @@ def _fill_shape_kwargs(arch: str, info: DatasetInfo, arch_kwargs: dict | None) -
 
 def build_model(arch: str, info: DatasetInfo, arch_kwargs: dict | None = None) -> nn.Module:
     """The architecture with random weights, checked against the dataset's shapes."""
-    from .zoo import build_architecture
+    from ..zoo import build_architecture
 
     model = build_architecture(arch, info.name, "Linf", _fill_shape_kwargs(arch, info, arch_kwargs))
     probe = torch.rand(2, info.channels, info.size, info.size)
@@ -564,9 +564,9 @@ def run_benchmark(
     with status "skipped"; an item that raises becomes status "error" (or raises,
     with `strict`).
     """
-    from .attacks import ATTACKS
-    from .config import TrainConfig
-    from .methods import METHODS
+    from ..attacks import ATTACKS
+    from ..config import TrainConfig
+    from ..methods import METHODS
 
     if int(batch_size) < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -703,7 +703,7 @@ class _Bench:
     # ------------------------------------------------ items
 
     def method_item(self, cfg) -> tuple[BenchRow, Callable]:
-        from .methods import MethodContext, make_method
+        from ..methods import MethodContext, make_method
 
         row = BenchRow("method", cfg.method, cfg.loss, baseline=METHOD_BASELINE)
         dev, dtype, model, x, y = self.dev, self.dtype, self.model, self.x, self.y
@@ -756,7 +756,7 @@ class _Bench:
         self.pool = (torch.cat([self.x, pool_x]), torch.cat([self.y_attack, pool_y]))
 
     def attack_item(self, name: str) -> tuple[BenchRow, Callable]:
-        from .attacks import make_attack
+        from ..attacks import make_attack
 
         row = BenchRow("attack", name, None, baseline=ATTACK_BASELINE)
         dev, dtype = self.dev, self.dtype
@@ -945,7 +945,7 @@ def _join(a: str, b: str) -> str:
 
 
 def _versions() -> dict[str, str | None]:
-    from .utils import versions
+    from ..utils import versions
 
     return versions()
 

@@ -1,4 +1,4 @@
-"""Wasserstein distributional robustness (SPEC §6): W-PGD, the sensitivity Υ and
+"""Wasserstein distributional robustness (docs/evaluation.md, "Distributional robustness"): W-PGD, the sensitivity Υ and
 the first-order estimate of distributional adversarial accuracy.
 
 Threat model. The attacker may move the whole evaluation distribution P (labels
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks.pgd import project_linf, sign_gradient_ascent
-from .errors import UserError
-from .nets import eval_mode
-from .utils import format_eps, parse_eps
+from ..errors import UserError
+from ..nets import eval_mode
+from ..utils import format_eps, parse_eps
+from .linf import project_linf
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-example loss
 
@@ -43,7 +43,6 @@ DEFAULT_RATIO = 1.875     # step = ratio·δ/itr: the total path length is 1.875
 DEFAULT_LOSS = "redlr"
 #: the default budget grid, as multiples of the dataset's pointwise ε
 DEFAULT_BUDGET_FACTORS = (0.25, 0.5, 1.0, 2.0)
-REFERENCE_PGD_STEPS = 20
 
 
 # ------------------------------------------------------------------ losses
@@ -188,7 +187,7 @@ def w2_distance(x_adv: torch.Tensor, x: torch.Tensor, batch_size: int = 1024) ->
 
 
 def project_w2_(x_adv: torch.Tensor, x: torch.Tensor, budget: float, batch_size: int = 1024) -> torch.Tensor:
-    """Project X' in place onto {D(X', X) ≤ budget} ∩ [0, 1], SPEC §6's way.
+    """Project X' in place onto {D(X', X) ≤ budget} ∩ [0, 1], as docs/evaluation.md describes it.
 
     With ρ = min(1, budget/D) every image's perturbation is clipped elementwise to
     ±ρ·‖Δ_i‖_∞: each image keeps its share of the budget and its shape, and D
@@ -437,143 +436,3 @@ def wpgd_map(model: nn.Module, x: torch.Tensor, objective: Callable[[torch.Tenso
             move = grad.sign() * _per_image(direction_scale(l1, q, d).to(grad.dtype), grad)
             x_adv = project_(x_adv.detach() + step_size * move, x, budget, q)
     return x_adv.detach(), distance(x_adv, x, q)
-
-
-# ------------------------------------------------------------------ the evaluation suite
-
-@dataclass
-class WassersteinReport:
-    eps: float
-    q: int
-    loss: str
-    steps: int
-    ratio: float
-    budgets: list[float]
-    clean: CleanStats
-    rows: list[dict[str, Any]]                      # budget, wpgd_acc, first_order, pgd_acc, wpgd_distance, wpgd_best_step
-    flags: dict[str, torch.Tensor]                  # "wpgd@δ", "pgd20@δ" -> (N,) bool
-    clean_flags: torch.Tensor | None = None         # (N,) bool
-
-    def to_json(self) -> dict[str, Any]:
-        """Clean statistics and one row per budget, JSON-safe (NaN -> null); accuracies are fractions."""
-        return {
-            "threat_model": "W2-Linf" if self.q == 2 else "Winf-Linf",
-            "q": self.q,
-            "loss": self.loss,
-            "steps": self.steps,
-            "ratio": self.ratio,
-            "eps": self.eps,
-            "pgd_reference": f"pgd{REFERENCE_PGD_STEPS}: CE, step budget/4, uniform random start",
-            "clean": self.clean.to_json(),
-            "rows": [{k: _json_float(v) for k, v in row.items()} for row in self.rows],
-        }
-
-    def to_markdown(self) -> str:
-        """The table `adt-ft eval --suite wasserstein` prints (accuracies in %)."""
-        lines = [f"clean accuracy {100 * self.clean.accuracy:.2f}%, V(0) {self.clean.v0:.4f}, "
-                 f"W(0) {self.clean.w0:.4f}, Υ {self.clean.upsilon:.4f} ({self.clean.loss}, q={self.q}, "
-                 f"n={self.clean.n})", "",
-                 "| budget δ | W-PGD acc | first-order est. | PGD-20 acc (pointwise, ε=δ) |",
-                 "| --- | --- | --- | --- |"]
-        for row in self.rows:
-            fo = row["first_order"]
-            fo_text = "n/a" if fo is None or not math.isfinite(fo) else f"{100 * fo:.2f}%"
-            lines.append(f"| {format_budget(row['budget'])} | {100 * row['wpgd_acc']:.2f}% "
-                         f"| {fo_text} | {100 * row['pgd_acc']:.2f}% |")
-        return "\n".join(lines)
-
-
-def format_budget(budget: float) -> str:
-    """'0.2' and '0.025' as typed; '8/255' for budgets that are only short as 255ths."""
-    short = f"{budget:.4g}"
-    return short if float(short) == budget else format_eps(budget)
-
-
-def flag_key(attack: str, budget: float) -> str:
-    return f"{attack}@{format_budget(budget)}"
-
-
-def _pointwise_pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, batch_size: int,
-                         dev: torch.device, seed: int) -> torch.Tensor:
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    flags = []
-    with eval_mode(model):
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
-            xa = sign_gradient_ascent(model, xb, yb, eps=budget, step_size=budget / 4, steps=REFERENCE_PGD_STEPS,
-                                      start="uniform", generator=gen)
-            with torch.no_grad():
-                flags.append((model(xa).argmax(1) == yb).cpu())
-    return torch.cat(flags)
-
-
-def wasserstein_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                      budgets: Sequence[float] | str | None = None, batch_size: int = 256,
-                      device: str | torch.device | None = "cpu", seed: int = 0, progress: bool = True, q: int = 2,
-                      loss: str = DEFAULT_LOSS, steps: int = DEFAULT_STEPS,
-                      ratio: float = DEFAULT_RATIO) -> WassersteinReport:
-    """Clean statistics, then per budget: W-PGD accuracy, the first-order estimate,
-    and pointwise PGD-20 (CE, step δ/4, uniform random start) at ε = δ.
-
-    `budgets=None` uses `default_budgets(eps)`. Per-example flags are keyed
-    "wpgd@δ" and "pgd20@δ" (`format_budget`: "wpgd@0.1", "wpgd@8/255").
-    """
-    q = _check_q(q)
-    resolve_loss(loss)
-    budget_list = default_budgets(eps) if budgets is None else parse_budgets(budgets)
-    _check_set(x, y, batch_size)
-    dev = _device_of(model, device)
-    x, y = x.detach().to(dev), y.to(dev)
-
-    bar = _Progress(enabled=progress, total=len(budget_list) * (steps + 2) + 1)
-    try:
-        clean = clean_statistics(model, x, y, loss=loss, q=q, batch_size=batch_size, device=dev)
-        with torch.no_grad(), eval_mode(model):
-            clean_flags = torch.cat([(model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).cpu()
-                                     for i in range(0, len(x), batch_size)])
-        bar.advance(1, "clean statistics")
-        rows, flags = [], {}
-        for budget in budget_list:
-            label = format_budget(budget)
-            res = wpgd(model, x, y, budget=budget, q=q, steps=steps, ratio=ratio, loss=loss, batch_size=batch_size,
-                       device=dev, progress=lambda t, acc, _l=label: bar.advance(1, f"W-PGD δ={_l} acc {acc:.3f}"))
-            bar.advance(steps + 1 - len(res.accuracies), f"W-PGD δ={label}")  # an early stop skips iterates
-            pgd_flags = _pointwise_pgd_flags(model, x, y, budget, batch_size, dev, seed)
-            bar.advance(1, f"PGD-20 δ={label}")
-            flags[flag_key("wpgd", budget)] = res.robust.cpu()
-            flags[flag_key(f"pgd{REFERENCE_PGD_STEPS}", budget)] = pgd_flags
-            rows.append({
-                "budget": budget,
-                "wpgd_acc": res.accuracy,
-                "first_order": first_order_estimate(clean.accuracy, clean.v0, clean.w0, clean.upsilon, budget),
-                "pgd_acc": float(pgd_flags.double().mean()),
-                "wpgd_distance": res.distance,
-                "wpgd_best_step": res.best_step,
-            })
-    finally:
-        bar.close()
-    return WassersteinReport(eps=float(eps), q=q, loss=str(loss).lower(), steps=int(steps), ratio=float(ratio),
-                             budgets=budget_list, clean=clean, rows=rows, flags=flags, clean_flags=clean_flags)
-
-
-class _Progress:
-    """A transient rich progress bar, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self._bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            # stderr: stdout carries the result tables and JSON
-            self._bar = Progress(transient=True, console=Console(stderr=True))
-            self._bar.start()
-            self._task = self._bar.add_task("Wasserstein suite", total=total)
-
-    def advance(self, n: int, text: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n, description=text)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
