@@ -58,7 +58,7 @@ def make_fake(monkeypatch, name: str, robust_of: dict[int, bool], *, black_box=F
     calls: list[list[int]] = []
 
     class Fake(Attack):
-        def __call__(self, model, x, y):
+        def perturb(self, model, x, y):
             idx = decode(x)
             if fail_on_call is not None and len(calls) == fail_on_call:
                 raise RuntimeError("simulated crash")
@@ -78,7 +78,7 @@ def make_fake(monkeypatch, name: str, robust_of: dict[int, bool], *, black_box=F
     Fake.dataset_level = dataset_level
     Fake.linf_bounded = linf_bounded
     Fake.amp_search = amp_search
-    monkeypatch.setitem(ATTACKS, name, Fake)
+    monkeypatch.setitem(ATTACKS._items, name, Fake)  # the registry refuses overwrites
     return calls
 
 

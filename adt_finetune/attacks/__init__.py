@@ -3,6 +3,6 @@
 Importing this package registers every attack.
 """
 from . import autoattack, exp, feature, generator, gradient, spsa, wpgd  # noqa: F401  (registration)
-from .base import ATTACKS, Attack, AttackResult, make_attack, register_attack
+from .base import ATTACKS, Attack, AttackResult, list_attacks, make_attack, register_attack, verdict
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "make_attack", "register_attack"]
+__all__ = ["ATTACKS", "Attack", "AttackResult", "list_attacks", "make_attack", "register_attack", "verdict"]

@@ -3,9 +3,15 @@
 An attack is a small object built from ε and its settings; calling it on
 (model, x, y) returns an AttackResult: a representative adversarial input per
 example (always inside the ε-ball and [0, 1]) and a per-example robust flag
-(still classified correctly). Attacks that are "broken if any copy is
-misclassified" (feature, exp, spsa's early stop) set the flag themselves and
-return the copy that broke the example.
+(still classified correctly).
+
+Each attack implements one hook, `perturb(model, x, y)`, which returns either
+x' (the base class then takes the verdict from the model) or an AttackResult
+when the attack decides the flags itself ("broken if any copy is
+misclassified": feature, exp, the generators, spsa's early stop; W-PGD's best
+iterate). The base `__call__` owns everything shared: eval mode, empty batches,
+reduced-precision search (`amp_search`) with an fp32 verdict, and the verdict
+itself, in which a non-finite logit never counts as correct.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..nets import eval_mode
+from ..precision import autocast_context
+from ..registry import Registry
 
 
 @dataclass
@@ -35,6 +43,11 @@ class Attack:
     #: the returned x' is the whole result. Attacks that decide from reduced-precision
     #: logits (stop once "broken", return the "worst" sample) keep fp32.
     amp_search: ClassVar[bool] = False
+    #: the budget is shared by the whole evaluation set (W-PGD): the engine passes every example in one call
+    dataset_level: ClassVar[bool] = False
+    #: x' stays in the pointwise ε-ball; False for distributional attacks, which the engine's ε-ball check
+    #: skips and which do not count towards A_rob
+    linf_bounded: ClassVar[bool] = True
 
     def __init__(self, eps: float, *, seed: int = 0, **settings: Any):
         self.eps = float_setting(self.name, "eps", eps)
@@ -48,21 +61,39 @@ class Attack:
         """Called once with the whole evaluation set before any batch (e.g. the
         feature attack computes its target pool's features here, once)."""
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                 precision: str | None = None) -> AttackResult:
+        """Attack a batch. `precision="bf16"` lets an `amp_search` attack search under autocast;
+        its verdict is then always the fp32 model's on the returned x'."""
+        x = x.detach()
+        if len(x) == 0:
+            return AttackResult(x.clone(), torch.ones(0, dtype=torch.bool, device=x.device))
+        reduced = precision not in (None, "fp32") and self.amp_search
         # Eval mode for the attack and the verdict alike: BatchNorm's batch statistics
         # would let one example's perturbation change another's prediction.
         with eval_mode(model):
-            x_adv = self.perturb(model, x, y)
+            with autocast_context(x.device, precision if reduced else None):
+                out = self.perturb(model, x, y)
+            if isinstance(out, AttackResult) and not reduced:
+                return AttackResult(out.x_adv.detach(), out.robust.reshape(-1).bool())
+            x_adv = (out.x_adv if isinstance(out, AttackResult) else out).detach()
             with torch.no_grad():
-                robust = model(x_adv).argmax(1) == y
+                robust = verdict(model(x_adv.float()), y)
         return AttackResult(x_adv, robust)
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "torch.Tensor | AttackResult":
+        """The attack itself, on a non-empty batch, with the model in eval mode."""
         raise NotImplementedError
 
     def settings(self) -> dict[str, Any]:
         """The settings this attack ran with, recorded in results."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def verdict(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: classified correctly. A row with a NaN or infinite logit is never correct:
+    argmax over NaN picks an arbitrary class, which must not count as robust."""
+    return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
 
 
 def int_setting(attack: str, name: str, value: Any, minimum: int = 0) -> int:
@@ -117,18 +148,14 @@ def example_generators(x: torch.Tensor, key: str) -> list[torch.Generator]:
     return [torch.Generator(device=x.device).manual_seed(s) for s in example_seeds(x, key)]
 
 
-ATTACKS: dict[str, Callable[..., Attack]] = {}
+ATTACKS: Registry[Callable[..., Attack]] = Registry("attack")
+#: class decorator: make an attack available by name (recipes, --attacks); a name registered twice is an error
+register_attack = ATTACKS.register
 
 
-def register_attack(name: str):
-    """Class decorator: make an attack available by name (recipes, --attacks)."""
-
-    def deco(cls):
-        cls.name = name
-        ATTACKS[name] = cls
-        return cls
-
-    return deco
+def list_attacks(pattern: str | None = None) -> list[str]:
+    """Registered attack names, optionally filtered by a shell-style pattern ('pgd*')."""
+    return ATTACKS.names(pattern)
 
 
 def make_attack(name: str, eps: float, **settings: Any) -> Attack:

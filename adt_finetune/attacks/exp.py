@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nets import eval_mode
 from ..perturb.exp import fit_exp_distribution, sample_exp
-from .base import (Attack, AttackResult, bool_setting, example_seeds, float_setting, int_setting,
-                   register_attack)
+from .base import (Attack, AttackResult, bool_setting, example_seeds, float_setting, int_setting, register_attack,
+                   verdict)
 from ..perturb.linf import margin, project_linf
 
 
@@ -36,7 +35,7 @@ def worst_of_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     with torch.no_grad():
         logits = model(x_samples.flatten(0, 1))
         # row s·B + i is sample s of example i
-        wrong = (logits.argmax(1) != y.repeat(k)).view(k, -1)
+        wrong = (~verdict(logits, y.repeat(k))).view(k, -1)
         margins = margin(logits, y.repeat(k)).view(k, -1)
     broken = wrong.any(0)
     pick = torch.where(broken, wrong.float().argmax(0), margins.argmin(0))
@@ -58,15 +57,11 @@ class EXPAttack(Attack):
         self.lam = float_setting(self.name, "lam", lam)
         self.accumulate = bool_setting(self.name, "accumulate", accumulate)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        x = x.detach()
-        if len(x) == 0:
-            return AttackResult(x.clone(), torch.ones(0, dtype=torch.bool, device=x.device))
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         generator = batch_generator(x, f"{self.name}:{self.seed}")
-        with eval_mode(model):
-            mu, v = fit_exp_distribution(model, x, y, eps=self.eps, steps=self.steps, samples=self.samples,
-                                         lr=self.lr, lam=self.lam, accumulate=self.accumulate, generator=generator)
-            deltas = sample_exp(mu, v, self.eps, self.samples, generator=generator)
-            # |δ| ≤ ε already; the projection is x' = clip(x + δ) plus a guard against round-off.
-            x_samples = project_linf(x.unsqueeze(0) + deltas.to(x.dtype), x.unsqueeze(0), self.eps)
-            return worst_of_samples(model, x, y, x_samples)
+        mu, v = fit_exp_distribution(model, x, y, eps=self.eps, steps=self.steps, samples=self.samples,
+                                     lr=self.lr, lam=self.lam, accumulate=self.accumulate, generator=generator)
+        deltas = sample_exp(mu, v, self.eps, self.samples, generator=generator)
+        # |δ| ≤ ε already; the projection is x' = clip(x + δ) plus a guard against round-off.
+        x_samples = project_linf(x.unsqueeze(0) + deltas.to(x.dtype), x.unsqueeze(0), self.eps)
+        return worst_of_samples(model, x, y, x_samples)

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..nets import FeatureTap, eval_mode, find_last_linear
-from .base import (Attack, AttackResult, bool_setting, example_generators, float_setting, int_setting,
-                   register_attack)
+from .base import (Attack, AttackResult, bool_setting, example_generators, float_setting, int_setting, register_attack,
+                   verdict)
 from ..perturb.linf import margin, project_linf
 
 
@@ -82,17 +82,14 @@ class FeatureAttack(Attack):
             picks.append(candidates[order[torch.arange(self.targets, device=g.device) % len(candidates)]])
         return torch.stack(picks)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         if self._pool_features is None or self._model is not model:
             raise RuntimeError("FeatureAttack.prepare(model, x_all, y_all) must run with this model first")
-        x = x.detach()
         x_adv, robust = x.clone(), torch.ones(len(x), dtype=torch.bool, device=x.device)
-        if len(x) == 0:
-            return AttackResult(x_adv, robust)
         generators = example_generators(x, f"{self.name}:{self.seed}")
         target_idx = self._pick_targets(y, generators)
         images_per_group = max(1, self.chunk // self.targets)
-        with eval_mode(model), FeatureTap(self._head) as tap:
+        with FeatureTap(self._head) as tap:
             for lo in range(0, len(x), images_per_group):
                 hi = min(lo + images_per_group, len(x))
                 x_adv[lo:hi], robust[lo:hi] = self._attack_group(
@@ -136,7 +133,7 @@ class FeatureAttack(Attack):
                     # descent: the copy's features should turn towards the target's
                     stepped[lo:lo + len(ids)] = project_linf(x_leaf.detach() - self.step_size * grad.sign(),
                                                              x_rep[ids], self.eps)
-                wrong[lo:lo + len(ids)] = logits.detach().argmax(1) != y_rep[ids]
+                wrong[lo:lo + len(ids)] = ~verdict(logits.detach(), y_rep[ids])
             wrong_by_image = wrong.view(-1, m_copies)
             broken = wrong_by_image.any(1)
             if final:

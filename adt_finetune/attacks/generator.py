@@ -46,20 +46,16 @@ class GeneratorAttack(Attack):
         """Load the generator once, so a bad path fails before any attack runs."""
         self._generator_on(x.device)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        x = x.detach()
-        if len(x) == 0:
-            return AttackResult(x.clone(), torch.ones(0, dtype=torch.bool, device=x.device))
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         gen = self._generator_on(x.device)
         generator = batch_generator(x, f"{self.name}:{self.seed}")
-        with eval_mode(model):
-            # g1, g2 once for all draws
-            g1, g2, _ = gradient_features(model, x, y, self.eps)
-            with torch.no_grad(), eval_mode(gen):
-                deltas = torch.stack([gen.sample_delta(x, g1, g2, self.eps, generator=generator)
-                                      for _ in range(self.samples)])
-                x_samples = project_linf(x.unsqueeze(0) + deltas.to(x.dtype), x.unsqueeze(0), self.eps)
-            return worst_of_samples(model, x, y, x_samples)
+        # g1, g2 once for all draws
+        g1, g2, _ = gradient_features(model, x, y, self.eps)
+        with torch.no_grad(), eval_mode(gen):
+            deltas = torch.stack([gen.sample_delta(x, g1, g2, self.eps, generator=generator)
+                                  for _ in range(self.samples)])
+            x_samples = project_linf(x.unsqueeze(0) + deltas.to(x.dtype), x.unsqueeze(0), self.eps)
+        return worst_of_samples(model, x, y, x_samples)
 
 
 @register_attack("exp-am")

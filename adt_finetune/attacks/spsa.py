@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..nets import eval_mode
-from .base import Attack, AttackResult, example_generators, float_setting, int_setting, register_attack
+from .base import Attack, AttackResult, example_generators, float_setting, int_setting, register_attack, verdict
 from ..perturb.linf import margin, project_linf
 
 ADAM_BETAS = (0.9, 0.999)
@@ -63,7 +63,7 @@ class SPSA(Attack):
             plus = (xg[:, None] + self.delta * signs).clamp_(0.0, 1.0)
             minus = (xg[:, None] - self.delta * signs).clamp_(0.0, 1.0)
             logits = model(torch.cat([xg, plus.flatten(0, 1), minus.flatten(0, 1)]))
-            wrong[lo:lo + n] = logits[:n].argmax(1) != yg
+            wrong[lo:lo + n] = ~verdict(logits[:n], yg)
             y_probe = yg.repeat_interleave(pairs)
             m_plus = margin(logits[n:n + n * pairs], y_probe).view(n, pairs)
             m_minus = margin(logits[n + n * pairs:], y_probe).view(n, pairs)
@@ -72,11 +72,8 @@ class SPSA(Attack):
         return wrong, grad
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        x = x.detach()
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         x_adv, robust = x.clone(), torch.ones(len(x), dtype=torch.bool, device=x.device)
-        if len(x) == 0:
-            return AttackResult(x_adv, robust)
         generators = example_generators(x, f"{self.name}:{self.seed}")
         active = torch.arange(len(x), device=x.device)
         x_cur = x.clone()
@@ -99,7 +96,7 @@ class SPSA(Attack):
                 update = (m / (1 - ADAM_BETAS[0] ** t)) / ((v / (1 - ADAM_BETAS[1] ** t)).sqrt_() + ADAM_EPS)
                 x_cur[active] = project_linf(x_cur[active] - self.lr * update, x[active], self.eps)
             # The last step's point has not been checked yet: one forward of the survivors.
-            final_wrong = model(x_cur[active]).argmax(1) != y[active]
+            final_wrong = ~verdict(model(x_cur[active]), y[active])
         x_adv[active] = x_cur[active]
         robust[active] = ~final_wrong
         return AttackResult(x_adv, robust)

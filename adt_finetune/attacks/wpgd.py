@@ -9,7 +9,7 @@ budget while others stay put (`linf_bounded = False` tells the engine's
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +21,8 @@ from .base import Attack, AttackResult, register_attack
 
 @register_attack("wpgd")
 class WPGD(Attack):
-    dataset_level: ClassVar[bool] = True
-    linf_bounded: ClassVar[bool] = False
+    dataset_level = True
+    linf_bounded = False
 
     def __init__(self, eps: float, *, seed: int = 0, budget: float | str | None = None, q: int = 2,
                  steps: int = 50, ratio: float = 1.875, loss: str = "redlr", batch_size: int = 256,
@@ -44,11 +44,8 @@ class WPGD(Attack):
         #: W_2 (q = 2) or W_∞ distance of the last result, for the report
         self._last_distance: float | None = None
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         res = W.wpgd(model, x, y, budget=self.budget, q=self.q, steps=self.steps, ratio=self.ratio, loss=self.loss,
                      batch_size=self.batch_size, device=x.device)
         self._last_distance = res.distance
         return AttackResult(res.x_adv, res.robust)
-
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self(model, x, y).x_adv

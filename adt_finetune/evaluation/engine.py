@@ -411,7 +411,7 @@ def evaluate(
     attack_objs = {a: make_attack(a, eps, seed=seed, **settings.get(a, {})) for a in attack_names}
     recorded_settings = {a: _jsonable(obj.settings()) for a, obj in attack_objs.items()}
     # Not in A_rob: attacks outside the pointwise ε-ball (W-PGD's shared budget).
-    excluded = [a for a, obj in attack_objs.items() if not getattr(obj, "linf_bounded", True)]
+    excluded = [a for a, obj in attack_objs.items() if not obj.linf_bounded]
 
     fp = fingerprint(model, x, y, attacks=names, eps=eps, mode=mode, seed=seed, batch_size=batch_size,
                      settings=recorded_settings, budgets=budget_list, amp=amp)
@@ -429,7 +429,7 @@ def evaluate(
         with _Progress(progress) as bar:
             for k, name in enumerate(columns):
                 attack = attack_objs[name]
-                if getattr(attack, "dataset_level", False):
+                if attack.dataset_level:
                     # The budget is shared by the whole set, so it must see the whole set.
                     pool = np.arange(n)
                 elif mode == "independent" or name in excluded:
@@ -441,7 +441,7 @@ def evaluate(
                 if not st["done"]:
                     if x_dev is None:
                         x_dev, y_dev = x.to(device), y.to(device)
-                    step = max(1, len(pool)) if getattr(attack, "dataset_level", False) else batch_size
+                    step = max(1, len(pool)) if attack.dataset_level else batch_size
                     _run_attack(attack, model, x, y, x_dev, y_dev, pool, st, state, bar,
                                 batch_size=step, seed=seed, device=device, n_total=n, amp=amp)
                 if len(st["robust"]) != len(pool):
@@ -450,7 +450,7 @@ def evaluate(
                 flags[pool, k] = np.asarray(st["robust"], dtype=np.int8)
                 flags[~clean, k] = 0  # a clean error stays an error, whatever a dataset-level attack reports
                 timings[name] = float(st["time_s"])
-                if getattr(attack, "linf_bounded", True):
+                if attack.linf_bounded:
                     max_linf[name] = float(st["max_linf"])
                 ranges[name] = (float(st["min"]), float(st["max"]))
 
@@ -495,7 +495,6 @@ def _batch_seed(seed: int, name: str, start: int) -> int:
 def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, state: _ResumeState, bar,
                 *, batch_size: int, seed: int, device: torch.device, n_total: int, amp: bool = False) -> None:
     name = attack.name
-    search_amp = amp and attack.amp_search
     done = len(st["robust"])
     robust_so_far = int(sum(st["robust"]))
     task = bar.add_task(name, total=len(pool), completed=done,
@@ -508,8 +507,8 @@ def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, s
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(_batch_seed(seed, name, start))
-            with autocast_context(device, amp_dtype_name(device, search_amp)):
-                res = attack(model, xb, yb)
+            # The attack searches in bf16 only if it may (`amp_search`); its verdict is fp32's.
+            res = attack(model, xb, yb, precision=amp_dtype_name(device, amp))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -517,12 +516,6 @@ def _run_attack(attack, model, x, y, x_dev, y_dev, pool: np.ndarray, st: dict, s
         if robust.shape[0] != len(ids) or res.x_adv.shape != xb.shape:
             raise RuntimeError(f"attack {name!r} returned shapes {tuple(res.x_adv.shape)}/{tuple(robust.shape)} "
                                f"for a batch of {tuple(xb.shape)}")
-        if search_amp:
-            # The search ran in reduced precision; the verdict is the fp32 model's on the
-            # returned x', so every "broken" is a real fp32 adversarial example and no
-            # number depends on bf16 rounding. One extra forward per batch.
-            with torch.no_grad():
-                robust = (model(res.x_adv.detach().float()).argmax(1) == yb).cpu()
         with torch.no_grad():
             x_adv = res.x_adv.detach()
             dist = (x_adv.float() - xb).abs().flatten(1).amax(1).max().item()

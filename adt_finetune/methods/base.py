@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..errors import UserError
+from ..registry import Registry
 
 
 @dataclass
@@ -83,16 +84,14 @@ class TrainMethod:
             o.load_state_dict(state["optimizers"][k])
 
 
-METHODS: dict[str, Callable[[TrainConfig, MethodContext], TrainMethod]] = {}
+METHODS: Registry[Callable[[TrainConfig, MethodContext], TrainMethod]] = Registry("method")
+#: class decorator: make a method available by name (--method, recipes); a name registered twice is an error
+register_method = METHODS.register
 
 
-def register_method(name: str):
-    def deco(cls):
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return deco
+def list_methods(pattern: str | None = None) -> list[str]:
+    """Registered method names, optionally filtered by a shell-style pattern ('*-am')."""
+    return METHODS.names(pattern)
 
 
 def make_method(cfg: TrainConfig, ctx: MethodContext) -> TrainMethod:
