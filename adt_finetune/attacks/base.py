@@ -48,6 +48,9 @@ class Attack:
     #: x' stays in the pointwise ε-ball; False for distributional attacks, which the engine's ε-ball check
     #: skips and which do not count towards A_rob
     linf_bounded: ClassVar[bool] = True
+    #: the attack learns something on training images before it attacks (the paper's exp-am/imp-am attacks
+    #: train a fresh generator against the evaluated model); the engine hands them over with `set_training_data`
+    uses_training_data: ClassVar[bool] = False
 
     def __init__(self, eps: float, *, seed: int = 0, **settings: Any):
         self.eps = float_setting(self.name, "eps", eps)
@@ -56,6 +59,10 @@ class Attack:
         self.seed = int_setting(self.name, "seed", seed)
         if settings:
             raise UserError(f"attack {self.name!r} has no setting {next(iter(settings))!r}")
+
+    def set_training_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Training images (never the evaluated ones) for attacks with `uses_training_data`."""
+        self._train_x, self._train_y = x, y
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         """Called once with the whole evaluation set before any batch (e.g. the

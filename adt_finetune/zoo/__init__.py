@@ -6,9 +6,10 @@ checkpoint loading, and pulling models into a workspace.
     model = load_model("Zhang2019", workspace="ws")
 """
 from .catalog import ALIASES, ZooEntry, catalog, resolve_name, search
-from .loader import (build_architecture, check_arch, load_model, load_weights, model_from_ref, pull,
+from .loader import (build_architecture, check_arch, check_file_model, load_model, load_weights, model_from_ref, pull,
                      pull_file_model, pull_from_file, pull_model, read_state_dict, register_model)
+from .resolve import is_checkpoint, resolve_model
 
 __all__ = ["ALIASES", "ZooEntry", "catalog", "resolve_name", "search", "build_architecture", "check_arch",
            "load_model", "load_weights", "model_from_ref", "pull", "pull_file_model", "pull_from_file",
-           "pull_model", "read_state_dict", "register_model"]
+           "pull_model", "read_state_dict", "register_model", "check_file_model", "is_checkpoint", "resolve_model"]

@@ -443,11 +443,14 @@ def pull(name: str, *, dataset: str = "cifar10", threat_model: str = "Linf",
                       progress=progress)[0]
 
 
-def pull_file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str = "Linf",
-                    workspace: Workspace | str | os.PathLike = ".", name: str | None = None,
-                    arch_kwargs: dict | None = None) -> tuple[ModelRef, nn.Module]:
-    """`pull_from_file`, also returning the loaded model."""
-    ws = _as_workspace(workspace)
+def check_file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str = "Linf",
+                     name: str | None = None, arch_kwargs: dict | None = None) -> ModelRef:
+    """The ModelRef of a local state dict, after checking that it loads into `arch`."""
+    return _file_model(path, arch, dataset=dataset, threat_model=threat_model, name=name, arch_kwargs=arch_kwargs)[0]
+
+
+def _file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str, name: str | None,
+                arch_kwargs: dict | None) -> tuple[ModelRef, nn.Module]:
     file = Path(path).expanduser().resolve()
     dataset = _dataset_name(dataset)
     threat_model = _normalize_threat_model(threat_model)
@@ -457,8 +460,18 @@ def pull_file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_
     load_weights(model, state_dict, str(file))
     ref = ModelRef(name=name or file.stem, arch=arch, dataset=dataset, threat_model=threat_model, path=str(file),
                    source="file", arch_kwargs=dict(arch_kwargs or {}))
-    ws.set_current_model(ref)
     return ref, model.eval()
+
+
+def pull_file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str = "Linf",
+                    workspace: Workspace | str | os.PathLike = ".", name: str | None = None,
+                    arch_kwargs: dict | None = None) -> tuple[ModelRef, nn.Module]:
+    """`pull_from_file`, also returning the loaded model."""
+    ws = _as_workspace(workspace)
+    ref, model = _file_model(path, arch, dataset=dataset, threat_model=threat_model, name=name,
+                             arch_kwargs=arch_kwargs)
+    ws.set_current_model(ref)
+    return ref, model
 
 
 def pull_from_file(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str = "Linf",
