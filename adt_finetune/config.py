@@ -5,6 +5,8 @@ time" (ε from the dataset, lr from the scope, λ from the method).
 """
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,11 @@ class TrainConfig:
     # threat model
     eps: str | None = None            # None: the dataset's budget; "8/255" or "0.031"
     # ADT (docs/methods.md "ADT-EXP" … "ADT-IMP-AM")
-    adt_lambda: float | None = None   # None: 0.01 (exp, exp-am), 1.0 (imp-am, hinge form)
-    imp_entropy: str = "hinge"        # hinge (released code) | paper
-    imp_hinge: float = 0.9
+    # λ weights the entropy AVERAGED over its elements (pixels for exp/exp-am, z's dimensions for
+    # imp-am), as the released code; the paper sums them (docs/methods.md "Losses")
+    adt_lambda: float | None = None   # None: 0.01 (exp, exp-am), 0.1 (imp-am paper bound), 1.0 (imp-am hinge)
+    imp_entropy: str = "paper"        # paper (the variational bound, acts) | hinge (released code, inert)
+    imp_hinge: float = 0.9            # τ of --imp-entropy hinge
     exp_steps: int = 7                # T
     exp_samples: int = 5              # k
     exp_lr: float = 0.3
@@ -94,6 +98,58 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
+def _base_kind(hint: Any) -> Any:
+    """list for `list[int] | None`, int for `int | None`, str for `str`, ..."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def coerce_setting(name: str, value: Any, where: str) -> Any:
+    """A recipe/flag value checked against the TrainConfig field's type (YAML gives loose types).
+
+    `where` says where the value came from ("recipe r.yaml", "--set gen_width=abc") in the error.
+    """
+    if value is None:
+        return None
+    kind = _base_kind(typing.get_type_hints(TrainConfig)[name])
+
+    def bad(expected: str) -> UserError:
+        return UserError(f"{where}: {name} must be {expected}, got {value!r}")
+
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad("a string")
+        return str(value)  # YAML reads `eps: 0.031` as a float
+    if kind is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
+            raise bad("a list of whole numbers")
+        return list(value)
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad("two numbers")
+        return tuple(float(v) for v in value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    return value
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A YAML recipe as a flat dict of TrainConfig fields (validated)."""
     p = Path(path)
@@ -112,10 +168,13 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: the recipes that ship inside the package (the checkout's top-level recipes/ is a link to this folder)
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
 def recipe_dirs(workspace: str | Path = ".") -> list[Path]:
-    """Where recipe names are looked up: the repository's recipes/, then the workspace's recipes/."""
-    shipped = Path(__file__).resolve().parent.parent / "recipes"
-    return [shipped, Path(workspace).expanduser().resolve() / "recipes"]
+    """Where recipe names are looked up: the shipped recipes, then the workspace's recipes/."""
+    return [SHIPPED_RECIPES, Path(workspace).expanduser().resolve() / "recipes"]
 
 
 def find_recipe(name_or_path: str | Path, workspace: str | Path = ".") -> Path:

@@ -221,7 +221,9 @@ class _RemappedFolder(Dataset):
         index = {norm(c): i for i, c in enumerate(info.classes or ())}
         tfs = [T.Grayscale(1)] if info.channels == 1 else []
         tfs += [T.Resize((info.size, info.size)), T.ToTensor()]
-        self.inner = D.ImageFolder(str(path), transform=T.Compose(tfs))
+        # A class folder without images is allowed: an evaluation subset can leave a class out,
+        # and labels come from the class names, not from which folders hold files.
+        self.inner = D.ImageFolder(str(path), transform=T.Compose(tfs), allow_empty=True)
         self.remap = {i: index[norm(c)] for i, c in enumerate(self.inner.classes)}
         self.targets = [self.remap[t] for t in self.inner.targets]
 
@@ -229,7 +231,11 @@ class _RemappedFolder(Dataset):
         return len(self.inner)
 
     def __getitem__(self, i):
-        x, t = self.inner[i]
+        try:
+            x, t = self.inner[i]
+        except OSError:  # PIL's UnidentifiedImageError (a non-image with an image suffix), a truncated file
+            raise UserError(f"{self.inner.samples[i][0]} is not an image that can be read: remove it from the "
+                            "folder or replace it") from None
         return x, self.remap[t]
 
 

@@ -1,5 +1,6 @@
 """Generic helpers over any classifier: eval-mode scopes, the final linear layer,
-penultimate features and forward-pass counting."""
+feature taps (penultimate features, the last feature map before pooling) and
+forward-pass counting."""
 from __future__ import annotations
 
 import contextlib
@@ -61,6 +62,77 @@ class FeatureTap:
         self._handle.remove()
 
     def __enter__(self) -> "FeatureTap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+FEATURE_LAYERS = ("pre-pool", "penultimate")
+
+
+def find_feature_map(model: nn.Module, example: torch.Tensor, head: nn.Module) -> tuple[str, nn.Module] | None:
+    """The module whose output is the last spatial feature map (4-D, more than 1×1) produced
+    before `head` (the final linear layer) runs, or None if there is none.
+
+    Found by watching one forward pass, so it works when the global pooling is a
+    functional call (RobustBench's WideResNet ends `relu(bn(x))`, then `F.avg_pool2d`):
+    the map that feeds the pooling is the last 4-D module output. A 1×1 map is
+    already pooled and does not count. Containers report the same tensor as their
+    last child, and an in-place activation returns its input tensor: of the modules
+    that produced the final map, the last leaf module is kept (`relu`, not `bn1` or the
+    block that contains them).
+    """
+    names = {m: n for n, m in model.named_modules()}
+    seen: list[tuple[nn.Module, torch.Tensor]] = []
+    state = {"head_ran": False}
+
+    def on_output(module, inputs, output):
+        if (not state["head_ran"] and isinstance(output, torch.Tensor) and output.dim() == 4
+                and output.shape[-1] * output.shape[-2] > 1):
+            seen.append((module, output))
+
+    def on_head(module, inputs):
+        state["head_ran"] = True
+
+    handles = [m.register_forward_hook(on_output) for m in model.modules() if m is not model]
+    handles.append(head.register_forward_pre_hook(on_head))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        return None
+    last = seen[-1][1]
+    producers = [m for m, out in seen if out is last]
+    leaves = [m for m in producers if next(m.children(), None) is None]
+    module = (leaves or producers)[-1]
+    return names[module], module
+
+
+class OutputTap:
+    """Captures a module's output as it stood when `head` started its forward pass, so
+    features and logits come from the same pass (and a module called again after the
+    head, or earlier in the pass, does not overwrite the tapped map)."""
+
+    def __init__(self, module: nn.Module, head: nn.Module):
+        self.features: torch.Tensor | None = None
+        self._latest: torch.Tensor | None = None
+        self._handles = [module.register_forward_hook(self._on_output), head.register_forward_pre_hook(self._on_head)]
+
+    def _on_output(self, module, inputs, output):
+        self._latest = output
+
+    def _on_head(self, module, inputs):
+        self.features = self._latest
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self) -> "OutputTap":
         return self
 
     def __exit__(self, *exc) -> None:

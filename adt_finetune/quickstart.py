@@ -72,8 +72,12 @@ def _pretrain(settings: QuickstartSettings, data_dir, workspace: Path, log: Call
 
 
 def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | None = None, data_dir=None,
-               progress: bool = True, log: Callable[[str], None] = print) -> QuickstartResult:
-    """Run the embedded default pipeline in `workspace` and return what it produced."""
+               progress: bool = True, log: Callable[[str], None] = print, reporter=None, train_reporter=None,
+               on_trained: Callable[[Any], None] | None = None) -> QuickstartResult:
+    """Run the embedded default pipeline in `workspace` and return what it produced.
+    `reporter` (a progress.Reporter) receives the evaluation's progress, `train_reporter` the
+    fine-tuning's; None: silent. `on_trained` gets the training RunResult before the stage's
+    closing line (the CLI prints its per-epoch table there)."""
     from . import zoo
     from .config import TrainConfig
     from .data import load_dataset
@@ -103,14 +107,16 @@ def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | No
     cfg = TrainConfig(method=s.method, epochs=s.finetune_epochs, train_subset=s.finetune_images,
                       gen_width=s.gen_width, lr=s.finetune_lr, seed=s.seed, data_dir=data_dir,
                       run_name=None)
-    run = train(cfg, workspace=ws.root, progress=progress)
+    run = train(cfg, workspace=ws.root, reporter=train_reporter)
     seconds["train"] = time.perf_counter() - t
+    if on_trained is not None:
+        on_trained(run)
     log(f"  run {run.run_id} finished ({seconds['train']:.0f}s)")
 
     t = time.perf_counter()
     log(f"[3/4] eval: --suite {s.suite} on the first {s.n_examples} test images, with --baseline (before → after)")
     record = evaluate_workspace(run=run.run_id, suite=s.suite, n_examples=s.n_examples, baseline=True,
-                                seed=s.seed, data_dir=data_dir, workspace=ws.root, progress=progress,
+                                seed=s.seed, data_dir=data_dir, workspace=ws.root, reporter=reporter,
                                 device="cpu")
     seconds["eval"] = time.perf_counter() - t
     log(f"  wrote {record.json_path} ({seconds['eval']:.0f}s)")

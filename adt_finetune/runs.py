@@ -8,13 +8,19 @@
         generator.pt    the method's own networks (ADT-EXP-AM / IMP-AM generators), when it has any
         init.pt         the random initial weights, for `model: scratch` runs only
 
+Model paths in run.json (base model, model, init) are relative to the workspace
+(`runs/<run-id>/model.pt`, `models/...`), so a moved or copied workspace uses its
+own files; the run's own files are found in the run's folder wherever it is. A
+path outside the workspace stays absolute, and old absolute paths still read.
+
 Readers (evaluation, leaderboard) go through `load_run`/`list_runs` only, never
 through the file layout directly.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +58,58 @@ class RunInfo:
 
 def _read_meta(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / RUN_JSON).read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((folder / RUN_JSON).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("base_model"), dict) else None
+
+
+def check_runs_dir(ws: Workspace) -> None:
+    """UserError when the workspace's runs/ exists but is not a folder."""
+    if ws.runs_dir.exists() and not ws.runs_dir.is_dir():
+        raise UserError(f"{ws.runs_dir} is a file, not a folder: move it away so that runs can be kept there")
+
+
+def stored_path(path: str | os.PathLike, workspace: str | os.PathLike) -> str:
+    """How run.json records a file: relative to the workspace (POSIX separators) when inside it."""
+    try:
+        return Path(path).resolve().relative_to(Path(workspace).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def stored_ref(ref: ModelRef, workspace: str | os.PathLike) -> dict[str, Any]:
+    """A ModelRef as run.json records it (see `stored_path`)."""
+    return replace(ref, path=stored_path(ref.path, workspace) if ref.path else ref.path).to_dict()
+
+
+def _read_ref(d: dict[str, Any], folder: Path, run_id: str) -> ModelRef:
+    """A ModelRef from run.json with its path made absolute again."""
+    ref = ModelRef.from_dict(d)
+    path = Path(ref.path)
+    if not ref.path or path.is_absolute():
+        return ref
+    parts = path.parts
+    if len(parts) == 3 and parts[:2] == ("runs", run_id):
+        return replace(ref, path=str(folder / parts[2]))  # the run's own file, in the run's folder
+    return replace(ref, path=str(folder.parent.parent / path))  # <workspace>/runs/<id>/
+
+
+def _info(folder: Path, meta: dict[str, Any]) -> RunInfo | None:
+    """The RunInfo of a run folder, or None when its run.json does not have the expected shape."""
+    try:
+        return _unchecked_info(folder, meta)
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
-def _info(folder: Path, meta: dict[str, Any]) -> RunInfo:
-    model = ModelRef.from_dict(meta["model"]) if meta.get("model") else None
+def _unchecked_info(folder: Path, meta: dict[str, Any]) -> RunInfo:
+    run_id = str(meta.get("id", folder.name))
+    model = _read_ref(meta["model"], folder, run_id) if meta.get("model") else None
     finished = meta.get("status") == "finished" and model is not None and Path(model.path).exists()
     gen = meta.get("generator")
     gen_path = folder / gen if gen and (folder / gen).exists() else None
-    return RunInfo(path=folder, meta=meta, base_model=ModelRef.from_dict(meta["base_model"]), model=model,
+    return RunInfo(path=folder, meta=meta, base_model=_read_ref(meta["base_model"], folder, run_id), model=model,
                    generator_path=gen_path, finished=finished)
 
 
@@ -72,6 +119,7 @@ def _find_folder(run: str | Path | None, ws: Workspace) -> Path:
         if latest is None:
             raise UserError(f"no runs in workspace {ws.root}: train one with 'adt-ft train' or name a run folder")
         return latest
+    check_runs_dir(ws)
     as_path = Path(run).expanduser()
     if (as_path / RUN_JSON).exists():
         return as_path.resolve()
@@ -93,12 +141,12 @@ def load_run(run: str | Path | None = None, workspace: str | Path = ".", *,
     ws = Workspace(workspace)
     folder = _find_folder(run, ws)
     meta = _read_meta(folder)
-    if meta is None or "base_model" not in meta:
+    info = None if meta is None else _info(folder, meta)
+    if info is None:
         raise UserError(f"{folder} is not a complete run folder (no readable {RUN_JSON}): "
                         "it was interrupted before it started; delete it")
-    info = _info(folder, meta)
     if require_finished and not info.finished:
-        raise UserError(f"run {info.id} has no final model yet (status {meta.get('status')!r}): "
+        raise UserError(f"run {info.id} has no final model yet (status {info.meta.get('status')!r}): "
                         "finish it with 'adt-ft train --resume' first")
     return info
 
@@ -111,6 +159,7 @@ def list_runs(workspace: str | Path = ".") -> list[RunInfo]:
     out = []
     for folder in runs_dir.iterdir():
         meta = _read_meta(folder) if folder.is_dir() else None
-        if meta is not None and "base_model" in meta:
-            out.append(_info(folder, meta))
-    return sorted(out, key=lambda r: (r.meta.get("created", ""), r.id))
+        info = None if meta is None else _info(folder, meta)
+        if info is not None:
+            out.append(info)
+    return sorted(out, key=lambda r: (str(r.meta.get("created", "")), str(r.id)))

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UserError
 from .utils import atomic_write_json
@@ -37,8 +37,22 @@ class ModelRef:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelRef":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+    def from_dict(cls, d: Any, source: str = "the model record") -> "ModelRef":
+        """A ModelRef from a record read from a file; UserError (naming `source`) when it is not one."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source} is not a model record (a JSON object): pull or train the model again")
+        for key in ("name", "arch", "dataset"):
+            if not isinstance(d.get(key), str) or not d.get(key):
+                raise UserError(f"{source} has no valid {key!r} (got {d.get(key)!r}): pull or train the model again")
+        for key in ("threat_model", "path", "source"):
+            if key in d and not isinstance(d[key], str):
+                raise UserError(f"{source}: {key!r} must be a string, got {d[key]!r}")
+        if "arch_kwargs" in d and not isinstance(d["arch_kwargs"], (dict, type(None))):
+            raise UserError(f"{source}: 'arch_kwargs' must be a JSON object, got {d['arch_kwargs']!r}")
+        values = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if values.get("arch_kwargs") is None:
+            values.pop("arch_kwargs", None)
+        return cls(**values)
 
 
 class Workspace:
@@ -68,23 +82,71 @@ class Workspace:
     def model_path(self, dataset: str, threat_model: str, name: str) -> Path:
         return self.models_dir / dataset / threat_model / f"{name}.pt"
 
+    # -- paths ------------------------------------------------------------
+    def relative(self, path: str | os.PathLike) -> str:
+        """`path` as recorded in workspace files: relative to the root when inside it, so that a copied or
+        moved workspace uses its own files; absolute otherwise (a checkpoint elsewhere on disk)."""
+        p = Path(path).expanduser()
+        p = p if p.is_absolute() else Path.cwd() / p
+        try:
+            return p.resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return str(p.resolve())
+
+    def absolute(self, recorded: str) -> str:
+        """A path read from a workspace file: relative ones are relative to the root."""
+        if not recorded:
+            return recorded
+        p = Path(recorded)
+        return str(p if p.is_absolute() else self.root / p)
+
+    def ref_to_record(self, ref: ModelRef) -> dict[str, Any]:
+        d = ref.to_dict()
+        if d.get("path"):
+            d["path"] = self.relative(d["path"])
+        return d
+
+    def ref_from_record(self, d: Any, source: str) -> ModelRef:
+        ref = ModelRef.from_dict(d, source)
+        ref.path = self.absolute(ref.path)
+        return ref
+
     # -- state ------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        if self.state_path.parent.exists() and not self.state_path.parent.is_dir():
+            raise UserError(f"{self.state_path.parent} is a file, not adt-ft's state folder: move it away")
         if not self.state_path.exists():
             return {}
         try:
-            return json.loads(self.state_path.read_text())
-        except (json.JSONDecodeError, OSError) as e:
+            st = json.loads(self.state_path.read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
             raise UserError(f"{self.state_path} is unreadable ({e}): delete it and pull the model again") from None
+        if not isinstance(st, dict):
+            raise UserError(f"{self.state_path} is not a JSON object: delete it and pull the model again")
+        return st
 
     def _update(self, **kv: Any) -> None:
-        st = self.state()
-        st.update(kv)
-        atomic_write_json(self.state_path, st)
+        self.update_state(lambda st: st.update(kv))
+
+    def update_state(self, change: "Callable[[dict[str, Any]], None]") -> None:
+        """Apply `change` to state.json in place, atomically, under a file lock: two commands sharing a
+        workspace (or two shells) never lose each other's update."""
+        from filelock import FileLock
+
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"{self.state_path.parent} is a file, not adt-ft's state folder: move it away") from None
+        except PermissionError:
+            raise UserError(f"workspace {self.root} is not writable: choose another --workspace") from None
+        with FileLock(str(self.state_path) + ".lock"):
+            st = self.state()
+            change(st)
+            atomic_write_json(self.state_path, st)
 
     def current_model(self) -> ModelRef | None:
         d = self.state().get("current_model")
-        return ModelRef.from_dict(d) if d else None
+        return self.ref_from_record(d, f"current_model in {self.state_path}") if d else None
 
     def require_current_model(self) -> ModelRef:
         ref = self.current_model()
@@ -93,11 +155,16 @@ class Workspace:
         return ref
 
     def set_current_model(self, ref: ModelRef) -> None:
-        self._update(current_model=ref.to_dict())
+        self._update(current_model=self.ref_to_record(ref))
 
     def latest_run(self) -> Path | None:
         run = self.state().get("latest_run")
-        return self.runs_dir / run if run else None
+        if run is None:
+            return None
+        if not isinstance(run, str) or not run or "/" in run or run.startswith("."):
+            raise UserError(f"latest_run in {self.state_path} is not a run id (got {run!r}): "
+                            "give --run, or delete the file")
+        return self.runs_dir / run
 
     def set_latest_run(self, run_id: str) -> None:
         self._update(latest_run=run_id)

@@ -19,6 +19,13 @@ if [ -n "$extra" ]; then
 else
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e .
 fi
+if [ "$extra" = test ] && [ ! -d "$VENV/isolated/torchattacks/torchattacks" ]; then
+  # torchattacks (an independent implementation the attack tests compare against) ships its own
+  # top-level robustbench/ and autoattack/ packages in its wheel: installed into the venv, it would
+  # overwrite robustbench's files. It lives in a folder of its own that only tests/conftest.py reads.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+    --target "$VENV/isolated/torchattacks" "torchattacks==3.5.1"
+fi
 
 # Real data, offline: Debian ships Fashion-MNIST as a package. Without root or apt,
 # adt-ft falls back to torchvision's download when the machine is online.

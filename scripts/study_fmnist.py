@@ -197,10 +197,12 @@ class Study:
         self.ws.set_current_model(ref)
 
     def _eval_kwargs(self) -> dict[str, Any]:
+        from adt_finetune.cli.report import reporter
+
         s = self.s
         return dict(suite=s.suite, mode=s.mode, n_examples=s.n_examples, batch_size=s.eval_batch_size, seed=s.seed,
                     device=s.device, attack_settings=s.attack_settings, data_dir=self.data_dir,
-                    workspace=self.ws.root, progress=self.progress, resume=True)
+                    workspace=self.ws.root, reporter=reporter(self.progress), resume=True)
 
     def eval_base(self) -> None:
         from adt_finetune.evaluation import evaluate_workspace
@@ -220,6 +222,8 @@ class Study:
                     "entry exists" if self.entry_path(entry).exists() else None, work)
 
     def train(self, job: Job) -> None:
+        from adt_finetune.cli.report import reporter
+        from adt_finetune.cli.train_cmd import print_summary
         from adt_finetune.errors import UserError
         from adt_finetune.runs import load_run
         from adt_finetune.training import train
@@ -239,9 +243,12 @@ class Study:
 
         def work():
             if resume:
-                train(None, workspace=self.ws.root, progress=self.progress, resume=job.run_name)
+                result = train(None, workspace=self.ws.root, reporter=reporter(self.progress), resume=job.run_name)
             else:
-                train(self.s.train_config(job, self.data_dir), workspace=self.ws.root, progress=self.progress)
+                result = train(self.s.train_config(job, self.data_dir), workspace=self.ws.root,
+                               reporter=reporter(self.progress))
+            if self.progress:
+                print_summary(result)
 
         verb = "resume" if resume else "train"
         self._stage(f"train:{job.run_name}", f"{verb} {job.run_name} ({self.s.epochs} epochs × "

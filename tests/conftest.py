@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from adt_finetune.data import as_tensors, load_dataset
 from adt_finetune.models import SmallCNN
 
 os.environ.setdefault("ADT_FT_OFFLINE", "1")  # tests never download
+# Architectures a test names are remembered as trusted (zoo/trust.py) in this folder, never in the user's home.
+os.environ.setdefault("ADT_FT_CONFIG_DIR", tempfile.mkdtemp(prefix="adt-ft-test-config-"))
 
 FMNIST_EPS = 0.1
 
@@ -114,3 +117,18 @@ def image_folder():
         return root, labels
 
     return make
+
+
+def import_isolated(name: str):
+    """A test-only library that scripts/setup-env.sh installs into <venv>/isolated/<name> because its
+    wheel ships other top-level packages (torchattacks ships its own robustbench/ and autoattack/).
+    Its folder goes at the END of sys.path, so the venv's real robustbench always wins."""
+    import importlib
+    import sys
+
+    folder = Path(sys.prefix) / "isolated" / name
+    if not (folder / name).is_dir():
+        raise RuntimeError(f"{folder} is missing: run scripts/setup-env.sh test (it installs {name} there)")
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    return importlib.import_module(name)

@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torchattacks
+from conftest import import_isolated
+
+torchattacks = import_isolated("torchattacks")
 
 from adt_finetune.attacks import ATTACKS, make_attack
 from adt_finetune.attacks.feature import FeatureAttack, feature_loss

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from adt_finetune.bench import BenchRow, run_benchmark
+from adt_finetune.cli.bench_cmd import bench_table
 from adt_finetune.errors import UserError
 
 TINY = "adt_finetune.models.small:SmallCNN"
@@ -31,13 +32,13 @@ def tiny_result(tmp_path_factory):
     """pgd-at + exp-am (both losses) + a method missing from the registry, and fgsm, one step each."""
     from adt_finetune.methods import METHODS
 
-    saved = METHODS.pop("wdat")  # stands in for a method not implemented in this build
+    saved = METHODS._items.pop("wdat")  # stands in for a method not implemented in this build
     try:
         result = run_benchmark(TINY, dataset="fashion-mnist", methods=["pgd-at", "exp-am", "wdat"],
                                attacks=["fgsm"], batch_size=4, steps=1, warmup=1, arch_kwargs=TINY_KWARGS,
                                config_overrides=NARROW_GENERATOR, strict=True)
     finally:
-        METHODS["wdat"] = saved
+        METHODS._items["wdat"] = saved
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     result.save_json(path)
     return result, json.loads(path.read_text())
@@ -137,10 +138,16 @@ def test_bf16_channels_last_cli_run(cli, tmp_path):
     (["--arch", "adt_finetune.models.nosuch:Net"], "cannot import"),
     (["--set", "no_such_setting=1"], "no_such_setting"),
     (["--set", "gen_width"], "KEY=VALUE"),
+    (["--set", "gen_width=abc"], "gen_width must be a whole number, got 'abc'"),
+    (["--set", "exp_lr=fast"], "exp_lr must be a number"),
+    (["--set", "method=exp"], "chosen by the benchmark"),
     (["--losses", "hinge"], "unknown loss 'hinge'"),
     (["--batch-size", "0"], "--batch-size"),
     (["--steps", "0"], "--steps"),
     (["--arch-kwargs", "{width: 4"], "not JSON"),
+    (["--arch-kwargs", "[4]"], "must be a JSON object"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "meta"], "runs on cpu or cuda"),
     (["--dataset", "mnist3d"], "unknown dataset"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, args, words):
@@ -167,15 +174,16 @@ def test_failing_items_become_rows_and_the_run_goes_on(monkeypatch):
         def step(self, model, x, y):
             raise NotImplementedError
 
-    monkeypatch.setitem(METHODS, "wdat", Boom)
-    monkeypatch.setitem(METHODS, "imp-am", Unfinished)
+    # The registry refuses overwrites; the test swaps entries underneath it.
+    monkeypatch.setitem(METHODS._items, "wdat", Boom)
+    monkeypatch.setitem(METHODS._items, "imp-am", Unfinished)
     result = run_benchmark(TINY, dataset="fashion-mnist", methods=["wdat", "imp-am"], losses=["ce"], attacks=[],
                            batch_size=2, steps=1, arch_kwargs=TINY_KWARGS)
     assert [(r.name, r.status) for r in result.rows] == [("pgd-at", "ok"), ("wdat", "error"), ("imp-am", "skipped")]
     assert result.rows[1].note == "RuntimeError: boom [in the step]" and result.rows[1].ratio is None
     assert result.rows[0].ratio == 1.0
     console = Console(width=200, record=True, file=io.StringIO())
-    console.print(result.table())
+    console.print(bench_table(result))
     assert "boom [in the step]" in console.export_text()  # notes are shown as text, not read as markup
     with pytest.raises(RuntimeError, match="boom"):
         run_benchmark(TINY, dataset="fashion-mnist", methods=["wdat"], losses=["ce"], attacks=[], batch_size=2,

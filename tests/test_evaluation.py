@@ -98,7 +98,7 @@ def tables():
 def test_a_rob_is_the_per_example_minimum(monkeypatch, tables):
     x, y, model, clean, robust = tables
     calls = {a: make_fake(monkeypatch, a, robust[a]) for a in robust}
-    r = evaluate(model, x, y, attacks=["clean", "fa", "fb", "fc"], eps=EPS, batch_size=16, progress=False)
+    r = evaluate(model, x, y, attacks=["clean", "fa", "fb", "fc"], eps=EPS, batch_size=16)
 
     table = {a: np.array([robust[a][i] for i in range(N)]) for a in robust}
     by_hand = clean & table["fa"] & table["fb"] & table["fc"]
@@ -121,10 +121,10 @@ def test_a_rob_is_the_per_example_minimum(monkeypatch, tables):
 def test_cascade_attacks_only_still_robust_examples_and_agrees(monkeypatch, tables):
     x, y, model, clean, robust = tables
     calls = {a: make_fake(monkeypatch, a, robust[a]) for a in robust}
-    ind = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, batch_size=16, progress=False)
+    ind = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, batch_size=16)
     for c in calls.values():
         c.clear()
-    cas = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, mode="cascade", batch_size=16, progress=False)
+    cas = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, mode="cascade", batch_size=16)
 
     still = clean.copy()
     for a in ("fa", "fb", "fc"):
@@ -146,7 +146,7 @@ def test_clean_logits_are_computed_once(monkeypatch, tables):
     for a in robust:
         make_fake(monkeypatch, a, robust[a])  # these never run the model
     with PassCounter(model) as pc:
-        evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, batch_size=16, progress=False)
+        evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, batch_size=16)
     assert pc.images_forward == N
     assert pc.forward == math.ceil(N / 16)
 
@@ -156,7 +156,7 @@ def test_dataset_level_attack_sees_every_example_and_stays_out_of_a_rob(monkeypa
     make_fake(monkeypatch, "fa", robust["fa"])
     everything = {i: True for i in range(N)}
     calls = make_fake(monkeypatch, "fw", everything, dataset_level=True, linf_bounded=False, shift=0.3)
-    r = evaluate(model, x, y, attacks=["fa", "fw"], eps=EPS, batch_size=8, mode="cascade", progress=False)
+    r = evaluate(model, x, y, attacks=["fa", "fw"], eps=EPS, batch_size=8, mode="cascade")
     assert [sorted(c) for c in calls] == [list(range(N))]  # one call, all examples, clean errors included
     assert r.excluded_from_a_rob == ["fw"]
     assert r.a_rob == pytest.approx(100 * (clean & np.array([robust["fa"][i] for i in range(N)])).mean())
@@ -172,25 +172,25 @@ def test_resume_skips_finished_attacks_and_batches(monkeypatch, tables, tmp_path
     calls_a = make_fake(monkeypatch, "fa", robust["fa"])
     make_fake(monkeypatch, "fb", robust["fb"], fail_on_call=1)  # crashes on its second batch
     with pytest.raises(RuntimeError, match="simulated crash"):
-        evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, progress=False, resume_dir=resume)
+        evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, resume_dir=resume)
     assert len(calls_a) > 0
 
     calls_a = make_fake(monkeypatch, "fa", robust["fa"])
     calls_b = make_fake(monkeypatch, "fb", robust["fb"])
-    resumed = evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, progress=False, resume_dir=resume)
+    resumed = evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, resume_dir=resume)
     assert calls_a == []  # finished attack: not run again
     pool = list(np.flatnonzero(clean))
     assert sorted(i for c in calls_b for i in c) == pool[8:]  # only the batches after the saved one
 
-    fresh = evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, progress=False)
+    fresh = evaluate(model, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8)
     assert (resumed.flags == fresh.flags).all() and resumed.a_rob == fresh.a_rob
 
     # Saved flags belong to one model, example set and settings: anything else is refused.
     with pytest.raises(UserError, match="different model"):
-        evaluate(model, x, y, attacks=["fa", "fb"], eps=0.05, batch_size=8, progress=False, resume_dir=resume)
+        evaluate(model, x, y, attacks=["fa", "fb"], eps=0.05, batch_size=8, resume_dir=resume)
     other = TableModel(model.pred.roll(1))
     with pytest.raises(UserError, match="different model"):
-        evaluate(other, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, progress=False, resume_dir=resume)
+        evaluate(other, x, y, attacks=["fa", "fb"], eps=EPS, batch_size=8, resume_dir=resume)
 
 
 # ---------------------------------------------------------------- sanity checks
@@ -202,15 +202,15 @@ def _check(result: EvalResult, name: str):
 def test_sanity_checks_catch_out_of_ball_and_out_of_range(monkeypatch, tables):
     x, y, model, clean, robust = tables
     make_fake(monkeypatch, "fa", robust["fa"])
-    good = evaluate(model, x, y, attacks=["fa"], eps=EPS, progress=False)
+    good = evaluate(model, x, y, attacks=["fa"], eps=EPS)
     assert _check(good, "linf").ok and _check(good, "range").ok and not good.unreliable
 
     make_fake(monkeypatch, "fa", robust["fa"], shift=0.05)
-    far = evaluate(model, x, y, attacks=["fa"], eps=EPS, progress=False)
+    far = evaluate(model, x, y, attacks=["fa"], eps=EPS)
     assert _check(far, "linf").ok is False and far.unreliable
 
     make_fake(monkeypatch, "fa", robust["fa"], value=-0.02)
-    below = evaluate(model, x, y, attacks=["fa"], eps=EPS, progress=False)
+    below = evaluate(model, x, y, attacks=["fa"], eps=EPS)
     assert _check(below, "range").ok is False and below.unreliable
 
 
@@ -220,10 +220,10 @@ def test_pgd100_must_not_beat_pgd20(monkeypatch, tables):
     more = {i: True for i in range(N)}
     make_fake(monkeypatch, "pgd20", some)
     make_fake(monkeypatch, "pgd100", more)
-    bad = evaluate(model, x, y, attacks=["pgd20", "pgd100"], eps=EPS, progress=False)
+    bad = evaluate(model, x, y, attacks=["pgd20", "pgd100"], eps=EPS)
     assert _check(bad, "pgd100 ≤ pgd20").ok is False and bad.unreliable
     make_fake(monkeypatch, "pgd100", some)
-    ok = evaluate(model, x, y, attacks=["pgd20", "pgd100"], eps=EPS, progress=False)
+    ok = evaluate(model, x, y, attacks=["pgd20", "pgd100"], eps=EPS)
     assert _check(ok, "pgd100 ≤ pgd20").ok
 
 
@@ -231,11 +231,11 @@ def test_black_box_far_below_white_box_warns(monkeypatch, tables):
     x, y, model, clean, robust = tables
     make_fake(monkeypatch, "fa", {i: True for i in range(N)})
     make_fake(monkeypatch, "fbb", {i: i % 3 != 0 for i in range(N)}, black_box=True)
-    masked = evaluate(model, x, y, attacks=["fa", "fbb"], eps=EPS, progress=False)
+    masked = evaluate(model, x, y, attacks=["fa", "fbb"], eps=EPS)
     check = _check(masked, "black-box vs white-box")
     assert check.ok is False and "gradient" in check.detail
     make_fake(monkeypatch, "fa", {i: i % 3 != 0 for i in range(N)})
-    fine = evaluate(model, x, y, attacks=["fa", "fbb"], eps=EPS, progress=False)
+    fine = evaluate(model, x, y, attacks=["fa", "fbb"], eps=EPS)
     assert _check(fine, "black-box vs white-box").ok
 
 
@@ -247,7 +247,7 @@ def test_per_example_csv_round_trip(monkeypatch, tables, tmp_path):
     x, y, model, clean, robust = tables
     for a in robust:
         make_fake(monkeypatch, a, robust[a])
-    r = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, mode="cascade", progress=False,
+    r = evaluate(model, x, y, attacks=["fa", "fb", "fc"], eps=EPS, mode="cascade",
                  indices=range(100, 100 + N))
     path = tmp_path / "e.per-example.csv"
     sha = r.write_csv(path)
@@ -273,8 +273,11 @@ def test_per_example_csv_round_trip(monkeypatch, tables, tmp_path):
 
 def test_suites_and_attack_lists():
     assert SUITES["paper"] == ["clean", "fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack"]
-    assert suite_attacks("full", generator_method="exp-am")[-1] == "exp-am"
-    assert "exp-am" not in suite_attacks("full")
+    # `full` retrains both generators against the model and adds the run's own (co-trained) one.
+    assert SUITES["full"] == SUITES["paper"] + ["spsa", "exp", "exp-am", "imp-am"]
+    assert suite_attacks("full", generator_method="exp-am")[-1] == "exp-am-cotrained"
+    assert suite_attacks("full", generator_method="imp-am")[-1] == "imp-am-cotrained"
+    assert suite_attacks("full") == SUITES["full"]
     assert parse_attack_list(" fgsm, pgd20 ") == ["clean", "fgsm", "pgd20"]
     for name in (a for s in SUITES.values() for a in s):
         assert name in ("clean", "wasserstein") or name in ATTACKS
@@ -288,9 +291,8 @@ def test_suites_and_attack_lists():
 
 def test_real_fgsm_pgd20_cascade_equals_independent(trained_cnn, fmnist_test):
     x, y = fmnist_test[0][:64], fmnist_test[1][:64]
-    ind = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=EPS, batch_size=32, progress=False)
-    cas = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=EPS, batch_size=32, progress=False,
-                   mode="cascade")
+    ind = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=EPS, batch_size=32)
+    cas = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=EPS, batch_size=32, mode="cascade")
     assert ind.per_attack["fgsm"] < ind.clean_acc and ind.per_attack["pgd20"] < ind.clean_acc
     assert ind.a_rob == pytest.approx(100 * (ind.clean & (ind.flags == 1).all(1)).mean())
     assert ind.a_rob <= min(ind.per_attack.values())
@@ -302,8 +304,7 @@ def test_real_fgsm_pgd20_cascade_equals_independent(trained_cnn, fmnist_test):
 
 def test_wasserstein_suite_columns_are_reported_outside_a_rob(trained_cnn, fmnist_test):
     x, y = fmnist_test[0][:16], fmnist_test[1][:16]
-    r = evaluate(trained_cnn, x, y, attacks=suite_attacks("wasserstein"), eps=EPS, budgets="0.05", batch_size=16,
-                 progress=False)
+    r = evaluate(trained_cnn, x, y, attacks=suite_attacks("wasserstein"), eps=EPS, budgets="0.05", batch_size=16)
     assert r.attacks == ["wpgd@0.05", "pgd20@0.05"] and r.excluded_from_a_rob == r.attacks
     assert r.a_rob is None  # no pointwise attack at ε ran
     assert (r.flags[~r.clean] == 0).all()
@@ -428,7 +429,7 @@ def test_cli_baseline_and_checkpoint_file(cli, workspace, tmp_path):
                          "-w", workspace.root)
     assert code == 0, err
     assert "before: tiny" in out and "after: r1" in out and "change" in out
-    data = json.loads((workspace.leaderboard_dir / "fashion-mnist" / "Linf" / "r1_custom.json").read_text())
+    data = json.loads((workspace.leaderboard_dir / "fashion-mnist" / "Linf" / "r1_fgsm_eps0.1_n50.json").read_text())
     extra = data["adt_ft"]
     assert extra["run_id"] == "r1" and extra["method"] == "exp-am" and extra["base_model"] == "tiny"
     assert extra["baseline"]["model"] == "tiny"
@@ -441,7 +442,7 @@ def test_cli_baseline_and_checkpoint_file(cli, workspace, tmp_path):
     code, out, err = cli("eval", "--model", ckpt, "--arch", "adt_finetune.models.small:SmallCNN", "--dataset",
                          "fashion-mnist", "--attacks", "fgsm", "-n", "20", "--no-progress", "-w", workspace.root)
     assert code == 0, err
-    assert (workspace.leaderboard_dir / "fashion-mnist" / "Linf" / "plain_custom.json").exists()
+    assert (workspace.leaderboard_dir / "fashion-mnist" / "Linf" / "plain_fgsm_eps0.1_n20.json").exists()
     assert workspace.current_model().name == "tiny"
     code, _, err = cli("eval", "--model", ckpt, "--attacks", "fgsm", "-w", workspace.root)
     _one_line_error(code, err)
@@ -457,8 +458,8 @@ def test_amp_flags_are_the_fp32_models_verdict(monkeypatch):
     x = encode(N)
     seen: list[bool] = []
     make_fake(monkeypatch, "liar", {i: False for i in range(N)}, amp_search=True, autocast_seen=seen)
-    plain = evaluate(model, x, y, attacks=["liar"], eps=EPS, progress=False)
-    amp = evaluate(model, x, y, attacks=["liar"], eps=EPS, progress=False, amp=True)
+    plain = evaluate(model, x, y, attacks=["liar"], eps=EPS)
+    amp = evaluate(model, x, y, attacks=["liar"], eps=EPS, amp=True)
     assert seen and not seen[0] and all(seen[1:])  # plain run without autocast, --amp run under it
     assert plain.per_attack["liar"] == 0.0       # without --amp the attack's verdict stands
     assert amp.per_attack["liar"] == 100.0 and amp.a_rob == 100.0
@@ -475,7 +476,7 @@ def test_amp_keeps_attacks_that_decide_from_logits_in_fp32(monkeypatch):
     y = torch.arange(N) % 10
     seen: list[bool] = []
     make_fake(monkeypatch, "stopper", {i: i % 2 == 0 for i in range(N)}, autocast_seen=seen)
-    res = evaluate(TableModel(y), encode(N), y, attacks=["stopper"], eps=EPS, progress=False, amp=True)
+    res = evaluate(TableModel(y), encode(N), y, attacks=["stopper"], eps=EPS, amp=True)
     assert seen and not any(seen)
     assert res.per_attack["stopper"] == 50.0     # its own verdict, made in fp32
     assert res.to_json()["amp_attacks"] == []
@@ -483,8 +484,8 @@ def test_amp_keeps_attacks_that_decide_from_logits_in_fp32(monkeypatch):
 
 def test_amp_search_agrees_with_fp32(trained_cnn, fmnist_test):
     x, y = fmnist_test[0][:150], fmnist_test[1][:150]
-    fp32 = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=0.1, progress=False)
-    amp = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=0.1, progress=False, amp=True)
+    fp32 = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=0.1)
+    amp = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=0.1, amp=True)
     assert amp.clean_acc == fp32.clean_acc
     for name in ("fgsm", "pgd20"):  # bf16 rounding may flip a few borderline examples, no more
         assert abs(amp.per_attack[name] - fp32.per_attack[name]) <= 4.0, (name, amp.per_attack, fp32.per_attack)
@@ -523,5 +524,5 @@ def test_amp_without_bf16_is_refused(monkeypatch):
     y = torch.arange(N) % 10
     make_fake(monkeypatch, "any", {i: True for i in range(N)})
     with pytest.raises(UserError, match="bf16"):
-        evaluate(TableModel(y), encode(N), y, attacks=["any"], eps=EPS, progress=False, amp=True)
-    assert evaluate(TableModel(y), encode(N), y, attacks=["any"], eps=EPS, progress=False).a_rob == 100.0
+        evaluate(TableModel(y), encode(N), y, attacks=["any"], eps=EPS, amp=True)
+    assert evaluate(TableModel(y), encode(N), y, attacks=["any"], eps=EPS).a_rob == 100.0

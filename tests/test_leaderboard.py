@@ -145,23 +145,31 @@ def test_render_sorts_by_robust_accuracy(tmp_path):
     low = result(["fgsm", "pgd20"], [[0, -1], [1, 0], [1, 1], [0, 0]], CLEAN, mode="cascade")  # A_rob 25
     for name, res in (("mid", mid), ("top", top), ("low", low)):
         lb.write_entry(res, root=root, dataset="fashion-mnist", entry=name, context={"method": "exp", "base_model": "b"})
-    # A RobustBench file of its own (no adt_ft block) ranks by its AutoAttack accuracy.
+    # A RobustBench file of its own (no adt_ft block) ranks by its AutoAttack accuracy, after `external`
+    # (RobustBench's order); it records no number of examples, so it ranks among its own kind only.
     rb_file = root / "fashion-mnist" / "Linf" / "Someone2020.json"
-    rb_file.write_text(json.dumps({"name": "x", "clean_acc": "90.00", "autoattack_acc": "60.00"}))
+    rb_file.write_text(json.dumps({"name": "x", "eps": "8/255", "clean_acc": "90.00", "autoattack_acc": "60.00"}))
+    (root / "fashion-mnist" / "Linf" / "Other2019.json").write_text(json.dumps(
+        {"name": "y", "eps": "8/255", "clean_acc": "80.00", "autoattack_acc": "70.00", "external": "65.00"}))
 
     entries = lb.read_entries(root, "fashion-mnist", "Linf")
-    assert [e.entry for e in lb.sort_entries(entries)] == ["top", "Someone2020", "mid", "low"]
+    assert [e.entry for e in lb.sort_entries(entries)] == ["top", "mid", "low", "Other2019", "Someone2020"]
 
     text = lb.render(entries, "table")
-    assert [text.index(n) for n in ("top", "Someone2020", "mid", "low")] == \
-        sorted(text.index(n) for n in ("top", "Someone2020", "mid", "low"))
+    names = ("top", "mid", "low", "Other2019", "Someone2020")
+    assert [text.index(n) for n in names] == sorted(text.index(n) for n in names)
+    assert "ε = 8/255, n = 4: 3 entries" in text and "ε = 8/255, n = ?: 2 entries" in text
     md = lb.render(entries, "markdown").splitlines()
-    assert md[0].startswith("| entry | base model | method | clean | AutoAttack | A_rob | fgsm | pgd20 |")
-    assert md[2].startswith("| top | b | exp | 75.00 | — | 75.00 | 75.00 | 75.00 |")
-    assert "50.00*" in md[5]  # cascade columns are cumulative and say so
+    assert md[0] == "### fashion-mnist / Linf, ε = 8/255, n = 4: 3 entries"
+    assert md[2].startswith("| entry | base model | method | ε | n | clean | AutoAttack | A_rob | fgsm | pgd20 |")
+    assert md[4].startswith("| top | b | exp | 8/255 | 4 | 75.00 | — | 75.00 | 75.00 | 75.00 |")
+    assert "50.00*" in md[6]  # cascade columns are cumulative and say so
+    assert any("never ranked together" in line for line in md)
     rows = json.loads(lb.render(entries, "json"))
-    assert [r["entry"] for r in rows] == ["top", "Someone2020", "mid", "low"]
-    assert rows[0]["a_rob"] == 75.0 and rows[1]["autoattack"] == 60.0
+    assert [r["entry"] for r in rows] == ["top", "mid", "low", "Other2019", "Someone2020"]
+    assert rows[0]["a_rob"] == 75.0 and rows[4]["autoattack"] == 60.0 and rows[3]["robust"] == 65.0
+    assert [(r["eps"], r["n"], r["rank_in_group"]) for r in rows] == \
+        [("8/255", 4, 1), ("8/255", 4, 2), ("8/255", 4, 3), ("8/255", None, 1), ("8/255", None, 2)]
 
     assert lb.read_entries(root, "cifar10") == []
     with pytest.raises(UserError, match="choose from"):
@@ -169,6 +177,26 @@ def test_render_sorts_by_robust_accuracy(tmp_path):
     (root / "fashion-mnist" / "Linf" / "broken.json").write_text("{not json")
     with pytest.raises(UserError, match="broken.json"):
         lb.read_entries(root)
+
+
+def test_entries_at_different_eps_or_n_are_never_ranked_together(tmp_path):
+    """An ε = 8/255 entry on 4 images must not top ε = 0.1 entries on 8 (or 4) images."""
+    root = tmp_path / "leaderboard"
+    all_robust = result(["fgsm"], [[1], [1], [1], [1]], [1, 1, 1, 1], eps=8 / 255)          # A_rob 100, n 4
+    half = result(["fgsm"], [[1], [1], [0], [0]] * 2, [1] * 8, eps=0.1)                    # A_rob 50, n 8
+    quarter = result(["fgsm"], [[1], [0], [0], [0]] * 2, [1] * 8, eps=0.1)                 # A_rob 25, n 8
+    small = result(["fgsm"], [[1], [1], [1], [0]], [1, 1, 1, 1], eps=0.1)                  # A_rob 75, n 4
+    for name, res in (("tiny-eps", all_robust), ("half", half), ("quarter", quarter), ("small-n", small)):
+        lb.write_entry(res, root=root, dataset="fashion-mnist", entry=name)
+    entries = lb.read_entries(root)
+    groups = lb.comparable_groups(entries)
+    assert [[e.entry for e in g.entries] for g in groups] == [["tiny-eps"], ["half", "quarter"], ["small-n"]]
+    assert [g.title for g in groups] == ["fashion-mnist / Linf, ε = 8/255, n = 4",
+                                         "fashion-mnist / Linf, ε = 0.1, n = 8", "fashion-mnist / Linf, ε = 0.1, n = 4"]
+    rows = json.loads(lb.render(entries, "json"))
+    assert {r["entry"]: r["rank_in_group"] for r in rows} == {"tiny-eps": 1, "half": 1, "quarter": 2, "small-n": 1}
+    md = lb.render(entries, "markdown")
+    assert md.count("### ") == 3 and "| half |  |  | 0.1 | 8 | 100.00 |" in md
 
 
 def test_entry_names_are_plain_file_names(tmp_path):
@@ -182,3 +210,145 @@ def test_plot_writes_an_image(tmp_path):
     write(tmp_path, PAPERISH, "one")
     out = lb.plot(lb.read_entries(root), tmp_path / "board.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- interrupted writes, verification, bad input
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _interrupt_replace(monkeypatch, suffix):
+    """Make the rename onto a file ending in `suffix` fail like a kill at that moment."""
+    import os
+
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if str(dst).endswith(suffix):
+            raise KeyboardInterrupt("killed")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+SECOND = result(["fgsm", "autoattack"], [[1, 1], [1, 1], [1, 0], [0, 0]], CLEAN)  # differs from PAPERISH
+
+
+def test_write_killed_before_the_json_keeps_the_old_json_and_csv_together(tmp_path, monkeypatch):
+    path = write(tmp_path, PAPERISH, "e1")
+    csv = path.with_name("e1.per-example.csv")
+    with monkeypatch.context() as m:
+        _interrupt_replace(m, ".json")
+        with pytest.raises(KeyboardInterrupt):
+            write(tmp_path, SECOND, "e1")
+    data = json.loads(path.read_text())
+    assert data["adt_ft"]["per_example_sha256"] == _sha(csv)
+    assert csv.read_text() == PAPERISH.csv_text() and data["adt_ft"]["a_rob"] == PAPERISH.a_rob
+    entries = lb.read_entries(tmp_path / "leaderboard")
+    assert lb.verify_entries(entries) == [] and entries[0].verified is True
+
+    # The next write of that entry cleans up the orphaned staged file and lands whole.
+    write(tmp_path, SECOND, "e1")
+    data = json.loads(path.read_text())
+    assert data["adt_ft"]["per_example_sha256"] == _sha(csv) and csv.read_text() == SECOND.csv_text()
+    assert not list(path.parent.glob(".*"))
+
+
+def test_write_killed_after_the_json_is_finished_by_the_reader(tmp_path, monkeypatch):
+    path = write(tmp_path, PAPERISH, "e1", baseline=PAPERISH, baseline_label="base")
+    with monkeypatch.context() as m:
+        _interrupt_replace(m, ".per-example.csv")
+        with pytest.raises(KeyboardInterrupt):
+            write(tmp_path, SECOND, "e1", baseline=SECOND, baseline_label="base")
+    csv = path.with_name("e1.per-example.csv")
+    data = json.loads(path.read_text())
+    assert data["adt_ft"]["a_rob"] == SECOND.a_rob and csv.read_text() == PAPERISH.csv_text()  # new JSON, old CSV
+    (entry,) = lb.read_entries(tmp_path / "leaderboard")
+    check = lb.check_per_example(entry)
+    assert check.problem is None and check.path == csv
+    assert csv.read_text() == SECOND.csv_text() and _sha(csv) == data["adt_ft"]["per_example_sha256"]
+    assert lb.verify_entries([entry]) == []  # the baseline file too
+    base = path.with_name("e1.baseline.per-example.csv")
+    assert _sha(base) == data["adt_ft"]["baseline"]["per_example_sha256"]
+    assert not list(path.parent.glob(".*"))
+
+
+def test_leaderboard_warns_once_per_entry_whose_csv_does_not_match(tmp_path, cli):
+    ws = tmp_path / "ws"
+    for name in ("good", "bad", "gone"):
+        write(ws, PAPERISH, name)
+    folder = ws / "leaderboard" / "cifar10" / "Linf"
+    (folder / "bad.per-example.csv").write_text(SECOND.csv_text())  # e.g. an old interrupted write
+    (folder / "gone.per-example.csv").unlink()
+    code, out, err = cli("leaderboard", "-w", ws)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "entry bad " in warnings[0] and "does not match" in warnings[0]
+    assert "entry gone " in warnings[1] and "missing" in warnings[1]
+    assert "bad !" in out and "good !" not in out
+    code, out, err = cli("leaderboard", "-w", ws, "--format", "json")
+    assert {r["entry"]: r["per_example_ok"] for r in json.loads(out)} == {"good": True, "bad": False, "gone": False}
+
+
+def _one_line_error(code, err):
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("field,value", [
+    ("adt_ft.a_rob", [1]), ("adt_ft.per_attack", [50]), ("adt_ft.attacks", 3), ("adt_ft", "x"),
+    ("clean_acc", {"v": 1}), ("adt_ft.n_examples", "1000"), ("adt_ft.per_example_file", "../../x.csv"),
+    ("unreliable", "no"),
+])
+def test_entry_with_wrong_field_types_is_one_line(tmp_path, cli, field, value):
+    ws = tmp_path / "ws"
+    path = write(ws, PAPERISH, "e1")
+    data = json.loads(path.read_text())
+    *parents, key = field.split(".")
+    target = data
+    for p in parents:
+        target = target[p]
+    target[key] = value
+    path.write_text(json.dumps(data))
+    code, _, err = cli("leaderboard", "-w", ws)
+    _one_line_error(code, err)
+    assert "e1.json" in err and key in err
+
+
+def test_plot_with_unknown_type_and_leaderboard_file_are_one_line(tmp_path, cli):
+    ws = tmp_path / "ws"
+    write(ws, PAPERISH, "e1")
+    code, out, err = cli("leaderboard", "-w", ws, "--plot", tmp_path / "board.xyz")
+    _one_line_error(code, err)
+    assert ".xyz" in err and ".png" in err and out == "" and not (tmp_path / "board.xyz").exists()
+    with pytest.raises(UserError, match="png"):
+        lb.plot(lb.read_entries(ws / "leaderboard"), tmp_path / "board.docx")
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "leaderboard").write_text("not a folder")
+    code, _, err = cli("leaderboard", "-w", other)
+    _one_line_error(code, err)
+    assert "is a file" in err
+
+
+def test_group_seeds_shows_mean_and_sd(tmp_path, cli):
+    ws = tmp_path / "ws"
+    ctx = {"base_model": "b", "method": "exp", "loss": "ce", "scope": "full", "epochs": 2, "suite": "paper"}
+    a_rob_50 = result(["fgsm"], [[1], [1], [0], [0]], CLEAN)
+    for name, res, seed in (("exp-s0", a_rob_50, 0), ("exp-s1", PAPERISH, 1)):
+        write(ws, res, name, context={**ctx, "train_seed": seed})
+    write(ws, SECOND, "pgd", context={**ctx, "method": "pgd-at"})
+    groups = lb.group_by_seed(lb.read_entries(ws / "leaderboard"))
+    assert [[e.entry for e in g.members] for g in groups] == [["exp-s0", "exp-s1"], ["pgd"]]
+    assert groups[0].seeds == [0, 1] and groups[1].seeds == [None]
+    a_rob = groups[0].stat(lambda e: e.a_rob)
+    assert a_rob.mean == pytest.approx(37.5) and a_rob.sd == pytest.approx(((12.5 ** 2) * 2) ** 0.5)
+    code, out, err = cli("leaderboard", "-w", ws, "--group-seeds")
+    assert code == 0, err
+    assert "37.50 ± 17.68" in out and "2 (0,1)" in out and "1 (?)" in out
+    code, out, _ = cli("leaderboard", "-w", ws, "--group-seeds", "--format", "json")
+    rows = json.loads(out)
+    assert [r["members"] for r in rows] == [["pgd"], ["exp-s0", "exp-s1"]]  # pgd's A_rob 50 ranks first
+    assert rows[1]["a_rob"]["values"] == [50.0, 25.0]

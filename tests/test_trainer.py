@@ -37,7 +37,7 @@ def _small(**kw):
 
 def test_run_directory_contents(tmp_path):
     ws = _workspace(tmp_path)
-    result = train(_small(epochs=2), workspace=ws, progress=False)
+    result = train(_small(epochs=2), workspace=ws)
     run = result.path
     assert run.parent == tmp_path / "runs"
     assert {p.name for p in run.iterdir()} >= {"run.json", "metrics.jsonl", "checkpoint.pt", "model.pt"}
@@ -81,7 +81,7 @@ def test_last_layer_scope_trains_only_the_head(tmp_path):
                 m.running_var.uniform_(0.5, 1.5)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     ws = _workspace(tmp_path, base)
-    result = train(_small(scope="last-layer"), workspace=ws, progress=False)
+    result = train(_small(scope="last-layer"), workspace=ws)
     after = result.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}
@@ -91,8 +91,8 @@ def test_last_layer_scope_trains_only_the_head(tmp_path):
 def test_head_reinit_is_seeded_and_fresh(tmp_path):
     ws = _workspace(tmp_path)
     base = Workspace(ws).current_model()
-    runs = [train(_small(head_init="reinit", scope="last-layer", lr=1e-12, run_name=f"r{i}"), workspace=ws,
-                  progress=False) for i in range(2)]
+    runs = [train(_small(head_init="reinit", scope="last-layer", lr=1e-12, run_name=f"r{i}"), workspace=ws)
+            for i in range(2)]
     original = torch.load(base.path)
     w0, w1 = runs[0].model.fc.weight, runs[1].model.fc.weight
     assert torch.allclose(w0, w1)  # same seed, same fresh head (lr ~ 0: only the init is visible)
@@ -129,17 +129,17 @@ def test_resume_after_interrupt_mid_epoch_is_exact(tmp_path):
     # 3 steps per epoch, 2 epochs; TRADES draws its random start from the global RNG and BatchNorm
     # trains, so the RNG and the running statistics both have to be restored exactly.
     cfg = _small(method="trades", loss="trades", trades_steps=2, epochs=2, train_subset=192, head_init="reinit")
-    straight = train(replace(cfg, run_name="straight"), workspace=ws, progress=False)
+    straight = train(replace(cfg, run_name="straight"), workspace=ws)
 
     with pytest.raises(KeyboardInterrupt):
-        train(replace(cfg, run_name="stopped"), workspace=ws, progress=False, on_step=_sigint_at(4))
+        train(replace(cfg, run_name="stopped"), workspace=ws, on_step=_sigint_at(4))
     position = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)["position"]
     assert (position["epoch"], position["step_in_epoch"], position["global_step"]) == (1, 1, 4)  # mid epoch 2
     stopped = load_run("stopped", ws, require_finished=False)
     assert not stopped.finished and stopped.meta["status"] == "running"
     with pytest.raises(UserError, match="no final model"):
         load_run("stopped", ws)
-    resumed = train(workspace=ws, progress=False, resume=True)  # latest run
+    resumed = train(workspace=ws, resume=True)  # latest run
     assert resumed.run_id == "stopped"
     _assert_same_weights(straight.model, resumed.model)
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight.history], rel=1e-6)
@@ -151,15 +151,15 @@ def test_resume_after_crash_from_periodic_checkpoint_with_generator(tmp_path):
     exp-am's generator, its Adam state and BatchNorm statistics come back with it."""
     ws = _workspace(tmp_path)
     common = dict(method="exp-am", epochs=2, train_subset=192, gen_width=4, checkpoint_every=2)
-    straight = train(_small(run_name="straight", **common), workspace=ws, progress=False)
+    straight = train(_small(run_name="straight", **common), workspace=ws)
 
     def crash(step):
         if step == 5:
             raise RuntimeError("simulated kill")
 
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train(_small(run_name="crashed", **common), workspace=ws, progress=False, on_step=crash)
-    resumed = train(workspace=ws, progress=False, resume="crashed")
+        train(_small(run_name="crashed", **common), workspace=ws, on_step=crash)
+    resumed = train(workspace=ws, resume="crashed")
     _assert_same_weights(straight.model, resumed.model)
     gen_a = torch.load(straight.path / "generator.pt", weights_only=True)
     gen_b = torch.load(resumed.path / "generator.pt", weights_only=True)
@@ -171,15 +171,15 @@ def test_resume_after_crash_from_periodic_checkpoint_with_generator(tmp_path):
 def test_resume_refuses_finished_run_and_missing_run(tmp_path):
     ws = _workspace(tmp_path)
     with pytest.raises(UserError, match="nothing to resume"):
-        train(workspace=ws, progress=False, resume=True)
-    train(_small(run_name="done", max_steps=1), workspace=ws, progress=False)
+        train(workspace=ws, resume=True)
+    train(_small(run_name="done", max_steps=1), workspace=ws)
     with pytest.raises(UserError, match="already finished"):
-        train(workspace=ws, progress=False, resume="done")
+        train(workspace=ws, resume="done")
 
 
 def test_scratch_model_records_its_initial_weights(tmp_path):
     cfg = _small(model="scratch", arch=ARCH, arch_kwargs={"width": 8}, dataset="fashion-mnist", max_steps=1)
-    result = train(cfg, workspace=tmp_path, progress=False)
+    result = train(cfg, workspace=tmp_path)
     info = load_run(result.run_id, tmp_path)
     assert info.base_model.source == "scratch" and info.base_model.path == str(result.path / "init.pt")
     from adt_finetune.zoo import model_from_ref
@@ -193,7 +193,7 @@ def test_scratch_model_records_its_initial_weights(tmp_path):
 
 def test_max_steps_stops_mid_epoch_and_finishes(tmp_path):
     ws = _workspace(tmp_path)
-    result = train(_small(max_steps=1, train_subset=192), workspace=ws, progress=False)
+    result = train(_small(max_steps=1, train_subset=192), workspace=ws)
     meta = load_run(result.run_id, ws).meta
     assert meta["status"] == "finished" and meta["stopped_early"] and meta["epochs_done"] == 0
     assert result.history[0]["steps"] == 1 and result.history[0]["partial"]
@@ -212,7 +212,7 @@ def test_amp_runs_the_method_under_bf16_autocast(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PGDAT, "step", spy)
     ws = _workspace(tmp_path)
-    result = train(_small(amp=True, max_steps=1), workspace=ws, progress=False)
+    result = train(_small(amp=True, max_steps=1), workspace=ws)
     assert seen == [(True, torch.bfloat16)]
     assert math.isfinite(result.final_metrics["loss"])
     assert all(v.dtype == torch.float32 for k, v in result.model.state_dict().items() if v.is_floating_point())
@@ -300,7 +300,7 @@ def test_cli_train_end_to_end_with_recipe_and_flags(tmp_path, cli):
 def test_cli_resume_continues_latest_run(tmp_path, cli):
     ws = _workspace(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        train(_small(run_name="cut", train_subset=192), workspace=ws, progress=False, on_step=_interrupt_at(1))
+        train(_small(run_name="cut", train_subset=192), workspace=ws, on_step=_interrupt_at(1))
     code, out, err = cli("train", "--resume", "--device", "cpu", "--workspace", ws)
     assert code == 0, err
     assert "resuming at epoch 1, step 1 of 3" in out
@@ -366,8 +366,268 @@ def test_pgd_at_finetuning_raises_pgd_accuracy(tmp_path, trained_cnn, fmnist_tes
 
     before, clean_before = pgd10_acc(trained_cnn)
     ws = _workspace(tmp_path, trained_cnn)
-    result = train(_small(pgd_steps=5, train_subset=1000, batch_size=100, epochs=1, lr=0.05), workspace=ws,
-                   progress=False)
+    result = train(_small(pgd_steps=5, train_subset=1000, batch_size=100, epochs=1, lr=0.05), workspace=ws)
     after, clean_after = pgd10_acc(result.model)
     assert after > before + 0.15, (f"PGD-10 accuracy {before:.1%} before, {after:.1%} after PGD-AT fine-tuning "
                                    f"(clean {clean_before:.1%} -> {clean_after:.1%})")
+
+
+# ---------------------------------------------------------------- one rule for method × loss; methods report their own settings
+
+def test_method_loss_rule_lives_with_the_registry():
+    from adt_finetune.config import TrainConfig as TC
+    from adt_finetune.methods import check_method_loss, default_loss
+    from adt_finetune.perturb.exp import DEFAULT_LAMBDA
+    from adt_finetune.training import resolve_loss
+    from adt_finetune.training.session import Session  # noqa: F401  (the trainer imports it)
+
+    assert default_loss("wdat") == "trades" and default_loss("trades") == "trades" and default_loss("exp-am") == "ce"
+    with pytest.raises(UserError, match="--loss trades does not apply to --method pgd-at"):
+        check_method_loss("pgd-at", "trades")
+    with pytest.raises(UserError, match="unknown method 'magic'"):
+        check_method_loss("magic", "ce")
+    with pytest.raises(UserError, match="unknown loss 'hinge'"):
+        resolve_loss(TC(method="exp-am", loss="hinge"))
+    assert DEFAULT_LAMBDA == 0.01
+
+
+def test_methods_record_the_settings_they_resolved(tmp_path):
+    """λ and the baselines' attack step are the methods' own defaults; run.json records them."""
+    ws = _workspace(tmp_path)
+    exp = train(_small(method="exp", exp_steps=1, exp_samples=1, max_steps=1, run_name="exp"), workspace=ws)
+    assert load_run(exp.run_id, ws).meta["config"]["adt_lambda"] == 0.01
+    pgd = train(_small(max_steps=1, run_name="pgd", eps="0.2"), workspace=ws)
+    cfg = load_run(pgd.run_id, ws).meta["config"]
+    assert cfg["step_size"] == pytest.approx(0.05) and cfg["adt_lambda"] is None
+
+
+# ---------------------------------------------------------------- epoch diagnostics (the method hook)
+
+def _probe_diagnostics(calls):
+    """A PGD-AT epoch_diagnostics that records what it sees and draws from the global RNG."""
+    def epoch_diagnostics(self, model, x, y):
+        calls.append({"n": len(x), "sum": float(x.sum()), "modes": {m.training for m in model.modules()}})
+        torch.rand(1000)  # must not shift training's RNG stream
+        with torch.no_grad():
+            acc = (model(x).argmax(1) == y).float().mean().item()  # eval mode: BatchNorm statistics stay
+        return {"probe_acc": acc, "probe_sum": float(x.sum())}
+
+    return epoch_diagnostics
+
+
+def test_epoch_diagnostics_are_recorded_and_change_nothing(tmp_path, monkeypatch):
+    from adt_finetune.data import as_tensors, load_dataset
+    from adt_finetune.methods.baselines import TRADES
+
+    ws = _workspace(tmp_path)
+    cfg = _small(method="trades", loss="trades", trades_steps=1, epochs=2, train_subset=192)
+    plain = train(replace(cfg, run_name="plain"), workspace=ws)
+    calls = []
+    monkeypatch.setattr(TRADES, "epoch_diagnostics", _probe_diagnostics(calls), raising=False)
+    measured = train(replace(cfg, run_name="measured"), workspace=ws)
+    _assert_same_weights(plain.model, measured.model)  # no RNG draw and no BatchNorm update leaked into training
+
+    x_probe, _ = as_tensors(load_dataset("fashion-mnist", "train", augment=False), 64)
+    assert [c["n"] for c in calls] == [64, 64] and calls[0]["sum"] == calls[1]["sum"] == pytest.approx(
+        float(x_probe.sum()))
+    assert all(c["modes"] == {False} for c in calls)
+    lines = [json.loads(line) for line in (measured.path / "metrics.jsonl").read_text().splitlines()]
+    assert [set(r["diagnostics"]) for r in lines] == [{"probe_acc", "probe_sum"}] * 2
+    meta = load_run("measured", ws).meta
+    assert meta["diagnostics"] == [r["diagnostics"] for r in lines]
+    assert "probe_acc" not in measured.final_metrics and measured.history[1]["diagnostics"] == lines[1]["diagnostics"]
+
+    # Resumed mid-epoch, the run and its diagnostics are those of the uninterrupted one.
+    with pytest.raises(KeyboardInterrupt):
+        train(replace(cfg, run_name="cut"), workspace=ws, on_step=_interrupt_at(4))
+    resumed = train(workspace=ws, resume="cut")
+    _assert_same_weights(measured.model, resumed.model)
+    assert [r["diagnostics"] for r in resumed.history] == [r["diagnostics"] for r in measured.history]
+
+
+def test_cli_summary_shows_diagnostics(tmp_path, cli, monkeypatch):
+    from adt_finetune.methods.baselines import PGDAT
+
+    monkeypatch.setattr(PGDAT, "epoch_diagnostics", _probe_diagnostics([]), raising=False)
+    ws = _workspace(tmp_path)
+    code, out, err = cli("train", "--method", "pgd-at", "--pgd-steps", "1", "--train-subset", "64", "--epochs", "1",
+                         "--device", "cpu", "--no-progress", "--workspace", ws)
+    assert code == 0, err
+    assert "probe_acc" in out and "probe_sum" in out and "clean acc" in out
+
+
+# ---------------------------------------------------------------- never keep a broken model
+
+def test_non_finite_weights_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, monkeypatch):
+    """A BatchNorm statistic that overflows (as `--lr 5` does) leaves the loss finite; the run
+    must still stop, and never write the broken weights into a checkpoint or model.pt."""
+    from adt_finetune.methods.baselines import PGDAT
+
+    original = PGDAT.step
+    steps = []
+
+    def overflowing(self, model, x, y):
+        steps.append(1)
+        if len(steps) == 4:
+            with torch.no_grad():
+                model.features[1].running_var.fill_(float("inf"))
+        return original(self, model, x, y)
+
+    monkeypatch.setattr(PGDAT, "step", overflowing)
+    ws = _workspace(tmp_path)
+    with pytest.raises(UserError, match=r"diverged at epoch 1, step 4: .*features\.1\.running_var.* nan/inf") as e:
+        train(_small(train_subset=320, checkpoint_every=2, run_name="blowup"), workspace=ws)
+    assert "\n" not in str(e.value) and "last finite checkpoint" in str(e.value)
+    run = tmp_path / "runs" / "blowup"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["position"]["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (run / "model.pt").exists() and load_run("blowup", ws, require_finished=False).meta["status"] == "running"
+
+
+def test_cli_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, cli):
+    ws = _workspace(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(_small(run_name="cut", train_subset=192), workspace=ws, on_step=_interrupt_at(1))
+    ckpt_path = tmp_path / "runs" / "cut" / "checkpoint.pt"
+    good = ckpt_path.read_bytes()
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    nonfinite = dict(ckpt, model={k: v.clone() for k, v in ckpt["model"].items()})
+    nonfinite["model"]["fc.bias"][0] = float("nan")
+    wrong_keys = dict(ckpt, model={"not." + k: v for k, v in ckpt["model"].items()})
+    for damage, needle in [(lambda: ckpt_path.write_bytes(good[: len(good) // 2]), "cannot be read"),
+                           (lambda: torch.save(wrong_keys, ckpt_path), "does not fit this run"),
+                           (lambda: torch.save({"model": 1}, ckpt_path), "not an adt-ft training checkpoint"),
+                           (lambda: torch.save(nonfinite, ckpt_path), "holds nan/inf values (model.fc.bias)")]:
+        damage()
+        code, out, err = cli("train", "--resume", "cut", "--device", "cpu", "--workspace", ws)
+        assert code == 2, (out, err)
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "runs" / "cut" / "model.pt").exists()
+
+
+def test_cli_runs_folder_that_is_a_file_is_one_line(tmp_path, cli):
+    ws = _workspace(tmp_path)
+    (tmp_path / "runs").write_text("not a folder")
+    for args in (["--max-steps", "1"], ["--resume"]):
+        code, out, err = cli("train", *args, "--device", "cpu", "--workspace", ws)
+        assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------- never lose a run
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tmp_path):
+    ws = _workspace(tmp_path)
+    cfg = _small(method="trades", loss="trades", trades_steps=1, epochs=1, train_subset=192, head_init="reinit")
+    straight = train(replace(cfg, run_name="straight"), workspace=ws)
+
+    def kill(step):
+        if step == 2:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(replace(cfg, run_name="early"), workspace=ws, on_step=kill)
+    run = tmp_path / "runs" / "early"
+    assert not (run / "checkpoint.pt").exists()
+    (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a write")  # what a kill -9 mid-write leaves
+    resumed = train(workspace=ws, resume=True)
+    assert resumed.run_id == "early" and load_run("early", ws).finished
+    _assert_same_weights(straight.model, resumed.model)
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_scratch_run_killed_before_its_first_checkpoint_restarts_identically(tmp_path):
+    cfg = _small(model="scratch", arch=ARCH, arch_kwargs={"width": 8}, dataset="fashion-mnist", train_subset=128)
+    straight = train(replace(cfg, run_name="straight"), workspace=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(replace(cfg, run_name="early"), workspace=tmp_path, on_step=_interrupt_at(1))
+    (tmp_path / "runs" / "early" / "checkpoint.pt").unlink()  # as if killed before the checkpoint landed
+    resumed = train(workspace=tmp_path, resume="early")
+    _assert_same_weights(straight.model, resumed.model)
+
+
+def test_same_command_takes_over_a_run_folder_left_without_run_json(tmp_path):
+    ws = _workspace(tmp_path)
+    husk = tmp_path / "runs" / "named"
+    husk.mkdir(parents=True)
+    (husk / ".run.json.abc.tmp").write_text("{")
+    result = train(_small(run_name="named", max_steps=1), workspace=ws)
+    assert result.path == husk and load_run("named", ws).finished and not list(husk.glob(".*.tmp"))
+    with pytest.raises(UserError, match="already exists"):
+        train(_small(run_name="named", max_steps=1), workspace=ws)
+
+
+def test_run_json_paths_are_relative_so_a_copied_workspace_uses_its_own_files(tmp_path):
+    import shutil
+
+    original = tmp_path / "a"
+    ws = _workspace(original)
+    result = train(_small(max_steps=1, run_name="r"), workspace=ws)
+    meta = json.loads((result.path / "run.json").read_text())
+    assert meta["model"]["path"] == "runs/r/model.pt"
+    assert meta["base_model"]["path"] == "models/fashion-mnist/Linf/base.pt"
+
+    copy = tmp_path / "b"
+    shutil.copytree(original, copy)
+    torch.save({}, original / "runs" / "r" / "model.pt")  # the original's weights are gone
+    (original / "models" / "fashion-mnist" / "Linf" / "base.pt").unlink()
+    info = load_run("r", copy)
+    assert info.finished and info.model.path == str(copy / "runs" / "r" / "model.pt")
+    assert info.base_model.path == str(copy / "models" / "fashion-mnist" / "Linf" / "base.pt")
+    from adt_finetune.zoo import model_from_ref
+
+    _assert_same_weights(model_from_ref(info.model), result.model)
+    model_from_ref(info.base_model)
+    # A run folder read by its path finds its own files, wherever the folder was moved to.
+    moved = tmp_path / "elsewhere" / "r-moved"
+    shutil.copytree(copy / "runs" / "r", moved)
+    assert load_run(moved, tmp_path / "elsewhere").model.path == str(moved / "model.pt")
+
+    # run.json files written before paths were relative still read.
+    old = dict(meta, model=dict(meta["model"], path=str(copy / "runs" / "r" / "model.pt")))
+    (copy / "runs" / "r" / "run.json").write_text(json.dumps(old))
+    assert load_run("r", copy).model.path == str(copy / "runs" / "r" / "model.pt")
+
+
+# ---------------------------------------------------------------- the command line
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lr", "nan"], "--lr nan is not a usable number"),
+    (["--lr", "inf"], "--lr inf is not a usable number"),
+    (["--lr", "1e39"], "--lr 1e+39 is not a usable number"),
+    (["--momentum", "-inf"], "--momentum -inf is not a usable number"),
+    (["--gen-betas", "0.5,nan"], "--gen-betas (0.5, nan) is not a usable number"),
+    (["--arch-kwargs", "[1]"], "--arch-kwargs must be a JSON object"),
+])
+def test_cli_unusable_numbers_are_refused_up_front(args, needle, tmp_path, cli):
+    ws = _workspace(tmp_path)
+    code, out, err = cli("train", *args, "--device", "cpu", "--workspace", ws)
+    assert code == 2, (out, err)
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_no_progress_prints_the_summary_without_bars(tmp_path, cli):
+    ws = _workspace(tmp_path)
+    code, out, err = cli("train", "--no-progress", "--max-steps", "1", "--train-subset", "128", "--device", "cpu",
+                         "--workspace", ws)
+    assert code == 0, err
+    assert "epoch 1/" not in err and "━" not in err  # no progress bar
+    assert "steps/epoch" in out and "adv acc" in out and "model: " in out and "finished" in out
+
+
+def test_train_help_shows_every_default():
+    import typer
+
+    from adt_finetune.cli import app
+
+    command = typer.main.get_command(app).commands["train"]
+    helps = {p.opts[0]: p.help or "" for p in command.params if p.opts and p.opts[0].startswith("--")}
+    for flag, text in [("--optimizer", "(default sgd)"), ("--imp-entropy", f"(default {TrainConfig().imp_entropy})"),
+                       ("--gen-betas", "(default 0.5,0.999)"), ("--seed", "(default 0)"),
+                       ("--train-subset", "Default: all"), ("--gen-lr", "(default 2e-4)"),
+                       ("--wdat-steps", "(default 10)"), ("--amp", "(default off)")]:
+        assert text in helps[flag], (flag, helps[flag])
+    no_default = {"--arch", "--resume", "--workspace", "--progress"}
+    missing = [f for f, text in helps.items() if f not in no_default and "default" not in text.lower()]
+    assert not missing, missing

@@ -226,7 +226,7 @@ def suite_report(_trained_cnn_state, fmnist_test):
     model.load_state_dict(_trained_cnn_state)
     model.eval()
     return WS.wasserstein_suite(model, fmnist_test[0][:N_EVAL], fmnist_test[1][:N_EVAL], eps=0.1,
-                               budgets=EVAL_BUDGETS, steps=EVAL_STEPS, progress=False)
+                               budgets=EVAL_BUDGETS, steps=EVAL_STEPS)
 
 
 def test_wpgd_beats_pointwise_pgd_and_is_monotone(suite_report):

@@ -16,6 +16,8 @@ itself, in which a non-finite logit never counts as correct.
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -24,7 +26,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..nets import eval_mode
+from ..perturb.linf import verdict
 from ..precision import autocast_context
+from ..progress import Reporter, as_reporter
 from ..registry import Registry
 
 
@@ -59,6 +63,15 @@ class Attack:
         self.seed = int_setting(self.name, "seed", seed)
         if settings:
             raise UserError(f"attack {self.name!r} has no setting {next(iter(settings))!r}")
+        self._reporter: Reporter = as_reporter(None)
+        self._cache_dir: Path | None = None
+
+    def bind(self, *, reporter: "Reporter | None" = None, cache_dir: "str | os.PathLike | None" = None) -> None:
+        """What the engine lends an attack before `prepare`: where to report long preparation
+        (e.g. training a generator) and a folder that survives an interrupted evaluation, so
+        that `--resume` reuses what `prepare` built instead of redoing it."""
+        self._reporter = as_reporter(reporter)
+        self._cache_dir = None if cache_dir is None else Path(cache_dir)
 
     def set_training_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Training images (never the evaluated ones) for attacks with `uses_training_data`."""
@@ -95,12 +108,6 @@ class Attack:
     def settings(self) -> dict[str, Any]:
         """The settings this attack ran with, recorded in results."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-
-def verdict(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: classified correctly. A row with a NaN or infinite logit is never correct:
-    argmax over NaN picks an arbitrary class, which must not count as robust."""
-    return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
 
 
 def int_setting(attack: str, name: str, value: Any, minimum: int = 0) -> int:

@@ -1,9 +1,24 @@
-"""The penultimate-feature attack of the ADT paper's suite (docs/evaluation.md, "Attacks").
+"""The feature-space attack of the ADT paper's suite (Dong et al. 2020, Appendix C.5;
+docs/evaluation.md, "Attacks").
 
-For each image, M copies each chase the penultimate features of one image of
-another class (sign descent on 1 − cos); the image is broken as soon as any copy
-is misclassified. Features are the input of the final linear layer, taken with a
-forward hook, so any architecture whose head is an nn.Linear works.
+For each image, M copies each chase the features of one image of another class
+(sign descent on 1 − cos); the image is broken as soon as any copy is
+misclassified.
+
+Where the features come from (setting `layer`):
+- "pre-pool" (default, the appendix's choice): the last spatial feature map (4-D, larger than
+  1×1) produced before the final linear layer runs, found by watching a forward pass,
+  so a functional `F.avg_pool2d` (RobustBench's WideResNet) is no obstacle. An
+  architecture without such a map falls back to "penultimate", and the settings say so.
+- "penultimate": the input of the final linear layer (after pooling; the authors'
+  released script taps here).
+
+Targets come from a fixed pool: a seeded sample of `pool` training images when the
+engine hands training images over, else of the evaluated images (then the pool does
+depend on which images are evaluated); `target_pool` records which. Each image's M
+targets are drawn from the pool's images of other classes, per-example seeded, without
+replacement while there are enough (the released script draws with replacement from
+the whole test set).
 """
 from __future__ import annotations
 
@@ -14,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..nets import FeatureTap, eval_mode, find_last_linear
+from ..nets import FEATURE_LAYERS, FeatureTap, OutputTap, eval_mode, find_feature_map, find_last_linear
 from .base import (Attack, AttackResult, bool_setting, example_generators, float_setting, int_setting, register_attack,
                    verdict)
 from ..perturb.linf import margin, project_linf
@@ -33,38 +48,83 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 @register_attack("feature")
 class FeatureAttack(Attack):
-    """Settings: targets (M, 200), steps (50), step_size (ε/8), random_start (true),
-    chunk (copies per forward/backward, 400: bounds memory, not results;
-    lower it if a large model runs out of memory)."""
+    """Settings: layer ("pre-pool" | "penultimate"), targets (M, 200), pool (target pool size, 1000),
+    steps (50), step_size (ε/8), random_start (true), chunk (copies per forward/backward, 400:
+    bounds memory, not results; lower it if a large model runs out of memory).
 
-    def __init__(self, eps: float, *, seed: int = 0, targets: Any = 200, steps: Any = 50, step_size: Any = None,
-                 random_start: Any = True, chunk: Any = 400, **settings: Any):
+    After `prepare`, `tap` names the layer really used and `target_pool` where the pool came from."""
+
+    uses_training_data = True
+    #: without training images the pool is a seeded sample of the evaluated images
+    training_data_optional = True
+
+    def __init__(self, eps: float, *, seed: int = 0, layer: Any = "pre-pool", targets: Any = 200, pool: Any = 1000,
+                 steps: Any = 50, step_size: Any = None, random_start: Any = True, chunk: Any = 400,
+                 **settings: Any):
         super().__init__(eps, seed=seed, **settings)
+        self.layer = str(layer).strip().lower()
+        if self.layer not in FEATURE_LAYERS:
+            raise UserError(f"attack 'feature': layer must be one of {', '.join(FEATURE_LAYERS)}, got {layer!r}")
         self.targets = int_setting(self.name, "targets", targets, 1)
+        self.pool = int_setting(self.name, "pool", pool, 1)
         self.steps = int_setting(self.name, "steps", steps, 0)
         self.step_size = float_setting(self.name, "step_size", self.eps / 8 if step_size is None else step_size)
         self.random_start = bool_setting(self.name, "random_start", random_start)
         self.chunk = int_setting(self.name, "chunk", chunk, 1)
+        self.tap: str | None = None          # resolved in prepare: "pre-pool (module)" or "penultimate (...)"
+        self.target_pool: str | None = None  # resolved in prepare: where the pool's images came from
+        self._train_x: torch.Tensor | None = None
+        self._train_y: torch.Tensor | None = None
         self._model: nn.Module | None = None
         self._head: nn.Module | None = None
+        self._tap_module: nn.Module | None = None
         self._pool_features: torch.Tensor | None = None
         self._candidates: dict[int, torch.Tensor] = {}
 
-    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Penultimate features of the whole evaluation set (the target pool), computed once."""
-        if len(x) == 0:
+    def _open_tap(self):
+        """A context manager whose `.features` holds the tapped features of the latest forward."""
+        if self._tap_module is None:
+            return FeatureTap(self._head)
+        return OutputTap(self._tap_module, self._head)
+
+    def _resolve_tap(self, model: nn.Module, example: torch.Tensor) -> None:
+        head_name, self._head = find_last_linear(model, example)
+        found = find_feature_map(model, example, self._head) if self.layer == "pre-pool" else None
+        if found is not None:
+            self.tap, self._tap_module = f"pre-pool ({found[0]})", found[1]
+        else:
+            why = "no spatial feature map before the head" if self.layer == "pre-pool" else "asked for"
+            self.tap, self._tap_module = f"penultimate (input of {head_name}; {why})", None
+
+    def _pool_images(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded sample of `pool` images: training images when given, else the evaluated ones."""
+        if self._train_x is not None and len(self._train_x) > 0:
+            source_x, source_y, where = self._train_x, self._train_y, "training images"
+        else:
+            source_x, source_y, where = x, y, "evaluated images (no training images given)"
+        if len(source_x) == 0:
             raise UserError("the feature attack needs a non-empty evaluation set as its target pool")
+        g = torch.Generator().manual_seed(self.seed)
+        keep = torch.randperm(len(source_x), generator=g)[:self.pool].sort().values
+        self.target_pool = f"{where}: seeded sample of {len(keep)} of {len(source_x)}"
+        return source_x[keep], source_y[keep]
+
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The target pool's features, computed once."""
+        if len(x) == 0:
+            raise UserError("the feature attack needs a non-empty evaluation set")
         device = _model_device(model, x.device)
+        pool_x, pool_y = self._pool_images(x, y)
         with eval_mode(model), torch.no_grad():
-            _, head = find_last_linear(model, x[:1].to(device))
+            self._resolve_tap(model, pool_x[:1].to(device))
             features = []
-            with FeatureTap(head) as tap:
-                for i in range(0, len(x), self.chunk):
-                    model(x[i:i + self.chunk].to(device))
+            with self._open_tap() as tap:
+                for i in range(0, len(pool_x), self.chunk):
+                    model(pool_x[i:i + self.chunk].to(device))
                     features.append(tap.features.flatten(1).clone())
-        self._model, self._head = model, head
+        self._model = model
         self._pool_features = torch.cat(features)
-        labels = y.to(device)
+        labels = pool_y.to(device)
         self._candidates = {int(c): (labels != c).nonzero().squeeze(1) for c in labels.unique()}
 
     def _pick_targets(self, y: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -75,8 +135,8 @@ class FeatureAttack(Attack):
             if candidates is None:  # a class absent from the pool: every pool image qualifies
                 candidates = torch.arange(len(self._pool_features), device=self._pool_features.device)
             if len(candidates) == 0:
-                raise UserError(f"the feature attack needs evaluation images of a class other than {label}: "
-                                "evaluate more examples")
+                raise UserError(f"the feature attack's target pool has no image of a class other than {label}: "
+                                "raise feature.pool, or evaluate more examples")
             order = torch.randperm(len(candidates), generator=g, device=g.device)
             # Fewer candidates than M: reuse them; each copy still gets its own random start.
             picks.append(candidates[order[torch.arange(self.targets, device=g.device) % len(candidates)]])
@@ -89,7 +149,7 @@ class FeatureAttack(Attack):
         generators = example_generators(x, f"{self.name}:{self.seed}")
         target_idx = self._pick_targets(y, generators)
         images_per_group = max(1, self.chunk // self.targets)
-        with FeatureTap(self._head) as tap:
+        with self._open_tap() as tap:
             for lo in range(0, len(x), images_per_group):
                 hi = min(lo + images_per_group, len(x))
                 x_adv[lo:hi], robust[lo:hi] = self._attack_group(

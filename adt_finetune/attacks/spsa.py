@@ -1,7 +1,8 @@
 """SPSA (Uesato et al. 2018), the gradient-free attack of the suite (docs/evaluation.md, "Attacks").
 
 It never asks the model for a gradient: each iteration estimates ∇x of the margin
-z_y − max_{j≠y} z_j from antithetic Rademacher finite differences and takes an
+z_y − max_{j≠y} z_j from antithetic Rademacher finite differences (each pixel's
+difference divided by how far its two clipped probes really are apart) and takes an
 Adam step that lowers it, projecting onto the ε-ball and [0, 1]. An example stops
 as soon as it is misclassified (broken); the evaluation compares this black-box
 number with the white-box ones to spot gradient masking.
@@ -20,6 +21,18 @@ from ..perturb.linf import margin, project_linf
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+
+
+def probe_reciprocal(step: torch.Tensor) -> torch.Tensor:
+    """1 / (x⁺ − x⁻) per pixel, 0 where the pair did not move the pixel.
+
+    A pixel at 0 or 1 moves by δ in only one of the two clipped probes, so its
+    finite difference spans δ, not 2δ: dividing by the distance the probes really
+    are apart keeps its gradient estimate at full scale (dividing every pixel by 2δ
+    halved it exactly where Fashion-MNIST's black background lies). Unclipped pixels
+    get sign/(2δ), the textbook SPSA estimate.
+    """
+    return torch.where(step != 0, 1.0 / torch.where(step != 0, step, torch.ones_like(step)), torch.zeros_like(step))
 
 
 @register_attack("spsa")
@@ -67,8 +80,8 @@ class SPSA(Attack):
             y_probe = yg.repeat_interleave(pairs)
             m_plus = margin(logits[n:n + n * pairs], y_probe).view(n, pairs)
             m_minus = margin(logits[n + n * pairs:], y_probe).view(n, pairs)
-            slope = (m_plus - m_minus) / (2 * self.delta)
-            grad[lo:lo + n] = (slope.view(n, pairs, *[1] * (xg.dim() - 1)) * signs).mean(1)
+            rise = (m_plus - m_minus).view(n, pairs, *[1] * (xg.dim() - 1))
+            grad[lo:lo + n] = (rise * probe_reciprocal(plus - minus)).mean(1)
         return wrong, grad
 
     @torch.no_grad()

@@ -25,12 +25,16 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    # Imported here so that `adt-ft --help` stays fast and a broken optional
-    # command cannot stop the others from loading.
-    from . import bench_cmd, eval_cmd, leaderboard_cmd, quickstart_cmd, train_cmd, zoo_cmd
+    # Each command module imports torch and the rest of the library inside its
+    # command function only, so registering them all keeps `adt-ft --help` fast
+    # (tests/test_startup.py checks that no heavy library is imported).
+    from . import bench_cmd, compare_cmd, eval_cmd, leaderboard_cmd, quickstart_cmd, train_cmd, zoo_cmd
 
-    for mod in (zoo_cmd, train_cmd, eval_cmd, leaderboard_cmd, bench_cmd, quickstart_cmd):
+    for mod in (zoo_cmd, train_cmd, eval_cmd, leaderboard_cmd, compare_cmd, bench_cmd, quickstart_cmd):
         mod.register(app)
+    from . import export_cmd
+
+    export_cmd.register(app)
 
 
 @app.callback()

@@ -2,12 +2,39 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+
+class CliConsole(Console):
+    """A rich Console that writes whole lines into a file or pipe.
+
+    A file has no width, and rich's default of 80 columns would wrap paths and run
+    names mid-name and squeeze tables. When the output is not a terminal, text is
+    printed unwrapped (soft wrap) and a table at the width it needs; on a terminal
+    everything fits the window as usual.
+    """
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self.is_terminal or kwargs.get("width") is not None:
+            return super().print(*objects, **kwargs)
+        if all(isinstance(o, (str, Text)) for o in objects):
+            if kwargs.get("soft_wrap") is None:
+                kwargs["soft_wrap"] = True
+            return super().print(*objects, **kwargs)
+        wide = self.options.update(width=10_000)
+        need = max(self.measure(o, options=wide).maximum for o in objects)
+        if need <= self.width:
+            return super().print(*objects, **kwargs)
+        # A console of the needed width, writing to the same file: rich caps `width=` at the console's own.
+        Console(file=self.file, width=need, color_system=self.color_system, no_color=self.no_color).print(
+            *objects, **kwargs)
+
+console = CliConsole()
+err_console = CliConsole(stderr=True)
 
 WorkspaceOpt = typer.Option(Path("."), "--workspace", "-w", help="Workspace folder (models/, runs/, leaderboard/).",
                             file_okay=False)

@@ -23,20 +23,6 @@ def parse_settings(items: List[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _parse_arch_kwargs(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--arch-kwargs {text!r} is not JSON ({e.msg}): write e.g. '{{\"width\": 16}}'") from None
-    if not isinstance(value, dict):
-        raise UserError(f"--arch-kwargs must be a JSON object such as '{{\"width\": 16}}', got {text!r}")
-    return value
-
-
 def eval_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name or checkpoint file (default: the "
                                                                     "latest run, else the current model)."),
@@ -54,8 +40,11 @@ def eval_cmd(
     mode: str = typer.Option("independent", "--mode", help="independent (each attack on every example: the "
                                                            "paper's columns) or cascade (only still-robust "
                                                            "examples: fastest A_rob)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b"),
-    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per attack batch (lower it when memory "
+                                                                   "runs out; numbers do not change).",
+                                   show_default=True),
+    seed: int = typer.Option(0, "--seed", help="Seed of the attacks' random starts and of the training-image "
+                                               "sample for attacks that learn first.", show_default=True),
     device: str = DeviceOpt,
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the run's base model on the same "
                                                             "examples: before → after."),
@@ -64,7 +53,9 @@ def eval_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where the dataset files are."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="W-PGD budgets for --suite wasserstein, "
                                                                   "e.g. 0.05,0.1 (default ε·(1/4, 1/2, 1, 2))."),
-    entry: Optional[str] = typer.Option(None, "--entry", help="Leaderboard entry name (default <model>_<suite>)."),
+    entry: Optional[str] = typer.Option(None, "--entry", help="Leaderboard entry name (default <model>_<suite>, or "
+                                                              "<model>_<attacks>_eps<ε>_n<N> for --attacks)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing entry of the same name."),
     settings: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting ATTACK.KEY=VALUE, "
                                                                      "repeatable (e.g. autoattack.version=plus)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation of the same entry."),
@@ -75,13 +66,28 @@ def eval_cmd(
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Evaluate a model (default: the latest run) with an attack suite; write a leaderboard entry."""
-    from ..evaluation import evaluate_workspace, print_sanity, print_wide, results_table
+    from ..evaluation import evaluate_workspace
+    from ..utils import parse_json_object
+    from .report import reporter
 
-    rec = evaluate_workspace(
-        model=model, arch=arch, arch_kwargs=_parse_arch_kwargs(arch_kwargs), run=run, suite=suite, attacks=attacks, n_examples=n_examples, eps=eps, mode=mode,
-        batch_size=batch_size, seed=seed, device=device, baseline=baseline, dataset=dataset, data_dir=data_dir,
-        budgets=budgets, entry=entry, resume=resume, workspace=workspace, attack_settings=parse_settings(settings),
-        progress=progress, amp=amp)
+    kwargs = dict(model=model, arch=arch, arch_kwargs=parse_json_object(arch_kwargs), run=run, suite=suite,
+                  attacks=attacks, n_examples=n_examples, eps=eps, mode=mode, batch_size=batch_size, seed=seed,
+                  device=device, baseline=baseline, dataset=dataset, data_dir=data_dir, budgets=budgets, entry=entry,
+                  resume=resume, workspace=workspace, attack_settings=parse_settings(settings), amp=amp,
+                  overwrite=overwrite)
+    try:
+        rec = evaluate_workspace(reporter=reporter(progress), **kwargs)
+    except KeyboardInterrupt:
+        # Flags are saved after every batch: the same command with --resume continues from there.
+        err_console.print("interrupted: finished batches are saved; run the same command with --resume to continue",
+                          highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(130) from None
+    _print_record(rec)
+
+
+def _print_record(rec) -> None:
+    from .eval_tables import print_sanity, print_wide, results_table, wasserstein_table
+
     r = rec.result
     console.print(f"{rec.target.dataset} {rec.target.threat_model} ε = {r.to_json()['eps_str']}, suite {rec.suite}, "
                   f"{r.mode} mode, {rec.data_source}", highlight=False, soft_wrap=True, markup=False)
@@ -91,7 +97,7 @@ def eval_cmd(
         rows = [(rec.target.label, r)]
     print_wide(console, results_table(rows))
     if r.wasserstein:
-        _print_wasserstein(r.wasserstein)
+        print_wide(console, wasserstein_table(r.wasserstein))
     for label, res in rows:
         console.print(f"sanity checks ({label}):", highlight=False)
         print_sanity(res, console)
@@ -101,28 +107,6 @@ def eval_cmd(
     if any(res.unreliable for _, res in rows):
         err_console.print("[bold yellow]warning:[/] a sanity check failed; the entry is marked unreliable",
                           highlight=False)
-
-
-def _print_wasserstein(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    clean = report.get("clean") or {}
-    t = Table(title=f"W-PGD ({report.get('threat_model')}, loss {report.get('loss')}): "
-                    f"Υ = {_num(clean.get('upsilon'))}, V(0) = {_num(clean.get('v0'))}, W(0) = {_num(clean.get('w0'))}")
-    for c in ("budget δ", "W-PGD acc", "first-order est.", "PGD-20 acc (ε = δ)"):
-        t.add_column(c, justify="right")
-    for row in report.get("rows", []):
-        t.add_row(_num(row.get("budget")), _pct(row.get("wpgd_acc")), _pct(row.get("first_order")),
-                  _pct(row.get("pgd_acc")))
-    print_wide(console, t)
-
-
-def _num(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
-
-
-def _pct(v: Any) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}"
 
 
 def register(app: typer.Typer) -> None:

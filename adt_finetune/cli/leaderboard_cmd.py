@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import typer
 
@@ -10,42 +10,91 @@ from ..errors import UserError
 from .common import WorkspaceOpt, console, err_console
 
 
+def section_table(section, n_text: int = 3, bold: str = "A_rob", title: bool = True):
+    """A rich Table from a `leaderboard.Section`: text columns left, numbers right and never wrapped."""
+    from rich.table import Table
+
+    t = Table(title=section.title if title else None)
+    for j, h in enumerate(section.header):
+        numeric = j >= n_text
+        width = len(h) if numeric else min(20, max([len(h)] + [len(r[j]) for r in section.body]))
+        t.add_column(h, justify="right" if numeric else "left", style="bold" if h == bold else None,
+                     no_wrap=numeric, min_width=width)
+    for r in section.body:
+        t.add_row(*r)
+    return t
+
+
+def sections_renderable(parts: Sequence, notes: Iterable[str], n_text: int = 3, titles_above: bool = False):
+    """Tables one under the other, then the notes (dimmed), as one printable object. With
+    `titles_above` each title is a line of its own (rich would wrap a title wider than its table)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    items: list = []
+    for s in parts:
+        if titles_above:
+            items.append(Text(s.title, style="bold"))
+        items.append(section_table(s, n_text, title=not titles_above))
+    return Group(*items, *[Text(n, style="dim") for n in notes])
+
+
+def table(entries, title: str | None = None):
+    """The leaderboard as rich tables, one per comparability group (dataset, threat model, ε, n)."""
+    from .. import leaderboard as lb
+
+    parts, notes = lb.sections(entries)
+    if title:
+        for s in parts:
+            s.title = f"{title}: {s.title}"
+    return sections_renderable(parts, notes)
+
+
+def _dataset_filter(dataset: str | None) -> str | None:
+    from ..data import canonical_name
+
+    if dataset is None:
+        return None
+    return dataset.strip().lower() if dataset.strip().lower() == "imagenet" else canonical_name(dataset)
+
+
 def leaderboard_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Only this dataset (default: all)."),
     threat_model: Optional[str] = typer.Option(None, "--threat-model", "-t", help="Only this threat model."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, markdown or json."),
+    group_seeds: bool = typer.Option(False, "--group-seeds", help="One row per group of entries that differ only "
+                                                                  "by seed: mean ± standard deviation."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a figure (clean vs robust, per-attack "
                                                              "bars), e.g. board.png.", dir_okay=False),
     workspace: Path = WorkspaceOpt,
 ) -> None:
-    """Show the workspace's leaderboard entries, best robust accuracy (A_rob) first."""
+    """Show the workspace's leaderboard entries, best robust accuracy (A_rob) first within each group of
+    equal ε and number of evaluated examples (n)."""
     from .. import leaderboard as lb
-    from ..data import canonical_name
-    from ..evaluation import print_wide
     from ..workspace import Workspace
+    from .eval_tables import print_wide
 
-    if fmt not in lb.FORMATS:
-        raise UserError(f"unknown format {fmt!r}: choose from {', '.join(lb.FORMATS)}")
-    ds = None
-    if dataset is not None:
-        ds = dataset.strip().lower() if dataset.strip().lower() == "imagenet" else canonical_name(dataset)
+    lb.check_format(fmt)
+    if plot is not None:
+        lb.plot_format(plot)  # an unknown image type fails before anything is printed
+    ds = _dataset_filter(dataset)
     ws = Workspace(workspace)
     entries = lb.read_entries(ws.leaderboard_dir, ds, threat_model)
     if not entries:
         where = ws.leaderboard_dir / (ds or "*") / (threat_model or "*")
         raise UserError(f"no leaderboard entries in {where}: write one with 'adt-ft eval'")
-    groups: dict[tuple[str, str], list] = {}
-    for e in entries:
-        groups.setdefault((e.dataset, e.threat_model), []).append(e)
-    if fmt == "json":
-        typer.echo(lb.render(entries, "json"), nl=False)
+    for line in lb.verify_entries(entries):
+        err_console.print(f"warning: {line}", highlight=False, soft_wrap=True, markup=False)
+    if group_seeds:
+        groups = lb.group_by_seed(entries, ws.root)
+        if fmt == "table":
+            print_wide(console, sections_renderable(*lb.group_sections(groups), n_text=2))
+        else:
+            typer.echo(lb.render_groups(groups, fmt), nl=False)
+    elif fmt == "table":
+        print_wide(console, table(entries))
     else:
-        for (d, t), group in sorted(groups.items()):
-            title = f"{d} / {t}: {len(group)} entr{'y' if len(group) == 1 else 'ies'}"
-            if fmt == "markdown":
-                typer.echo(lb.render(group, "markdown", title=title))
-            else:
-                print_wide(console, lb.table(group, title=title))
+        typer.echo(lb.render(entries, fmt), nl=False)
     if plot is not None:
         lb.plot(entries, plot)
         err_console.print(f"wrote {plot}", highlight=False)

@@ -20,16 +20,20 @@ def quickstart_cmd(
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Pretrain a small CNN on Fashion-MNIST, fine-tune it with ADT-EXP-AM, evaluate before → after (offline, CPU)."""
-    from ..evaluation import print_wide, results_table
-    from ..leaderboard import read_entries, table
+    from .eval_tables import print_wide, results_table
+    from ..leaderboard import read_entries
+    from .leaderboard_cmd import table
     from ..quickstart import NEXT_STEPS, QuickstartSettings, check_settings, quickstart
+    from .report import reporter
+    from .train_cmd import print_summary
 
     settings = QuickstartSettings(n_examples=n_examples, finetune_images=finetune_images, finetune_epochs=epochs,
                                   seed=seed)
     check_settings(settings)
     start = time.perf_counter()
-    res = quickstart(workspace, settings=settings, data_dir=data_dir, progress=progress,
-                     log=lambda m: console.print(m, highlight=False))
+    res = quickstart(workspace, settings=settings, data_dir=data_dir, progress=progress, reporter=reporter(progress),
+                     log=lambda m: console.print(m, highlight=False), train_reporter=reporter(progress),
+                     on_trained=print_summary if progress else None)
     rec = res.record
     print_wide(console, results_table([("before: " + rec.target.base.label, rec.baseline),
                                  ("after: " + rec.target.label, rec.result)],

@@ -3,12 +3,14 @@
 Every TrainConfig field is an option (`--some-field` for `some_field`), generated
 from the dataclass so a field added to TrainConfig is reachable at once. Options
 default to None, meaning "not given": the value then comes from the recipe, else
-from TrainConfig's default (`training.build_config`).
+from TrainConfig's default (`training.build_config`), which the help text shows.
+The progress bars and the per-epoch summary table are drawn here, from what
+`train()` reports and returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import json
 import types
 import typing
 from dataclasses import fields
@@ -19,18 +21,21 @@ import typer
 
 from ..config import TrainConfig
 from ..errors import UserError
+from ..progress import Reporter
 from .common import console
 
 # (help text, panel) per field; a field missing here still gets an option.
 _HELP: dict[str, tuple[str, str]] = {
     "model": ("Zoo name, checkpoint path, or 'scratch' (a fresh --arch). Default: the workspace's current model.",
               "Model and data"),
-    "arch": ("Architecture of a checkpoint path (zoo name or package.module:Class).", "Model and data"),
-    "arch_kwargs": ("JSON constructor arguments for a package.module:Class --arch, e.g. '{\"width\": 16}'.",
-                    "Model and data"),
+    "arch": ("Architecture of a checkpoint path (zoo name or package.module:Class); imports and runs that "
+             "module. Default: none (a zoo model knows its own).", "Model and data"),
+    "arch_kwargs": ("JSON constructor arguments for a package.module:Class --arch, e.g. '{\"width\": 16}'. "
+                    "Default: none.", "Model and data"),
     "dataset": ("Dataset to train on. Default: the model's.", "Model and data"),
-    "data_dir": ("Folder holding the dataset files.", "Model and data"),
-    "train_subset": ("Train on the first N training images only.", "Model and data"),
+    "data_dir": ("Folder holding the dataset files. Default: $ADT_FT_DATA, then the workspace's data/.",
+                 "Model and data"),
+    "train_subset": ("Train on the first N training images only. Default: all of them.", "Model and data"),
     "method": ("exp | exp-am | imp-am | pgd-at | trades | wdat. (default exp-am)", "Method"),
     "loss": ("ce | trades. Default: the method's own (ce for ADT and pgd-at, trades for trades and wdat).", "Method"),
     "scope": ("full | last-layer. (default full)", "Method"),
@@ -69,13 +74,14 @@ _HELP: dict[str, tuple[str, str]] = {
     "wdat_ratio": ("wdat step ratio.", "WDAT"),
     "upsilon": ("wdat Υ: batch | ema.", "WDAT"),
     "upsilon_momentum": ("wdat Υ moving-average momentum.", "WDAT"),
-    "max_steps": ("Stop after N optimisation steps (smoke runs; the schedule stays the full run's).", "Run"),
+    "max_steps": ("Stop after N optimisation steps (smoke runs; the schedule stays the full run's). "
+                  "Default: no limit.", "Run"),
     "seed": ("Seed for initialisation, data order and the methods' randomness. (default 0)", "Run"),
     "device": ("cpu, cuda, cuda:N or auto. (default auto)", "Run"),
     "amp": ("bf16 mixed precision (autocast).", "Run"),
     "workers": ("DataLoader worker processes. (default 0)", "Run"),
     "run_name": ("Run folder name under runs/ (default: <time>-<method>-<loss>-<scope>).", "Run"),
-    "recipe": ("Recipe name from 'adt-ft recipes' or a YAML file; flags override it.", "Run"),
+    "recipe": ("Recipe name from 'adt-ft recipes' or a YAML file; flags override it. Default: none.", "Run"),
     "checkpoint_every": ("Also checkpoint every N steps within an epoch (default: every 10 minutes).", "Run"),
 }
 
@@ -106,26 +112,43 @@ def _from_cli(name: str, value: Any) -> Any:
     kind = _base_kind(hint)
     if not isinstance(value, str) or kind is str:
         return value
+    if kind is dict:
+        from ..utils import parse_json_object
+
+        return parse_json_object(value, _flag(name))
     try:
         if kind is list:
             return [int(v) for v in value.split(",") if v.strip()]
         if kind is tuple:
             return tuple(float(v) for v in value.split(","))
-        if kind is dict:
-            parsed = json.loads(value)
-            if not isinstance(parsed, dict):
-                raise ValueError
-            return parsed
     except ValueError:
-        example = {list: "75,90", tuple: "0.5,0.999", dict: "'{\"width\": 16}'"}[kind]
+        example = {list: "75,90", tuple: "0.5,0.999"}[kind]
         raise UserError(f"{_flag(name)} {value!r} does not parse: give e.g. {example}") from None
     return value
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _with_default(name: str, help_text: str) -> str:
+    """The help text, ending with TrainConfig's default unless the text already says what it is."""
+    if "default" in help_text.lower():
+        return help_text
+    f = TrainConfig.__dataclass_fields__[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return help_text if default is None else f"{help_text} (default {_default_text(default)})"
 
 
 def _config_parameters() -> list[inspect.Parameter]:
     params = []
     for f in fields(TrainConfig):
         help_text, panel = _HELP.get(f.name, (f"TrainConfig.{f.name}.", "Other"))
+        help_text = _with_default(f.name, help_text)
         kind = _cli_type(f.name)
         decls = [f"{_flag(f.name)}/--no-{f.name.replace('_', '-')}"] if kind is bool else [_flag(f.name)]
         option = typer.Option(None, *decls, help=help_text, rich_help_panel=panel, show_default=False)
@@ -134,13 +157,47 @@ def _config_parameters() -> list[inspect.Parameter]:
     return params
 
 
+class _MessagesOnly(Reporter):
+    """--no-progress: the run's header and notices, no progress bars."""
+
+    def message(self, text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True, markup=False)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def print_summary(result: Any) -> None:
+    """The per-epoch table of a finished run (from `RunResult.history`), with the method's
+    epoch diagnostics as extra columns when it reports any, and where the model is."""
+    from rich.table import Table
+
+    history = result.history
+    diagnostics = list(dict.fromkeys(k for r in history for k in r.get("diagnostics", {})))
+    table = Table(title=f"run {result.run_id}", title_justify="left")
+    for col in ("epoch", "lr", "loss", "clean acc", "adv acc", "time", *diagnostics):
+        table.add_column(col, justify="right")
+    for r in history:
+        extra = [f"{r['diagnostics'][k]:.4g}" if k in r.get("diagnostics", {}) else "-" for k in diagnostics]
+        table.add_row(str(r["epoch"]) + ("*" if r.get("partial") else ""), f"{r['lr']:.4g}", f"{r['loss']:.4f}",
+                      _pct(r.get("clean_acc")), _pct(r.get("adv_acc")), f"{r['time_s']:.1f}s", *extra)
+    console.print(table)
+    if any(r.get("partial") for r in history):
+        console.print("* stopped by --max-steps before the end of the epoch")
+    console.print(f"model: {result.path / 'model.pt'}", highlight=False, soft_wrap=True)
+
+
 def _train(**kwargs: Any) -> None:
     from ..training import RESUME_OVERRIDABLE, build_config, train
+    from .report import RichReporter
 
     resume: bool = kwargs.pop("resume")
     run: str | None = kwargs.pop("run")
     workspace: Path = kwargs.pop("workspace")
+    progress: bool = kwargs.pop("progress")
     given = {k: _from_cli(k, v) for k, v in kwargs.items() if v is not None}
+    reporter = RichReporter() if progress else _MessagesOnly()
 
     if run is not None and not resume:
         raise UserError(f"unexpected argument {run!r}: a run id is only taken after --resume")
@@ -150,11 +207,12 @@ def _train(**kwargs: Any) -> None:
             raise UserError(f"--resume continues a run with its recorded settings: drop {_flag(ignored[0])} "
                             f"(only {', '.join(_flag(k) for k in RESUME_OVERRIDABLE)} may change)")
         cfg = TrainConfig().updated(given)
-        result = train(cfg, workspace=workspace, resume=run if run is not None else True)
+        result = train(cfg, workspace=workspace, reporter=reporter, resume=run if run is not None else True)
     else:
         recipe = given.pop("recipe", None)
         cfg = build_config(recipe, given, workspace=workspace)
-        result = train(cfg, workspace=workspace)
+        result = train(cfg, workspace=workspace, reporter=reporter)
+    print_summary(result)
     console.print(f"run {result.run_id} finished: {result.path}\nevaluate it with: adt-ft eval", highlight=False,
                   soft_wrap=True)
 
@@ -186,6 +244,9 @@ def register(app: typer.Typer) -> None:
         inspect.Parameter("workspace", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
             Path("."), "--workspace", "-w", file_okay=False, help="Workspace folder (models/, runs/, leaderboard/).",
             rich_help_panel="Run")),
+        inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            True, "--progress/--no-progress", help="Progress bars on stderr (the summary table is printed either "
+            "way).", rich_help_panel="Run")),
     ]
 
     def train_command(**kwargs: Any) -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UserError
+from ..utils import format_pct
 from .common import WorkspaceOpt, console
 
 DatasetOpt = typer.Option("cifar10", "--dataset", "-d", help="cifar10, cifar100 or imagenet (zoo); any adt-ft "
@@ -17,7 +18,7 @@ ThreatOpt = typer.Option("Linf", "--threat-model", "-t", help="Linf, L2 or corru
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    return format_pct(value, missing="-")
 
 
 def models_cmd(
@@ -71,7 +72,8 @@ def pull_cmd(
 ) -> None:
     """Fetch a zoo model into the workspace (or register a local checkpoint) and make it current."""
     from ..workspace import Workspace
-    from ..zoo.loader import _parameter_count, pull_file_model, pull_model
+    from ..nets import num_params
+    from ..zoo import pull_file_model, pull_model
 
     ws = Workspace(workspace)
     # soft_wrap: paths and names must stay copyable, never broken across lines.
@@ -101,7 +103,7 @@ def pull_cmd(
 
     say(f"name:         [bold]{ref.name}[/]")
     say(f"architecture: {entry.architecture + ' (' + ref.arch + ')' if entry else ref.arch}")
-    say(f"parameters:   {_parameter_count(model):,}")
+    say(f"parameters:   {num_params(model):,}")
     say(f"file:         {ref.path}")
     say(f"dataset:      {ref.dataset} / {ref.threat_model}")
     if entry is not None:

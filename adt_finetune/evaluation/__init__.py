@@ -1,6 +1,27 @@
-"""Evaluation: suites, the per-example engine, sanity checks, and `adt-ft eval` as a function."""
-from .engine import *  # noqa: F401,F403
-from .engine import (DEFAULT_N_EXAMPLES, GENERATOR_ATTACKS, MODES, PSEUDO, SUITES, EvalRecord, EvalResult,
-                     SanityCheck, Target, _ResumeState, check_attack_names, evaluate, evaluate_workspace, fingerprint,
-                     load_examples, parse_attack_list, read_per_example_csv, resolve_target, sanity_checks,
-                     suite_attacks, valid_attack_names)
+"""Evaluation: suites, the per-example engine, sanity checks, and `adt-ft eval` as a function.
+
+    suites     attack suites and names          result     EvalResult, the per-example file
+    engine     evaluate(): clean pass, attacks  resume     partial flags for --resume
+    sanity     the sanity checks                targets    the model, test images, training images
+    run        evaluate_workspace()             wasserstein  the W-PGD budget grid
+
+The library draws nothing: progress goes to an optional `progress.Reporter`,
+and the CLI draws the tables.
+"""
+from .engine import evaluate
+from .result import EvalResult, SanityCheck, read_per_example_csv
+from .resume import _ResumeState, fingerprint
+from .run import EvalRecord, default_entry_name, evaluate_workspace
+from .sanity import LINF_TOLERANCE, check_finite_weights, sanity_checks
+from .suites import (COTRAINED_ATTACKS, GENERATOR_ATTACKS, MODES, PAPER, PSEUDO, SUITES, check_attack_names,
+                     parse_attack_list, suite_attacks, valid_attack_names)
+from .targets import (DEFAULT_N_EXAMPLES, TRAIN_IMAGES_FOR_ATTACKS, Target, load_attack_training_data, load_examples,
+                      resolve_target)
+
+__all__ = [
+    "COTRAINED_ATTACKS", "DEFAULT_N_EXAMPLES", "GENERATOR_ATTACKS", "LINF_TOLERANCE", "MODES", "PAPER", "PSEUDO",
+    "SUITES", "TRAIN_IMAGES_FOR_ATTACKS", "EvalRecord", "EvalResult", "SanityCheck", "Target", "_ResumeState",
+    "check_attack_names", "check_finite_weights", "default_entry_name", "evaluate", "evaluate_workspace",
+    "fingerprint", "load_attack_training_data", "load_examples", "parse_attack_list", "read_per_example_csv",
+    "resolve_target", "sanity_checks", "suite_attacks", "valid_attack_names",
+]

@@ -11,7 +11,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..attacks import verdict
 from ..nets import eval_mode
+from ..progress import Reporter, as_reporter
 from ..perturb.linf import sign_gradient_ascent
 from ..perturb.wasserstein import (DEFAULT_LOSS, DEFAULT_RATIO, DEFAULT_STEPS, CleanStats, _check_q, _check_set,
                                    _device_of, _json_float, clean_statistics, default_budgets, first_order_estimate,
@@ -19,6 +21,7 @@ from ..perturb.wasserstein import (DEFAULT_LOSS, DEFAULT_RATIO, DEFAULT_STEPS, C
 from ..utils import format_eps
 
 REFERENCE_PGD_STEPS = 20
+TASK = "wasserstein"  # the reporter's key for the suite's one progress task
 
 
 @dataclass
@@ -49,7 +52,7 @@ class WassersteinReport:
         }
 
     def to_markdown(self) -> str:
-        """The table `adt-ft eval --suite wasserstein` prints (accuracies in %)."""
+        """The suite as a markdown table (accuracies in %), e.g. for a report."""
         lines = [f"clean accuracy {100 * self.clean.accuracy:.2f}%, V(0) {self.clean.v0:.4f}, "
                  f"W(0) {self.clean.w0:.4f}, Υ {self.clean.upsilon:.4f} ({self.clean.loss}, q={self.q}, "
                  f"n={self.clean.n})", "",
@@ -83,20 +86,21 @@ def _pointwise_pgd_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bud
             xa = sign_gradient_ascent(model, xb, yb, eps=budget, step_size=budget / 4, steps=REFERENCE_PGD_STEPS,
                                       start="uniform", generator=gen)
             with torch.no_grad():
-                flags.append((model(xa).argmax(1) == yb).cpu())
+                flags.append(verdict(model(xa), yb).cpu())
     return torch.cat(flags)
 
 
 def wasserstein_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                       budgets: Sequence[float] | str | None = None, batch_size: int = 256,
-                      device: str | torch.device | None = "cpu", seed: int = 0, progress: bool = True, q: int = 2,
-                      loss: str = DEFAULT_LOSS, steps: int = DEFAULT_STEPS,
+                      device: str | torch.device | None = "cpu", seed: int = 0, reporter: Reporter | None = None,
+                      q: int = 2, loss: str = DEFAULT_LOSS, steps: int = DEFAULT_STEPS,
                       ratio: float = DEFAULT_RATIO) -> WassersteinReport:
     """Clean statistics, then per budget: W-PGD accuracy, the first-order estimate,
     and pointwise PGD-20 (CE, step δ/4, uniform random start) at ε = δ.
 
     `budgets=None` uses `default_budgets(eps)`. Per-example flags are keyed
     "wpgd@δ" and "pgd20@δ" (`format_budget`: "wpgd@0.1", "wpgd@8/255").
+    `reporter` receives progress (None: silent).
     """
     q = _check_q(q)
     resolve_loss(loss)
@@ -105,55 +109,41 @@ def wasserstein_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps
     dev = _device_of(model, device)
     x, y = x.detach().to(dev), y.to(dev)
 
-    bar = _Progress(enabled=progress, total=len(budget_list) * (steps + 2) + 1)
-    try:
+    rep = as_reporter(reporter)
+    with rep:
+        rep.start(TASK, "wasserstein", total=len(budget_list) * (steps + 2) + 1, status="clean statistics")
         clean = clean_statistics(model, x, y, loss=loss, q=q, batch_size=batch_size, device=dev)
         with torch.no_grad(), eval_mode(model):
-            clean_flags = torch.cat([(model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).cpu()
+            clean_flags = torch.cat([verdict(model(x[i:i + batch_size]), y[i:i + batch_size]).cpu()
                                      for i in range(0, len(x), batch_size)])
-        bar.advance(1, "clean statistics")
+        rep.advance(TASK, 1, "clean statistics")
         rows, flags = [], {}
         for budget in budget_list:
-            label = format_budget(budget)
-            res = wpgd(model, x, y, budget=budget, q=q, steps=steps, ratio=ratio, loss=loss, batch_size=batch_size,
-                       device=dev, progress=lambda t, acc, _l=label: bar.advance(1, f"W-PGD δ={_l} acc {acc:.3f}"))
-            bar.advance(steps + 1 - len(res.accuracies), f"W-PGD δ={label}")  # an early stop skips iterates
-            pgd_flags = _pointwise_pgd_flags(model, x, y, budget, batch_size, dev, seed)
-            bar.advance(1, f"PGD-20 δ={label}")
-            flags[flag_key("wpgd", budget)] = res.robust.cpu()
-            flags[flag_key(f"pgd{REFERENCE_PGD_STEPS}", budget)] = pgd_flags
-            rows.append({
-                "budget": budget,
-                "wpgd_acc": res.accuracy,
-                "first_order": first_order_estimate(clean.accuracy, clean.v0, clean.w0, clean.upsilon, budget),
-                "pgd_acc": float(pgd_flags.double().mean()),
-                "wpgd_distance": res.distance,
-                "wpgd_best_step": res.best_step,
-            })
-    finally:
-        bar.close()
+            row, budget_flags = _budget_row(model, x, y, budget, clean, rep, q=q, steps=steps, ratio=ratio, loss=loss,
+                                            batch_size=batch_size, dev=dev, seed=seed)
+            rows.append(row)
+            flags.update(budget_flags)
+        rep.finish(TASK)
     return WassersteinReport(eps=float(eps), q=q, loss=str(loss).lower(), steps=int(steps), ratio=float(ratio),
                              budgets=budget_list, clean=clean, rows=rows, flags=flags, clean_flags=clean_flags)
 
 
-class _Progress:
-    """A transient rich progress bar, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self._bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            # stderr: stdout carries the result tables and JSON
-            self._bar = Progress(transient=True, console=Console(stderr=True))
-            self._bar.start()
-            self._task = self._bar.add_task("Wasserstein suite", total=total)
-
-    def advance(self, n: int, text: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n, description=text)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+def _budget_row(model, x, y, budget: float, clean: CleanStats, rep: Reporter, *, q, steps, ratio, loss, batch_size,
+                dev, seed) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """W-PGD, the first-order estimate and pointwise PGD-20 at one budget δ."""
+    label = format_budget(budget)
+    res = wpgd(model, x, y, budget=budget, q=q, steps=steps, ratio=ratio, loss=loss, batch_size=batch_size,
+               device=dev, progress=lambda t, acc: rep.advance(TASK, 1, f"W-PGD δ={label} acc {acc:.3f}"))
+    rep.advance(TASK, steps + 1 - len(res.accuracies), f"W-PGD δ={label}")  # an early stop skips iterates
+    pgd_flags = _pointwise_pgd_flags(model, x, y, budget, batch_size, dev, seed)
+    rep.advance(TASK, 1, f"PGD-20 δ={label}")
+    flags = {flag_key("wpgd", budget): res.robust.cpu(), flag_key(f"pgd{REFERENCE_PGD_STEPS}", budget): pgd_flags}
+    row = {
+        "budget": budget,
+        "wpgd_acc": res.accuracy,
+        "first_order": first_order_estimate(clean.accuracy, clean.v0, clean.w0, clean.upsilon, budget),
+        "pgd_acc": float(pgd_flags.double().mean()),
+        "wpgd_distance": res.distance,
+        "wpgd_best_step": res.best_step,
+    }
+    return row, flags

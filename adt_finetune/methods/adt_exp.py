@@ -47,6 +47,9 @@ class ADTExp(TrainMethod):
         if self.lam < 0:
             raise UserError(f"--adt-lambda must be non-negative (got {self.lam})")
 
+    def resolved_settings(self) -> dict:
+        return {"adt_lambda": float(self.lam)}
+
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         cfg, eps, k = self.cfg, self.ctx.eps, self.cfg.exp_samples
         trades = cfg.loss == "trades"

@@ -83,6 +83,21 @@ class TrainMethod:
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """TrainConfig fields this method filled in itself where the config left them None
+        (e.g. its default λ or step size); the trainer records them in run.json."""
+        return {}
+
+    def epoch_diagnostics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Numbers worth watching once per epoch, measured on a fixed probe batch of training images.
+
+        The trainer calls this at the end of every epoch with the classifier and the method's own
+        networks in eval mode, inside `torch.random.fork_rng`, so whatever it draws or computes
+        never changes training. It must not step optimisers or change any state. The default
+        measures nothing (and the trainer then loads no probe batch).
+        """
+        return {}
+
 
 METHODS: Registry[Callable[[TrainConfig, MethodContext], TrainMethod]] = Registry("method")
 #: class decorator: make a method available by name (--method, recipes); a name registered twice is an error
@@ -94,13 +109,37 @@ def list_methods(pattern: str | None = None) -> list[str]:
     return METHODS.names(pattern)
 
 
+#: every outer training loss (methods/losses.py); each method accepts some of them
+LOSSES = ("ce", "trades")
+
+
+def check_method(method: str) -> type[TrainMethod]:
+    """The registered class of `method`; UserError listing the methods when there is none."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: choose from {', '.join(sorted(METHODS))}")
+    return METHODS[method]  # type: ignore[return-value]
+
+
+def check_method_loss(method: str, loss: str) -> None:
+    """The one rule for which method trains with which loss: UserError when `loss` is unknown
+    or not one that `method` accepts."""
+    cls = check_method(method)
+    if loss not in LOSSES:
+        raise UserError(f"unknown loss {loss!r}: choose {' or '.join(LOSSES)}")
+    if loss not in cls.accepts_loss:
+        raise UserError(f"--loss {loss} does not apply to --method {method}: it takes {' or '.join(cls.accepts_loss)}")
+
+
+def default_loss(method: str) -> str:
+    """The loss a method trains with when none is asked for: its `default_loss` if it declares
+    one (wdat: trades), else ce when it accepts ce, else its only loss (trades)."""
+    cls = check_method(method)
+    declared = getattr(cls, "default_loss", None)
+    if declared:
+        return declared
+    return "ce" if "ce" in cls.accepts_loss else cls.accepts_loss[0]
+
+
 def make_method(cfg: TrainConfig, ctx: MethodContext) -> TrainMethod:
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method {cfg.method!r}: choose from {', '.join(sorted(METHODS))}")
-    cls = METHODS[cfg.method]
-    if cfg.loss not in ("ce", "trades"):
-        raise UserError(f"unknown loss {cfg.loss!r}: choose ce or trades")
-    if cfg.loss not in cls.accepts_loss:
-        raise UserError(f"--loss {cfg.loss} does not apply to --method {cfg.method}: "
-                        f"it takes {' or '.join(cls.accepts_loss)}")
-    return cls(cfg, ctx)
+    check_method_loss(cfg.method, cfg.loss)
+    return METHODS[cfg.method](cfg, ctx)

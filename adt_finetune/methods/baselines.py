@@ -3,7 +3,7 @@
 Both carry their own training loss, so each accepts exactly one `--loss`: PGD-AT
 is defined by CE on x', TRADES by CE(f(x), y) + β·KL(f(x) ‖ f(x')). Asking for the
 other loss is a UserError (raised by `make_method`); leaving `loss` at its default
-lets the trainer pick the method's own (see `trainer.resolve_loss`).
+lets the trainer pick the method's own (see `methods.base.default_loss`).
 
 Forward passes of the classifier per training step (tests/test_baselines.py counts them):
     pgd-at   steps + 1                       (7 attack passes, 1 training pass on x')
@@ -33,6 +33,9 @@ class _PointwiseBaseline(TrainMethod):
         super().__init__(cfg, ctx)
         self.eps = ctx.eps
         self.step_size = cfg.step_size if cfg.step_size is not None else ctx.eps / 4
+
+    def resolved_settings(self) -> dict:
+        return {"step_size": self.step_size}
 
 
 @register_method("pgd-at")

@@ -7,9 +7,10 @@ and CPU runs can use narrow ones.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,30 @@ class EntropyNet(nn.Module):
 
 
 GENERATOR_KINDS: dict[str, type[nn.Module]] = {"exp-am": ExplicitGenerator, "imp-am": ImplicitGenerator}
+#: the diversity diagnostic's draws come from this seed, never from the global RNG
+DIAGNOSTIC_SEED = 0
+
+
+def diversity(units: torch.Tensor) -> float:
+    """Mean over examples and pixels of the standard deviation of δ/ε across draws.
+
+    `units` is (draws, B, C, H, W): several draws of δ/ε for the same inputs. 0 means
+    the distribution is a point mass; a uniform δ over the whole ε-ball gives 1/√3 ≈ 0.58.
+    """
+    return units.float().std(0).mean().item()
+
+
+def diagnostic_rng(device: torch.device | str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(DIAGNOSTIC_SEED)
+
+
+@contextlib.contextmanager
+def modules_in_eval_mode(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Several networks in eval mode at once, each one's own flags restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(eval_mode(m))
+        yield
 
 
 def gradient_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -223,22 +248,36 @@ def gradient_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return g1.detach(), g2.detach(), logits.detach()
 
 
-def save_generator(path: str | os.PathLike, method: Any) -> None:
-    """Write an ADT-EXP-AM / ADT-IMP-AM method's generator as a self-describing file
-    (atomic; loadable with torch.load(weights_only=True): only plain types and tensors)."""
-    gen = method.generator
+def write_generator_file(path: str | os.PathLike, generator: nn.Module, eps: float,
+                         extra: dict[str, Any] | None = None) -> None:
+    """Write a generator as a self-describing file (atomic; loadable with
+    torch.load(weights_only=True): only plain types and tensors). `extra` holds plain
+    values the writer wants back (e.g. what a cached attack generator was trained for)."""
     atomic_torch_save({
         "format": GENERATOR_FILE_FORMAT,
         "version": GENERATOR_FILE_VERSION,
-        "kind": str(gen.kind),
-        "eps": float(method.ctx.eps),
-        "kwargs": dict(gen.init_kwargs),
-        "state_dict": {k: v.detach().cpu() for k, v in gen.state_dict().items()},
+        "kind": str(generator.kind),
+        "eps": float(eps),
+        "kwargs": dict(generator.init_kwargs),
+        "state_dict": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
+        "extra": dict(extra or {}),
     }, path)
 
 
+def save_generator(path: str | os.PathLike, method: Any) -> None:
+    """Write an ADT-EXP-AM / ADT-IMP-AM method's generator (`write_generator_file`)."""
+    write_generator_file(path, method.generator, method.ctx.eps)
+
+
+def read_generator_file(path: str | os.PathLike,
+                        device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(generator in eval mode, the `extra` it was written with) from a `write_generator_file` file."""
+    gen, meta = load_generator(path, device)
+    return gen, meta["extra"]
+
+
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(generator in eval mode, meta {kind, eps, kwargs}) from a file written by `save_generator`."""
+    """(generator in eval mode, meta {kind, eps, kwargs, extra}) from a file written by `save_generator`."""
     if not os.path.exists(path):
         raise UserError(f"generator file {path} does not exist: train with --method exp-am or imp-am first")
     try:
@@ -251,5 +290,6 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise UserError(f"{path} holds an unknown generator kind {blob.get('kind')!r}")
     gen = GENERATOR_KINDS[blob["kind"]](**blob["kwargs"])
     gen.load_state_dict(blob["state_dict"])
-    meta = {"kind": blob["kind"], "eps": float(blob["eps"]), "kwargs": dict(blob["kwargs"])}
+    meta = {"kind": blob["kind"], "eps": float(blob["eps"]), "kwargs": dict(blob["kwargs"]),
+            "extra": dict(blob.get("extra") or {})}
     return gen.to(device).eval(), meta

@@ -100,3 +100,9 @@ def uniform_start(x: torch.Tensor, eps: float, generators: list[torch.Generator]
     for row, g in zip(noise, generators):
         row.uniform_(-1.0, 1.0, generator=g)
     return project_linf(x + eps * noise, x, eps)
+
+
+def verdict(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: classified correctly. A row with a NaN or infinite logit is never correct:
+    argmax over NaN picks an arbitrary class, which must not count as robust."""
+    return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)

@@ -33,8 +33,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..nets import eval_mode
-from ..utils import format_eps, parse_eps
-from .linf import project_linf
+from ..utils import parse_eps
+from .linf import project_linf, verdict
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-example loss
 
@@ -370,19 +370,7 @@ def wpgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, budget: float, q
     with eval_mode(model):
         for t in range(steps + 1):
             last = t == steps
-            for i in range(0, n, batch_size):
-                sl = slice(i, i + batch_size)
-                if last:
-                    with torch.no_grad():
-                        correct[sl] = model(x_adv[sl]).argmax(1) == y[sl]
-                    continue
-                # A fresh leaf already inside [0, 1]: never differentiate through a clamp.
-                xb = x_adv[sl].clone().requires_grad_(True)
-                logits = model(xb)
-                (grad,) = torch.autograd.grad(loss_fn(logits, y[sl]).sum(), xb)
-                signs[sl] = grad.sign().to(torch.int8)
-                l1[sl] = grad.flatten(1).abs().sum(1)
-                correct[sl] = logits.detach().argmax(1) == y[sl]
+            _score_and_gradients(model, x_adv, y, loss_fn, batch_size, correct, None if last else (signs, l1))
             acc = float(correct.double().mean())
             history.append(acc)
             if progress is not None:
@@ -393,15 +381,7 @@ def wpgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, budget: float, q
                     best_x = x_adv.clone() if best_x is None else best_x.copy_(x_adv)
             if last or acc == 0.0:
                 break  # nothing can beat an accuracy of 0
-            with torch.no_grad():
-                scale = direction_scale(l1, q)
-                for i in range(0, n, batch_size):
-                    sl = slice(i, i + batch_size)
-                    move = signs[sl].to(x.dtype)
-                    if q == 2:
-                        move = move * _per_image(scale[sl], move)
-                    x_adv[sl] = x_adv[sl] + step_size * move
-                project_(x_adv, x, budget, q, batch_size)
+            _step_(x_adv, x, signs, l1, step_size=step_size, budget=budget, q=q, batch_size=batch_size)
             if on_step is not None:
                 on_step(t + 1, x_adv)
 
@@ -409,6 +389,40 @@ def wpgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, budget: float, q
     assert best_flags is not None
     return WPGDResult(x_adv=result_x, robust=best_flags, accuracy=best_acc, best_step=best_step,
                       distance=distance(result_x, x, q), accuracies=history)
+
+
+def _score_and_gradients(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, batch_size: int,
+                         correct: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """One pass over the set in batches: `correct` (in place) and, unless `grads` is None, each
+    image's gradient sign (int8) and ‖g_i‖_1 into the (signs, l1) buffers."""
+    for i in range(0, len(x_adv), batch_size):
+        sl = slice(i, i + batch_size)
+        if grads is None:
+            with torch.no_grad():
+                correct[sl] = verdict(model(x_adv[sl]), y[sl])
+            continue
+        signs, l1 = grads
+        # A fresh leaf already inside [0, 1]: never differentiate through a clamp.
+        xb = x_adv[sl].clone().requires_grad_(True)
+        logits = model(xb)
+        (grad,) = torch.autograd.grad(loss_fn(logits, y[sl]).sum(), xb)
+        signs[sl] = grad.sign().to(torch.int8)
+        l1[sl] = grad.flatten(1).abs().sum(1)
+        correct[sl] = verdict(logits.detach(), y[sl])
+
+
+@torch.no_grad()
+def _step_(x_adv: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, l1: torch.Tensor, *, step_size: float,
+           budget: float, q: int, batch_size: int) -> None:
+    """Move every image by step·sign(g_i)·‖g_i‖_1/Υ_t (q = 2; q = 1: step·sign), then project the set."""
+    scale = direction_scale(l1, q)
+    for i in range(0, len(x), batch_size):
+        sl = slice(i, i + batch_size)
+        move = signs[sl].to(x.dtype)
+        if q == 2:
+            move = move * _per_image(scale[sl], move)
+        x_adv[sl] = x_adv[sl] + step_size * move
+    project_(x_adv, x, budget, q, batch_size)
 
 
 def wpgd_map(model: nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], *, budget: float,

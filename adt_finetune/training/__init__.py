@@ -1,4 +1,15 @@
-"""Training: the one loop every method shares, run directories with exact resume, and settings."""
-from .loop import *  # noqa: F401,F403
-from .loop import (DEFAULT_LR, RESUME_OVERRIDABLE, RunResult, _SeededAugmentation, build_config, default_loss,
-                   lr_at, resolve_loss, train, validate_config)
+"""Training: the one loop every method shares, run folders with exact resume, and settings.
+
+    settings   recipe and flag values → a validated TrainConfig; lr schedule
+    batches    training set, per-epoch batch order, seeded augmentation, the diagnostics probe
+    session    model, optimiser, method, checkpoint/restore, RNG state, non-finite checks
+    rundir     the run folder as training writes it (run.json, metrics.jsonl, model.pt, ...)
+    loop       train(): start or resume a run, the epoch loop, finish
+"""
+from .batches import _SeededAugmentation
+from .loop import RunResult, train
+from .settings import (DEFAULT_LR, RESUME_OVERRIDABLE, build_config, default_loss, lr_at, resolve_loss,
+                       validate_config)
+
+__all__ = ["DEFAULT_LR", "RESUME_OVERRIDABLE", "RunResult", "build_config", "default_loss", "lr_at", "resolve_loss",
+           "train", "validate_config"]

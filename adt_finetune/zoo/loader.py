@@ -9,16 +9,11 @@ RobustBench's download code being reached.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import os
 import pickle
-import pickletools
-import warnings
-import zipfile
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -27,15 +22,11 @@ from ..errors import UserError
 from ..utils import atomic_torch_save
 from ..workspace import ModelRef, Workspace
 from . import robustbench_compat as rb
+from .architectures import _build, _build_zoo, build_architecture, check_arch
 from .catalog import ZooEntry, resolve_name
+from .checkpoints import _fit_prefix, _looks_like_html, load_weights, read_state_dict
+from .trust import check_trusted
 
-# Wrappers training scripts put around a state dict; RobustBench unwraps the same
-# ones ('last' is how Andriushchenko2020Understanding and Kireev2021 store theirs).
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "last")
-# Prefixes left by DataParallel ('module.') and by normalisation wrappers ('model.').
-_PREFIXES = ("module.", "model.")
-_HTML_MARKERS = (b"<!doctype html", b"<html", b"<head", b"<body")
-_DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 
 def _as_workspace(workspace: Workspace | str | os.PathLike) -> Workspace:
@@ -55,225 +46,6 @@ def _dataset_name(dataset: str) -> str:
         return dataset_info(dataset).name
     key = dataset.strip().lower()
     return key if key == "imagenet" else canonical_name(key)
-
-
-# ---------------------------------------------------------------- architectures
-
-def _import_class(spec: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"--arch {spec!r} is neither a zoo name nor package.module:Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"--arch {spec}: cannot import module {module_name!r} ({e}); "
-                        "check the spelling and that its package is installed") from None
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise UserError(f"--arch {spec}: module {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise UserError(f"--arch {spec}: {attr!r} is not a class or function that builds a model")
-    return target
-
-
-def check_arch(arch: str, dataset: str, threat_model: str = "Linf") -> str:
-    """Validate an architecture spec without building it; returns its canonical form
-    (a zoo alias or prefix becomes the full zoo name)."""
-    if ":" in arch:
-        _import_class(arch)
-        return arch
-    return resolve_name(arch, dataset, threat_model).name
-
-
-def _timm_name(entry: ZooEntry) -> str:
-    # RobustBench's rule for the timm registry name of a zoo entry.
-    return f"{entry.name.lower().replace('-', '_')}_{entry.dataset}_{entry.threat_model.lower()}"
-
-
-def _build_zoo(entry: ZooEntry) -> nn.Module:
-    if not entry.loadable:
-        raise UserError(f"{entry.name} is on RobustBench's {entry.dataset}/{entry.threat_model} leaderboard but "
-                        "RobustBench ships no checkpoint or architecture for it: choose a model that "
-                        "'adt-ft models' marks as loadable")
-    if entry.checkpoint == "timm":
-        # RobustBench's own constructor for these asks timm for pretrained weights
-        # (a download); the same architecture without weights is this.
-        import timm
-
-        return timm.create_model(_timm_name(entry), pretrained=False, num_classes=_DATASET_CLASSES[entry.dataset])
-    if entry.checkpoint == "torchvision":
-        return rb.imagenet_standard_resnet50()
-    return rb.zoo_record(entry.name, entry.dataset, entry.threat_model)["model"]()
-
-
-def build_architecture(arch: str, dataset: str, threat_model: str = "Linf",
-                       arch_kwargs: dict | None = None) -> nn.Module:
-    """A freshly initialised model (random weights, nothing downloaded).
-
-    `arch` is a RobustBench zoo name (aliases and unique prefixes work; the entry's
-    architecture for `dataset`/`threat_model` is built) or `package.module:Class`
-    (called with `arch_kwargs`, or with no arguments).
-    """
-    if ":" in arch:
-        ctor = _import_class(arch)
-        kwargs = dict(arch_kwargs or {})
-        try:
-            model = ctor(**kwargs)
-        except TypeError as e:
-            raise UserError(f"--arch {arch}: cannot construct it with arguments {kwargs} ({e})") from None
-        if not isinstance(model, nn.Module):
-            raise UserError(f"--arch {arch} returned a {type(model).__name__}, not a torch.nn.Module")
-        return model
-    if arch_kwargs:
-        raise UserError(f"architecture arguments {arch_kwargs} only apply to package.module:Class architectures, "
-                        f"not to the zoo name {arch!r}")
-    return _build_zoo(resolve_name(arch, dataset, threat_model))
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def _looks_like_html(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(2048).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    # Real checkpoints start with a zip or pickle header, never with '<'.
-    return head.startswith(b"<") and any(marker in head for marker in _HTML_MARKERS)
-
-
-# Globals a plain state dict's pickle may name; anything else is an object or a callable.
-_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")
-
-
-def _foreign_globals(path: Path) -> list[str]:
-    """Globals (callables, classes) that the checkpoint's pickle would import, other than torch's own.
-
-    Only used to explain a refusal: torch.load(weights_only=True) already refused to run them.
-    """
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-                data = zf.read(member) if member else b""
-        else:
-            data = path.read_bytes()
-    except (OSError, zipfile.BadZipFile):
-        return []
-    found: list[str] = []
-    strings: list[str] = []
-    try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if op.name in ("GLOBAL", "INST"):
-                found.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # not a complete pickle (garbage, truncated): nothing to explain
-        return []
-    return [g for g in found if not g.startswith(_TENSOR_GLOBALS)]
-
-
-def _unwrap(obj: Any) -> Any:
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    return obj
-
-
-def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a checkpoint file, read with `weights_only=True` onto the CPU.
-
-    Accepts `{"state_dict": ...}`, `{"model_state_dict": ...}`, `{"model": ...}`
-    wrappers and `module.`/`model.` key prefixes (the latter are removed; see
-    `load_weights`, which puts `model.` back where an architecture needs it).
-    Raises UserError for a missing file, an HTML page, a pickle that would need to
-    run code, and a corrupt or truncated file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: give the path of a .pt/.pth state dict file")
-    if _looks_like_html(path):
-        raise UserError(f"{path} is an HTML page, not a checkpoint (a failed Google-Drive download saves its error "
-                        f"page under the checkpoint's name): download the real file and put it at {path}")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols it may not parse; the error below says what matters.
-            warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        foreign = _foreign_globals(path)
-        if foreign or "Unsupported global" in str(e):
-            named = f" (it references {', '.join(foreign[:3])})" if foreign else ""
-            raise UserError(f"refused: {path} contains code/objects, not just tensors{named}; loading it would run "
-                            "code from the file: re-save it with torch.save(model.state_dict(), path)") from None
-        first = next((line.strip() for line in str(e).splitlines() if "Unsupported operand" in line), None) \
-            or (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first}): the file is corrupt or "
-                        "truncated, or was not written by torch.save; download or copy it again") from None
-    state = _unwrap(obj)
-    if not isinstance(state, Mapping):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict: save model.state_dict()")
-    not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise UserError(f"{path} is a dict but not a state dict (non-tensor entries: {', '.join(not_tensors[:5])}): "
-                        "save model.state_dict(), or wrap it as {'state_dict': ...}")
-    return _strip_prefixes(state)
-
-
-def _fit_prefix(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """Put back a 'model.' prefix that read_state_dict removed, when the architecture
-    wraps its network in a `model` attribute (RobustBench's normalising ImageNet
-    wrappers, or any user class with `self.model = ...`)."""
-    wanted = set(model.state_dict())
-    if set(state_dict) == wanted:
-        return state_dict
-    prefixed = {"model." + k: v for k, v in state_dict.items()}
-    if set(prefixed) == wanted or (len(set(prefixed) & wanted) > len(set(state_dict) & wanted)):
-        return prefixed
-    return state_dict
-
-
-def _few(keys: list[str], n: int = 4) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
-    """Load a state dict strictly; UserError naming missing/unexpected keys and shape mismatches."""
-    state_dict = _fit_prefix(model, state_dict)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {_few(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys {_few(unexpected)}")
-        if shapes:
-            problems.append(f"shape mismatches (checkpoint vs model) {_few(shapes, 3)}")
-        raise UserError(f"the weights in {source} do not fit {type(model).__name__}: {'; '.join(problems)}; "
-                        "check --arch (and its arguments) and --dataset")
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
-def _parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- zoo checkpoints in a workspace
@@ -483,8 +255,13 @@ def pull_from_file(path: str | os.PathLike, arch: str, *, dataset: str, threat_m
                            arch_kwargs=arch_kwargs)[0]
 
 
-def model_from_ref(ref: ModelRef, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model a ModelRef describes, in eval mode on `device`. Never downloads."""
+def model_from_ref(ref: ModelRef, device: str | torch.device = "cpu", *, source: str | None = None) -> nn.Module:
+    """Rebuild the model a ModelRef describes, in eval mode on `device`. Never downloads.
+
+    A ModelRef usually comes from a file (state.json, run.json: `source` names it), so its
+    architecture is only imported when `trust.check_trusted` allows it.
+    """
+    check_trusted(ref.arch, source or f"the record of model {ref.name!r}")
     path = Path(ref.path)
     if ref.source == "zoo" and ":" not in ref.arch:
         entry = resolve_name(ref.arch, ref.dataset, ref.threat_model)
@@ -496,7 +273,7 @@ def model_from_ref(ref: ModelRef, device: str | torch.device = "cpu") -> nn.Modu
         if not path.is_file():
             raise UserError(f"the checkpoint of model {ref.name!r} is missing at {path}: pull or train it again")
         state_dict = read_state_dict(path)
-        model = build_architecture(ref.arch, ref.dataset, ref.threat_model, ref.arch_kwargs or None)
+        model = _build(ref.arch, ref.dataset, ref.threat_model, ref.arch_kwargs or None)
         load_weights(model, state_dict, str(path))
     return model.to(device).eval()
 

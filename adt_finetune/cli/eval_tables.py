@@ -1,0 +1,84 @@
+"""What `adt-ft eval` (and `quickstart`, `leaderboard`) draw: result tables, sanity lines,
+the W-PGD table. The evaluation library returns data; these render it with rich."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..utils import format_pct
+
+
+def results_table(rows: Sequence[tuple[str, Any]], title: str | None = None):
+    """A rich table like the ADT paper's Table 1 from (label, EvalResult) rows: one row per
+    model, columns clean, each attack, A_rob; with two rows, a third shows the change."""
+    from rich.table import Table
+
+    columns: list[str] = []
+    for _, r in rows:
+        columns += [a for a in r.attacks if a not in columns]
+    cascade = any(r.mode == "cascade" for _, r in rows)
+    table = Table(title=title, caption=("cascade mode: attack columns are cumulative (robust to it and every "
+                                        "earlier attack)" if cascade else None))
+    table.add_column("model", min_width=min(24, max(len(label) for label, _ in rows)))
+    for c in ["clean", *columns, "A_rob"]:
+        numeric_style = dict(justify="right", no_wrap=True, min_width=len(c))
+        marked = cascade and any(r.in_a_rob(c) for _, r in rows)
+        table.add_column(c + ("*" if marked else ""), style="bold" if c == "A_rob" else None, **numeric_style)
+    for label, r in rows:
+        table.add_row(label, *[format_pct(r.display_value(c)) for c in ["clean", *columns, "A_rob"]])
+    if len(rows) == 2:
+        (_, before), (_, after) = rows
+        deltas = []
+        for c in ["clean", *columns, "A_rob"]:
+            b, a = before.display_value(c), after.display_value(c)
+            deltas.append("" if a is None or b is None else f"{a - b:+.2f}")
+        table.add_row("change", *deltas, style="italic")
+    return table
+
+
+def print_wide(console, renderable) -> None:
+    """Print a table whole: into a pipe or file at the width it needs (rich would
+    otherwise crop it at 80 columns); on a terminal, rich fits it to the window."""
+    from rich.console import Console
+
+    need = console.measure(renderable, options=console.options.update(width=10_000)).maximum
+    if need > console.width and not console.is_terminal:
+        Console(file=console.file, width=need, color_system=None).print(renderable)
+    else:
+        console.print(renderable)
+
+
+def print_sanity(result, console) -> None:
+    """One line per sanity check of an EvalResult: ✓, a warning, or a dimmed 'not applicable'."""
+    from rich.markup import escape
+
+    for c in result.sanity:
+        detail = escape(c.detail)
+        if c.ok is None:
+            console.print(f"  [dim]– {c.name}: {detail}[/]", highlight=False, soft_wrap=True)
+        elif c.ok:
+            console.print(f"  [green]✓[/] {c.name}: {detail}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"  [bold yellow]⚠ WARNING[/] {c.name}: {detail}", highlight=False, soft_wrap=True)
+
+
+def wasserstein_table(report: dict[str, Any]):
+    """The `wasserstein` suite's JSON report as a table: one row per budget δ (accuracies in %)."""
+    from rich.table import Table
+
+    clean = report.get("clean") or {}
+    t = Table(title=f"W-PGD ({report.get('threat_model')}, loss {report.get('loss')}): "
+                    f"Υ = {_num(clean.get('upsilon'))}, V(0) = {_num(clean.get('v0'))}, W(0) = {_num(clean.get('w0'))}")
+    for c in ("budget δ", "W-PGD acc", "first-order est.", "PGD-20 acc (ε = δ)"):
+        t.add_column(c, justify="right")
+    for row in report.get("rows", []):
+        t.add_row(_num(row.get("budget")), _fraction_pct(row.get("wpgd_acc")), _fraction_pct(row.get("first_order")),
+                  _fraction_pct(row.get("pgd_acc")))
+    return t
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def _fraction_pct(v: Any) -> str:
+    return format_pct(None if v is None else 100 * v, missing="n/a")

@@ -1,0 +1,97 @@
+"""The sanity checks of docs/evaluation.md, "Sanity checks".
+
+Most checks mark a result unreliable and let it be written with a warning. A
+model whose weights, buffers or clean logits are not finite gets no result at
+all: its argmax is arbitrary (NaN logits pick class 0), so every number computed
+from it would be garbage that looks plausible.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .result import EvalResult, SanityCheck
+
+LINF_TOLERANCE = 1e-6
+
+
+def sanity_checks(result: EvalResult, ranges: dict[str, tuple[float, float]],
+                  black_box: set[str]) -> list[SanityCheck]:
+    """The sanity checks of docs/evaluation.md, "Sanity checks". A failed check marks the result unreliable."""
+    checks: list[SanityCheck] = []
+    eps = result.eps
+    pointwise = [result.attacks[k] for k in result.pointwise]
+
+    bounded = [a for a in result.max_linf if a in pointwise]
+    if bounded:
+        worst = max(bounded, key=lambda a: result.max_linf[a])
+        d = result.max_linf[worst]
+        ok = d <= eps + LINF_TOLERANCE
+        rounding = " (up to float32 rounding)" if ok and d > eps else ""
+        checks.append(SanityCheck("linf", ok, f"max ‖x'−x‖∞ = {d:.6g} ({worst}) {'≤' if ok else '>'} ε = {eps:.6g}"
+                                  + (rounding if ok else ": the attack leaves the threat model, its numbers are invalid")))
+    # An attack that ran on no example leaves its initial (empty) range: min > max.
+    ran = {a: r for a, r in ranges.items() if r[0] <= r[1]}
+    if ran:
+        lo, hi = min(r[0] for r in ran.values()), max(r[1] for r in ran.values())
+        outside = [a for a, r in ran.items() if r[0] < 0.0 or r[1] > 1.0]
+        checks.append(SanityCheck("range", not outside,
+                                  f"every x' in [0, 1] (min {lo:.6g}, max {hi:.6g})" if not outside else
+                                  f"x' leaves [0, 1] under {', '.join(outside)} (min {lo:.6g}, max {hi:.6g})"))
+
+    if "pgd20" in pointwise and "pgd100" in pointwise:
+        if result.mode == "independent":
+            acc = result.per_attack
+            slack = max(100.0 / result.n_examples, 0.5)
+            ok = acc["pgd100"] <= acc["pgd20"] + slack
+            checks.append(SanityCheck(
+                "pgd100 ≤ pgd20", ok,
+                f"pgd100 {acc['pgd100']:.2f}% vs pgd20 {acc['pgd20']:.2f}% (slack {slack:.2f} pp)" if ok else
+                f"pgd100 {acc['pgd100']:.2f}% is above pgd20 {acc['pgd20']:.2f}% by more than {slack:.2f} pp: "
+                "more steps should not help the model; suspect the attack or gradient masking"))
+        else:
+            checks.append(SanityCheck("pgd100 ≤ pgd20", None, "not comparable in cascade mode"))
+
+    bb = [a for a in pointwise if a in black_box]
+    wb = [a for a in pointwise if a not in black_box]
+    if bb and wb:
+        cols = {a: result.attacks.index(a) for a in pointwise}
+        wb_robust = np.all([result.flags[:, cols[a]] == 1 for a in wb], axis=0)
+        bb_broken = np.any([result.flags[:, cols[a]] == 0 for a in bb], axis=0)
+        only_bb = int((wb_robust & bb_broken).sum())
+        limit = max(2, math.ceil(0.01 * result.n_examples))
+        ok = only_bb < limit
+        checks.append(SanityCheck(
+            "black-box vs white-box", ok,
+            f"{only_bb} example(s) broken only by black-box attacks ({', '.join(bb)})" if ok else
+            f"black-box attacks ({', '.join(bb)}) broke {only_bb} example(s) ({100.0 * only_bb / result.n_examples:.2f}%) "
+            "that every white-box attack missed: the gradients may be masked; trust the lower numbers"))
+    return checks
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers holding a NaN or an infinity."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_weights(model: nn.Module, label: str = "the model") -> None:
+    """Refuse a model with non-finite weights or buffers (e.g. BatchNorm's running_var after a diverged run)."""
+    bad = non_finite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"{label} has non-finite weights or buffers ({shown}), so its predictions mean nothing "
+                        "and no number was computed: evaluate a checkpoint from before training diverged, or train "
+                        "again with a smaller --lr")
+
+
+def check_finite_logits(n_bad: int, n: int, label: str = "the model") -> SanityCheck:
+    """The `finite` check after the clean pass: refused (UserError) when any clean logit is NaN or infinite."""
+    if n_bad:
+        raise UserError(f"{label} gives non-finite logits on {n_bad} of {n} clean images, so its predictions mean "
+                        "nothing and no number was computed: evaluate a checkpoint from before training diverged")
+    return SanityCheck("finite", True, f"every weight, buffer and clean logit is finite ({n} images)")

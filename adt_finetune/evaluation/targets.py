@@ -1,0 +1,203 @@
+"""What `adt-ft eval` evaluates and on which images: the model (a --model, a run,
+or the workspace's current model) with what its leaderboard entry says about it,
+the evaluated test images, and the training images some attacks learn from.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .suites import GENERATOR_ATTACKS
+
+DEFAULT_N_EXAMPLES = 1000
+#: training images handed to the attacks that learn before they attack (a generator retrained against the model)
+TRAIN_IMAGES_FOR_ATTACKS = 2000
+
+
+@dataclass
+class Target:
+    """A model to evaluate, with what the leaderboard entry says about it."""
+
+    label: str
+    model: nn.Module
+    dataset: str
+    threat_model: str
+    info: dict[str, Any]                  # RobustBench's descriptive fields
+    context: dict[str, Any]               # the entry's "adt_ft" facts: base_model, method, run_id, ...
+    default_entry: str
+    generator_method: str | None = None   # the run's amortised generator (exp-am / imp-am), an attack for `full`
+    generator_path: Path | None = None
+    base: "Target | None" = None          # the run's base model, for --baseline
+
+
+def _arch_label(arch: str) -> str:
+    return arch.rpartition(":")[2] if ":" in arch else arch
+
+
+def _zoo_info(entry) -> dict[str, Any]:
+    return {"name": entry.title, "link": entry.link, "authors": entry.authors, "venue": entry.venue,
+            "architecture": entry.architecture, "additional_data": bool(entry.additional_data),
+            "number_forward_passes": int(entry.number_forward_passes or 1)}
+
+
+def _ref_info(ref) -> dict[str, Any]:
+    """RobustBench facts for a ModelRef: the zoo entry's when it is a zoo model."""
+    if ref.source == "zoo" and ":" not in ref.arch:
+        from ..zoo import resolve_name
+
+        try:
+            return _zoo_info(resolve_name(ref.arch, ref.dataset, ref.threat_model))
+        except UserError:
+            pass
+    return {"name": ref.name, "architecture": _arch_label(ref.arch)}
+
+
+def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+                   run: str | None = None, dataset: str | None = None, threat_model: str = "Linf",
+                   workspace: str | Path = ".", device: str | torch.device = "cpu",
+                   baseline: bool = False) -> Target:
+    """The model `adt-ft eval` evaluates: --model (zoo name or checkpoint file with
+    --arch), else --run, else the workspace's latest run, else its current model.
+
+    Never changes the workspace's current model or latest run.
+    """
+    from ..data import dataset_info
+    from ..workspace import Workspace
+
+    ws = Workspace(workspace)
+    if model is not None and run is not None:
+        raise UserError("give --model or --run, not both")
+    if (arch is not None or arch_kwargs) and model is None:
+        raise UserError("--arch and --arch-kwargs describe a checkpoint file: use them together with --model PATH")
+    if baseline and model is not None:
+        raise UserError("--baseline compares a run with the model it started from: use it with --run (or with no "
+                        "--model to take the latest run)")
+    tm = {"linf": "Linf", "l2": "L2"}.get(threat_model.strip().lower(), threat_model)
+    if tm != "Linf":
+        raise UserError(f"threat model {threat_model!r}: adt-ft's attacks are L∞ attacks; only Linf is supported")
+    wanted = dataset_info(dataset).name if dataset is not None else None
+    if model is not None:
+        return _model_target(model, arch, arch_kwargs, wanted, tm, ws, device)
+    if run is not None or ws.latest_run() is not None:
+        return _run_target(run, wanted, dataset, ws, device, baseline)
+    if baseline:
+        raise UserError(f"--baseline needs a run, and workspace {ws.root} has none: train one with 'adt-ft train'")
+    ref = ws.current_model()
+    if ref is None:
+        raise UserError(f"nothing to evaluate in workspace {ws.root}: no run and no current model; pass --model "
+                        "NAME|PATH or --run RUN, or run 'adt-ft pull NAME' first")
+    if wanted is not None and wanted != ref.dataset:
+        raise UserError(f"the current model {ref.name} is a {ref.dataset} model; --dataset {dataset} is {wanted}")
+    from ..zoo import model_from_ref
+
+    net = model_from_ref(ref, device)
+    context = {"base_model": ref.name, "model_source": ref.source}
+    return Target(ref.name, net, ref.dataset, ref.threat_model, _ref_info(ref), context, ref.name)
+
+
+def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws, device) -> Target:
+    """--model NAME|FILE through the resolver `train` uses too (zoo.resolve_model)."""
+    from ..zoo import is_checkpoint, model_from_ref, resolve_model, resolve_name
+
+    ref = resolve_model(model, arch=arch, arch_kwargs=arch_kwargs, dataset=wanted, threat_model=tm, workspace=ws)
+    net = model_from_ref(ref, device)
+    if is_checkpoint(model):
+        path = Path(ref.path)
+        if ":" in ref.arch:
+            info = {"name": path.stem, "architecture": _arch_label(ref.arch)}
+        else:
+            info = dict(_zoo_info(resolve_name(ref.arch, ref.dataset, ref.threat_model)), name=path.stem, link="",
+                        authors="", venue="")
+        context = {"base_model": path.stem, "model_source": f"file {path} ({arch})"}
+        return Target(path.stem, net, ref.dataset, ref.threat_model, info, context, path.stem)
+    entry = resolve_name(ref.arch, ref.dataset, ref.threat_model)
+    context = {"base_model": entry.name, "model_source": "zoo"}
+    return Target(entry.name, net, entry.dataset, entry.threat_model, _zoo_info(entry), context, entry.name)
+
+
+def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, device, baseline: bool) -> Target:
+    """A finished run: its fine-tuned model, its base model (for --baseline) and its generator."""
+    from ..runs import load_run
+    from ..zoo import model_from_ref
+
+    info_run = load_run(run, ws.root)
+    if info_run.model is None:  # load_run refuses unfinished runs; this guards a hand-edited run.json
+        raise UserError(f"run {info_run.id} has no final model: finish it with 'adt-ft train --resume'")
+    ref, base_ref, meta = info_run.model, info_run.base_model, info_run.meta
+    if wanted is not None and wanted != ref.dataset:
+        raise UserError(f"run {info_run.id} fine-tuned a {ref.dataset} model; --dataset {dataset} is {wanted}")
+    net = model_from_ref(ref, device)
+    method = meta.get("method")
+    base_info = _ref_info(base_ref)
+    info = {k: v for k, v in base_info.items() if k in ("architecture", "additional_data", "number_forward_passes")}
+    info["name"] = (f"{str(method).upper()} fine-tune of {base_ref.name} "
+                    f"(loss {meta.get('loss')}, scope {meta.get('scope')}, {meta.get('epochs')} epochs)")
+    context = {"base_model": base_ref.name, "method": method, "loss": meta.get("loss"), "scope": meta.get("scope"),
+               "epochs": meta.get("epochs"), "recipe": meta.get("recipe"), "run_id": info_run.id,
+               "model_source": "run"}
+    base = None
+    if baseline:
+        base_net = model_from_ref(base_ref, device)
+        base = Target(base_ref.name, base_net, base_ref.dataset, base_ref.threat_model, base_info,
+                      {"base_model": base_ref.name}, base_ref.name)
+    gen_method = method if method in GENERATOR_ATTACKS and info_run.generator_path is not None else None
+    return Target(f"{info_run.id}", net, ref.dataset, ref.threat_model, info, context, info_run.id,
+                  generator_method=gen_method, generator_path=info_run.generator_path, base=base)
+
+
+def load_examples(model_dataset: str, dataset: str | None = None, n_examples: int | None = None, *,
+                  data_dir: str | Path | None = None,
+                  workspace: str | Path = ".") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The first N test examples of the model's dataset, or of an image folder whose
+    class names must be that dataset's. Default N: 1000 or the whole set if smaller."""
+    from ..data import as_tensors, canonical_name, is_image_folder, load_dataset
+
+    if dataset is not None and is_image_folder(dataset):
+        full = load_dataset(dataset, "test", expect=model_dataset)
+        label = f"image folder {Path(dataset).resolve()}"
+    else:
+        if dataset is not None and canonical_name(dataset) != model_dataset:
+            raise UserError(f"the model is a {model_dataset} model; --dataset {dataset} does not match")
+        full = load_dataset(model_dataset, "test", data_dir=data_dir, workspace=workspace, augment=False)
+        label = f"{model_dataset} test set"
+    if len(full) == 0:
+        raise UserError(f"the {label} holds no images: put the test images in its class folders")
+    if n_examples is None:
+        n_examples = min(DEFAULT_N_EXAMPLES, len(full))
+    if n_examples <= 0:
+        raise UserError(f"--n-examples must be positive, got {n_examples}")
+    if n_examples > len(full):
+        raise UserError(f"--n-examples {n_examples} is larger than the {label} ({len(full)} images)")
+    x, y = as_tensors(full, n_examples)
+    return x, y, f"first {n_examples} of the {label}"
+
+
+def training_sample_indices(n_train: int, n: int, seed: int) -> list[int]:
+    """Which training images the learning attacks get: `n` of `n_train`, drawn without
+    replacement by a torch generator seeded with `seed`, in increasing order."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return sorted(torch.randperm(n_train, generator=gen)[:min(n, n_train)].tolist())
+
+
+def load_attack_training_data(model_dataset: str, *, seed: int, n: int = TRAIN_IMAGES_FOR_ATTACKS,
+                              data_dir: str | Path | None = None,
+                              workspace: str | Path = ".") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A seeded random sample of the model's dataset's TRAIN split (never the evaluated
+    test images), and a record of which images it holds for the leaderboard entry."""
+    from torch.utils.data import Subset
+
+    from ..data import as_tensors, load_dataset
+
+    full = load_dataset(model_dataset, "train", data_dir=data_dir, workspace=workspace, augment=False)
+    indices = training_sample_indices(len(full), n, seed)
+    x, y = as_tensors(Subset(full, indices))
+    record = {"dataset": model_dataset, "split": "train", "n_images": len(indices), "of": len(full), "seed": int(seed),
+              "selection": "sorted(torch.randperm(of, generator=torch.Generator().manual_seed(seed))[:n_images])",
+              "indices_sha256": hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()}
+    return x, y, record

@@ -1,0 +1,208 @@
+"""Leaderboard rows and their plain-text renderings (aligned text, GitHub Markdown, JSON).
+
+Entries rank against each other only within a comparability group: same dataset,
+threat model, ε and number of evaluated examples. An ε = 8/255 result on 20
+images and an ε = 0.1 result on 1,000 are different measurements, so they go in
+different groups (sections of the table), each ranked on its own.
+The CLI draws the same rows as rich tables (`adt_finetune.cli.leaderboard_cmd`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from ..errors import UserError
+from ..utils import format_eps, format_pct
+from .entries import Entry
+
+FORMATS = ("table", "markdown", "json")
+HEADERS = ["entry", "base model", "method", "ε", "n", "clean", "AutoAttack", "A_rob"]
+#: how many leading columns hold text (left-aligned); the rest are numbers
+TEXT_COLUMNS = 3
+CUMULATIVE_NOTE = "* cumulative (cascade mode): robust to this attack and every earlier one"
+RANKING_NOTE = ("ranked by robust accuracy (A_rob, else AutoAttack) within each group of equal dataset, threat "
+                "model, ε and n; entries at different ε or n are not comparable and are never ranked together")
+UNVERIFIED_NOTE = "! per-example file does not match its entry (see the warning)"
+
+
+@dataclass
+class Group:
+    """Entries that may be ranked against each other, best first."""
+    dataset: str
+    threat_model: str
+    eps: float | None
+    n: int | None
+    entries: list[Any]
+
+    @property
+    def title(self) -> str:
+        eps = "?" if self.eps is None else format_eps(self.eps)
+        n = "?" if self.n is None else str(self.n)
+        return f"{self.dataset} / {self.threat_model}, ε = {eps}, n = {n}"
+
+
+def _rank_key(e: Entry) -> tuple:
+    return (-(e.robust if e.robust is not None else -math.inf), e.entry)
+
+
+def _group_order(key: tuple) -> tuple:
+    ds, tm, eps, n = key
+    return (ds, tm, eps is None, eps if eps is not None else 0.0, n is None, -(n or 0))
+
+
+def comparable_groups(items: Iterable[Any], key=lambda e: e.comparable_key, rank=_rank_key) -> list[Group]:
+    """Split into comparability groups (dataset, threat model, ε, n), each sorted by `rank`."""
+    by_key: dict[tuple, list[Any]] = {}
+    for item in items:
+        by_key.setdefault(key(item), []).append(item)
+    return [Group(*k, sorted(members, key=rank)) for k, members in sorted(by_key.items(),
+                                                                          key=lambda kv: _group_order(kv[0]))]
+
+
+def sort_entries(entries: Iterable[Entry]) -> list[Entry]:
+    """Best robust accuracy first within each comparability group; the groups one after another."""
+    return [e for g in comparable_groups(entries) for e in g.entries]
+
+
+def attack_columns(entries: Sequence[Entry]) -> list[str]:
+    cols: list[str] = []
+    for e in entries:
+        cols += [a for a in e.attacks if a not in cols and a != "autoattack"]
+    return cols
+
+
+def _row(e: Entry, group: Group, rank: int, attack_cols: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "entry": e.entry,
+        "dataset": e.dataset,
+        "threat_model": e.threat_model,
+        "base_model": e.extra.get("base_model") or "",
+        "method": e.extra.get("method") or "",
+        "eps": e.eps_label,
+        "n": e.n,
+        "clean": e.clean,
+        "autoattack": e.autoattack,
+        "a_rob": e.a_rob,
+        "robust": e.robust,
+        "group": group.title,
+        "rank_in_group": rank,
+        "per_example_ok": e.verified,
+        "per_attack": {},
+        "cumulative": {},
+    }
+    for a in attack_cols:
+        v, cum = e.attack_value(a)
+        (row["cumulative"] if cum else row["per_attack"])[a] = v
+    return row
+
+
+def rows(entries: Iterable[Entry]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Rows as plain values, group by group, best first in each: (attack columns, [row dict]).
+    Each row says its comparability group and its rank within it."""
+    groups = comparable_groups(entries)
+    attack_cols = attack_columns([e for g in groups for e in g.entries])
+    return attack_cols, [_row(e, g, i + 1, attack_cols) for g in groups for i, e in enumerate(g.entries)]
+
+
+def cells(row: dict[str, Any], attack_cols: list[str]) -> list[str]:
+    """A row's table cells, in HEADERS + attack columns order."""
+    name = row["entry"] + (" !" if row.get("per_example_ok") is False else "")
+    out = [name, row["base_model"], row["method"], row["eps"] or "?", "?" if row["n"] is None else str(row["n"]),
+           format_pct(row["clean"]), format_pct(row["autoattack"]), format_pct(row["a_rob"])]
+    for a in attack_cols:
+        if a in row["cumulative"]:
+            out.append(format_pct(row["cumulative"][a]) + "*")
+        else:
+            out.append(format_pct(row["per_attack"].get(a)))
+    return out
+
+
+@dataclass
+class Section:
+    """One table of a rendering: a title, a header and rows of cells."""
+    title: str
+    header: list[str]
+    body: list[list[str]]
+
+
+def sections(entries: Iterable[Entry]) -> tuple[list[Section], list[str]]:
+    """One section per comparability group, and the notes that go under the tables."""
+    groups = comparable_groups(entries)
+    attack_cols = attack_columns([e for g in groups for e in g.entries])
+    out, all_rows = [], []
+    for g in groups:
+        group_rows = [_row(e, g, i + 1, attack_cols) for i, e in enumerate(g.entries)]
+        all_rows += group_rows
+        n = len(group_rows)
+        out.append(Section(f"{g.title}: {n} entr{'y' if n == 1 else 'ies'}", HEADERS + attack_cols,
+                           [cells(r, attack_cols) for r in group_rows]))
+    return out, notes(all_rows)
+
+
+def notes(all_rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    if any(r["cumulative"] for r in all_rows):
+        out.append(CUMULATIVE_NOTE)
+    if any(r.get("per_example_ok") is False for r in all_rows):
+        out.append(UNVERIFIED_NOTE)
+    return out + [RANKING_NOTE]
+
+
+def text_table(section: Section, n_text: int = TEXT_COLUMNS) -> list[str]:
+    """Aligned plain-text lines: text columns left, numbers right."""
+    widths = [max(len(x) for x in [h] + [r[j] for r in section.body]) for j, h in enumerate(section.header)]
+
+    def line(cells_: list[str]) -> str:
+        return "  ".join(c.ljust(w) if j < n_text else c.rjust(w) for j, (c, w) in enumerate(zip(cells_, widths)))
+
+    return [section.title, line(section.header), "  ".join("-" * w for w in widths)] + \
+        [line(r).rstrip() for r in section.body]
+
+
+def markdown_table(section: Section, n_text: int = TEXT_COLUMNS, heading: str = "###") -> list[str]:
+    def esc(c: str) -> str:
+        return c.replace("|", "\\|")
+
+    n = len(section.header)
+    return ([f"{heading} {section.title}", "", "| " + " | ".join(esc(h) for h in section.header) + " |",
+             "|" + "|".join(["---"] * n_text + ["---:"] * (n - n_text)) + "|"]
+            + ["| " + " | ".join(esc(c) for c in r) + " |" for r in section.body])
+
+
+def render_sections(parts: list[Section], notes_: list[str], fmt: str, title: str | None = None,
+                    n_text: int = TEXT_COLUMNS) -> str:
+    """Sections and notes as Markdown (`fmt="markdown"`) or aligned plain text."""
+    lines: list[str] = []
+    if fmt == "markdown":
+        if title:
+            lines += [f"## {title}", ""]
+        for s in parts:
+            lines += markdown_table(s, n_text) + [""]
+        for n in notes_:  # one paragraph each; a leading * would start a Markdown list
+            lines += [n.replace("*", "\\*", 1) if n.startswith("*") else n, ""]
+    else:
+        if title:
+            lines += [title, ""]
+        for s in parts:
+            lines += text_table(s, n_text) + [""]
+        lines += notes_
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
+    return fmt
+
+
+def render(entries: Iterable[Entry], fmt: str = "table", title: str | None = None) -> str:
+    """The leaderboard as text: an aligned plain-text table, GitHub Markdown, or JSON rows,
+    one table per comparability group."""
+    check_format(fmt)
+    entries = list(entries)
+    if fmt == "json":
+        return json.dumps(rows(entries)[1], indent=2) + "\n"
+    parts, notes_ = sections(entries)
+    return render_sections(parts, notes_, fmt, title)

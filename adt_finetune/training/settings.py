@@ -1,0 +1,214 @@
+"""Training settings: recipe and flag values checked into a TrainConfig, validated before
+anything is loaded, and resolved into the config a run records in run.json.
+
+Precedence: TrainConfig's defaults, then the recipe, then explicit values (flags).
+Which method trains with which loss is decided by `methods.base.check_method_loss`
+and `methods.base.default_loss`, never here.
+"""
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig, find_recipe, read_recipe
+from ..errors import UserError
+from ..utils import format_eps, parse_eps
+
+DEFAULT_LR = {"full": 0.01, "last-layer": 0.1}
+SCOPES = ("full", "last-layer")
+HEAD_INITS = ("keep", "reinit")
+SCHEDULES = ("cosine", "step", "constant")
+# Settings that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
+RESUME_OVERRIDABLE = ("device", "workers", "checkpoint_every", "data_dir")
+# Parameters are float32: a larger setting (e.g. --lr 1e39) overflows to inf on the first step.
+FLOAT32_MAX = 3.4028234663852886e38
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _base_kind(hint: Any) -> Any:
+    """list for `list[int] | None`, int for `int | None`, str for `str`, ..."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """A recipe/flag value checked against the TrainConfig field's type (YAML gives loose types)."""
+    if value is None:
+        return None
+    kind = _base_kind(_HINTS[name])
+
+    def bad(expected: str) -> UserError:
+        return UserError(f"{where}: {name} must be {expected}, got {value!r}")
+
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        return value
+    if kind is float:
+        if not _is_number(value):
+            raise bad("a number")
+        return float(value)
+    if kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad("a string")
+        return str(value)  # YAML reads `eps: 0.031` as a float
+    if kind is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
+            raise bad("a list of whole numbers")
+        return list(value)
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(v) for v in value):
+            raise bad("two numbers")
+        return tuple(float(v) for v in value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    return value
+
+
+def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 workspace: str | Path = ".") -> TrainConfig:
+    """TrainConfig defaults, then the recipe's values, then `overrides` (None values are ignored).
+
+    `recipe` is a shipped or workspace recipe name (see `adt-ft recipes`) or a YAML path.
+    A loss that neither gives is the method's own (`default_loss`); one that is given
+    must be one the method accepts.
+    """
+    cfg = TrainConfig()
+    given_keys = {k for k, v in (overrides or {}).items() if v is not None}
+    if recipe is not None:
+        path = find_recipe(recipe, workspace)
+        values = {k: _coerce(k, v, f"recipe {path}") for k, v in read_recipe(path).items()}
+        given_keys |= {k for k, v in values.items() if v is not None}
+        cfg = replace(cfg.updated(values), recipe=str(recipe))
+    if overrides:
+        unknown = sorted(set(overrides) - TrainConfig.field_names())
+        if unknown:
+            raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train --help'")
+        cfg = cfg.updated({k: _coerce(k, v, "option") for k, v in overrides.items()})
+    from ..methods import METHODS, check_method_loss, default_loss
+
+    if cfg.method in METHODS:  # an unknown method is reported by train() with the list of methods
+        if "loss" not in given_keys:
+            cfg = replace(cfg, loss=default_loss(cfg.method))
+        elif cfg.loss in ("ce", "trades"):  # an unknown loss too
+            check_method_loss(cfg.method, cfg.loss)
+    return cfg
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every real-valued setting finite and within float32 range (nan, inf and 1e39 never train)."""
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        kind = _base_kind(_HINTS[f.name])
+        if kind not in (float, tuple) or value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if _is_number(v) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX):
+                raise UserError(f"--{f.name.replace('_', '-')} {value!r} is not a usable number: give a finite "
+                                f"value (at most {FLOAT32_MAX:.3g} in size)")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """UserError for settings that cannot run, before anything is loaded."""
+    _check_numbers(cfg)
+
+    def positive(name: str, allow_none: bool = False) -> None:
+        value = getattr(cfg, name)
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+    for name in ("epochs", "batch_size"):
+        positive(name)
+    for name in ("train_subset", "max_steps", "checkpoint_every", "lr"):
+        positive(name, allow_none=True)
+    if cfg.scope not in SCOPES:
+        raise UserError(f"unknown scope {cfg.scope!r}: choose {' or '.join(SCOPES)}")
+    if cfg.head_init not in HEAD_INITS:
+        raise UserError(f"unknown head init {cfg.head_init!r}: choose {' or '.join(HEAD_INITS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {cfg.schedule!r}: choose {', '.join(SCHEDULES)}")
+    if cfg.optimizer != "sgd":
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}: only sgd (with momentum) is implemented")
+    if cfg.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {cfg.workers}")
+    if cfg.eps is not None:
+        parse_eps(cfg.eps)
+    if cfg.model == "scratch" and not cfg.arch:
+        raise UserError("--model scratch needs --arch (a zoo name or package.module:Class) to build")
+
+
+def default_loss(method: str) -> str:
+    """The loss `method` trains with when none is asked for (see `methods.base.default_loss`)."""
+    from ..methods import default_loss as method_default
+
+    return method_default(method)
+
+
+def resolve_loss(cfg: TrainConfig) -> str:
+    """The training loss: cfg.loss, checked against what the method accepts.
+
+    TrainConfig's default loss is "ce", which the TRADES baseline does not take;
+    left at that default with such a method it becomes the method's own, so
+    `TrainConfig(method="trades")` works. `build_config` (what the CLI uses) is
+    stricter: an explicitly given loss must be accepted, and an absent one is the
+    method's `default_loss`.
+    """
+    from ..methods import METHODS, check_method, check_method_loss, default_loss as method_default
+
+    check_method(cfg.method)
+    if cfg.loss == TrainConfig.loss and cfg.loss not in METHODS[cfg.method].accepts_loss:
+        return method_default(cfg.method)
+    check_method_loss(cfg.method, cfg.loss)
+    return cfg.loss
+
+
+def resolved(cfg: TrainConfig, *, dataset: str, eps: float, loss: str) -> TrainConfig:
+    """The config with run-time defaults filled in, as recorded in run.json (settings the
+    method owns, such as λ or the attack step, are filled by `with_method_settings`)."""
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.scope]
+    # The budget as the user wrote it (or the dataset's '8/255'): formatting a float could round it.
+    eps_text = str(cfg.eps) if cfg.eps is not None else format_eps(eps)
+    return replace(cfg, dataset=dataset, eps=eps_text, loss=loss, lr=lr)
+
+
+def with_method_settings(cfg: TrainConfig, method: Any) -> TrainConfig:
+    """`cfg` with the settings the method resolved itself, where the config left them None."""
+    own = {k: v for k, v in method.resolved_settings().items() if getattr(cfg, k) is None}
+    return replace(cfg, **own) if own else cfg
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate for optimisation step `step` (0-based over the whole run).
+
+    Cosine anneals from lr to 0 over epochs × steps-per-epoch steps; step multiplies lr by
+    gamma from each (1-based) epoch listed in milestones on; constant keeps lr.
+    """
+    assert cfg.lr is not None, "lr is filled in by resolved()"
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        # Milestones are 1-based epoch numbers from which the factor applies, as in the ADT/TRADES
+        # code's `if epoch >= 75: lr *= 0.1` over epochs 1..76.
+        epoch_number = step // steps_per_epoch + 1
+        return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if epoch_number >= m)
+    total = cfg.epochs * steps_per_epoch
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))

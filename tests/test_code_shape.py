@@ -1,0 +1,79 @@
+"""The code's shape, as rules that can fail (issue 11): the layer contracts of pyproject.toml hold
+(`lint-imports`), no library module is over 500 lines and no function over 80."""
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "adt_finetune"
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` on the package under `root` with the project's own contracts."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run([str(exe), "--no-cache", str(REPO / "pyproject.toml")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_import_contracts_hold():
+    out = _lint_imports(REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "BROKEN" not in out.stdout and "KEPT" in out.stdout
+
+
+def test_import_contracts_fail_when_the_library_imports_its_cli(tmp_path):
+    """The contracts can fail: one upward import added to a copy of the package breaks them."""
+    copy = tmp_path / "adt_finetune"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / "perturb" / "linf.py"
+    target.write_text(target.read_text() + "\nfrom adt_finetune.cli.common import console  # noqa\n")
+    out = _lint_imports(tmp_path)
+    assert out.returncode != 0
+    assert "adt_finetune.perturb.linf -> adt_finetune.cli.common" in out.stdout.replace("\n", " ").replace("  ", " ") \
+        or "adt_finetune.cli" in out.stdout
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def long_modules(paths: list[Path]) -> dict[str, int]:
+    return {p.name if not p.is_relative_to(REPO) else str(p.relative_to(REPO)): n for p in paths
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+
+
+def long_functions(paths: list[Path]) -> dict[str, int]:
+    long = {}
+    for path in paths:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{path.name}:{node.lineno} {node.name}"] = n
+    return long
+
+
+def test_no_module_is_over_500_lines():
+    assert long_modules(_modules()) == {}, "split these modules by job"
+
+
+def test_no_function_is_over_80_lines():
+    assert long_functions(_modules()) == {}, "split these functions"
+
+
+def test_the_shape_checks_can_fail(tmp_path):
+    """The two counters see what they should: an 81-line function in a 501-line module."""
+    body = "\n".join(f"    x{i} = {i}" for i in range(80))
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"def f():\n{body}\n" + "\n" * (MAX_MODULE_LINES - 80))
+    assert long_functions([bad]) == {"bad.py:1 f": 81}
+    assert long_modules([bad]) == {"bad.py": 501}
