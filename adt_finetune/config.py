@@ -51,7 +51,9 @@ class TrainConfig:
     exp_lr: float = 0.3
     exp_accumulate_grad: bool = True  # the released code never zeroes (μ, v) grads between steps
     gen_width: int = 256              # generator width; residual blocks use 2× this
-    gen_normalize_gradients: bool = True  # g1, g2 per example over their mean |·| (ours); False: raw (released code)
+    # g1, g2 per example over their mean |·| (ours); False: the released code's raw gradients of the
+    # batch-MEAN CE (per-example gradient / batch_size, that divisor saved with the generator)
+    gen_normalize_gradients: bool = True
     gen_lr: float = 2e-4
     gen_betas: tuple[float, float] = (0.5, 0.999)
     z_dim: int = 64

@@ -70,22 +70,14 @@ def check_runs_dir(ws: Workspace) -> None:
         raise UserError(f"{ws.runs_dir} is a file, not a folder: move it away so that runs can be kept there")
 
 
-def stored_path(path: str | os.PathLike, workspace: str | os.PathLike) -> str:
-    """How run.json records a file: relative to the workspace (POSIX separators) when inside it."""
-    try:
-        return Path(path).resolve().relative_to(Path(workspace).resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def stored_ref(ref: ModelRef, workspace: str | os.PathLike) -> dict[str, Any]:
-    """A ModelRef as run.json records it (see `stored_path`)."""
-    return replace(ref, path=stored_path(ref.path, workspace) if ref.path else ref.path).to_dict()
+    """A ModelRef as run.json records it: its path relative to the workspace when inside it."""
+    return Workspace(workspace).ref_to_record(ref)
 
 
-def _read_ref(d: dict[str, Any], folder: Path, run_id: str) -> ModelRef:
+def _read_ref(d: Any, folder: Path, run_id: str, key: str) -> ModelRef:
     """A ModelRef from run.json with its path made absolute again."""
-    ref = ModelRef.from_dict(d)
+    ref = ModelRef.from_dict(d, f"{key} in {folder / RUN_JSON}")
     path = Path(ref.path)
     if not ref.path or path.is_absolute():
         return ref
@@ -95,22 +87,22 @@ def _read_ref(d: dict[str, Any], folder: Path, run_id: str) -> ModelRef:
     return replace(ref, path=str(folder.parent.parent / path))  # <workspace>/runs/<id>/
 
 
-def _info(folder: Path, meta: dict[str, Any]) -> RunInfo | None:
-    """The RunInfo of a run folder, or None when its run.json does not have the expected shape."""
+def _info(folder: Path, meta: dict[str, Any]) -> RunInfo:
+    """The RunInfo of a run folder; UserError when its run.json does not have the expected shape."""
     try:
         return _unchecked_info(folder, meta)
     except (KeyError, TypeError, ValueError, AttributeError):
-        return None
+        raise UserError(f"{folder / RUN_JSON} is damaged: delete the run folder or restore the file") from None
 
 
 def _unchecked_info(folder: Path, meta: dict[str, Any]) -> RunInfo:
     run_id = str(meta.get("id", folder.name))
-    model = _read_ref(meta["model"], folder, run_id) if meta.get("model") else None
+    model = _read_ref(meta["model"], folder, run_id, "model") if meta.get("model") else None
     finished = meta.get("status") == "finished" and model is not None and Path(model.path).exists()
     gen = meta.get("generator")
     gen_path = folder / gen if gen and (folder / gen).exists() else None
-    return RunInfo(path=folder, meta=meta, base_model=_read_ref(meta["base_model"], folder, run_id), model=model,
-                   generator_path=gen_path, finished=finished)
+    return RunInfo(path=folder, meta=meta, base_model=_read_ref(meta["base_model"], folder, run_id, "base_model"),
+                   model=model, generator_path=gen_path, finished=finished)
 
 
 def _find_folder(run: str | Path | None, ws: Workspace) -> Path:
@@ -141,10 +133,10 @@ def load_run(run: str | Path | None = None, workspace: str | Path = ".", *,
     ws = Workspace(workspace)
     folder = _find_folder(run, ws)
     meta = _read_meta(folder)
-    info = None if meta is None else _info(folder, meta)
-    if info is None:
+    if meta is None:
         raise UserError(f"{folder} is not a complete run folder (no readable {RUN_JSON}): "
                         "it was interrupted before it started; delete it")
+    info = _info(folder, meta)
     if require_finished and not info.finished:
         raise UserError(f"run {info.id} has no final model yet (status {info.meta.get('status')!r}): "
                         "finish it with 'adt-ft train --resume' first")
@@ -159,7 +151,10 @@ def list_runs(workspace: str | Path = ".") -> list[RunInfo]:
     out = []
     for folder in runs_dir.iterdir():
         meta = _read_meta(folder) if folder.is_dir() else None
-        info = None if meta is None else _info(folder, meta)
-        if info is not None:
-            out.append(info)
+        if meta is None:
+            continue
+        try:
+            out.append(_info(folder, meta))
+        except UserError:
+            continue  # a damaged run.json hides that run from listings; load_run names the problem
     return sorted(out, key=lambda r: (str(r.meta.get("created", "")), str(r.id)))

@@ -35,3 +35,12 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && [ "$(
    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }) ||
    echo "note: could not install Debian's dataset-fashion-mnist; adt-ft will try torchvision's download" >&2
 fi
+
+# The leaderboard site's browser test drives Debian's chromium through Debian's chromedriver
+# (selenium never downloads a browser). Test tools only; only as root with apt.
+if [ "$extra" = test ] && { [ ! -x /usr/bin/chromedriver ] || ! command -v chromium >/dev/null; } \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+   { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }) ||
+   echo "note: could not install Debian's chromium and chromium-driver; the browser test will be skipped" >&2
+fi

@@ -379,7 +379,6 @@ def test_method_loss_rule_lives_with_the_registry():
     from adt_finetune.methods import check_method_loss, default_loss
     from adt_finetune.perturb.exp import DEFAULT_LAMBDA
     from adt_finetune.training import resolve_loss
-    from adt_finetune.training.session import Session  # noqa: F401  (the trainer imports it)
 
     assert default_loss("wdat") == "trades" and default_loss("trades") == "trades" and default_loss("exp-am") == "ce"
     with pytest.raises(UserError, match="--loss trades does not apply to --method pgd-at"):
@@ -609,8 +608,8 @@ def test_cli_unusable_numbers_are_refused_up_front(args, needle, tmp_path, cli):
 
 def test_cli_no_progress_prints_the_summary_without_bars(tmp_path, cli):
     ws = _workspace(tmp_path)
-    code, out, err = cli("train", "--no-progress", "--max-steps", "1", "--train-subset", "128", "--device", "cpu",
-                         "--workspace", ws)
+    code, out, err = cli("train", "--no-progress", "--method", "pgd-at", "--pgd-steps", "1", "--max-steps", "1",
+                         "--train-subset", "128", "--device", "cpu", "--workspace", ws)
     assert code == 0, err
     assert "epoch 1/" not in err and "━" not in err  # no progress bar
     assert "steps/epoch" in out and "adv acc" in out and "model: " in out and "finished" in out
@@ -631,3 +630,19 @@ def test_train_help_shows_every_default():
     no_default = {"--arch", "--resume", "--workspace", "--progress"}
     missing = [f for f, text in helps.items() if f not in no_default and "default" not in text.lower()]
     assert not missing, missing
+
+
+def test_cli_resume_of_a_run_with_a_damaged_run_json_is_one_line(tmp_path, cli):
+    ws = _workspace(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(_small(run_name="cut", train_subset=192), workspace=ws, on_step=_interrupt_at(1))
+    path = tmp_path / "runs" / "cut" / "run.json"
+    good = json.loads(path.read_text())
+    for damaged, needle in [(dict(good, config=dict(good["config"], epochs="two")), "epochs must be a whole number"),
+                            (dict(good, config=[1, 2]), "not a mapping"),
+                            (dict(good, base_model=dict(good["base_model"], name=3)), "no valid 'name'")]:
+        path.write_text(json.dumps(damaged))
+        code, out, err = cli("train", "--resume", "cut", "--device", "cpu", "--workspace", ws)
+        assert code == 2, (out, err)
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert list_runs(ws) == []  # a damaged run is left out of listings, not a crash

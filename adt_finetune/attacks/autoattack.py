@@ -3,7 +3,9 @@
 pyautoattack reseeds torch's global RNG (CPU and CUDA) inside every sub-attack;
 the wrapper saves and restores both around it so that running AutoAttack does
 not change what any later random draw in the process gives. It is always given
-a seed, so its own random restarts are reproducible.
+a seed, so its own random restarts are reproducible: under the evaluation engine
+one per chunk of the evaluated set (`base.keyed_batch`), so that a sharded
+evaluation draws the same restarts as a single process.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..nets import eval_mode
-from .base import Attack, bool_setting, register_attack
+from .base import Attack, batch_seed, bool_setting, register_attack
 from ..perturb.linf import project_linf
 
 VERSIONS = ("standard", "plus", "rand")
@@ -97,6 +99,13 @@ class AutoAttackLinf(Attack):
                                 " (or give attacks=...)")
         self.verbose = bool_setting(self.name, "verbose", verbose)
 
+    def batch_seed(self) -> int:
+        """The seed pyautoattack reseeds with: under the engine, one per chunk of the evaluated set
+        (`keyed_batch`: restarts differ between chunks and do not depend on how the set was split);
+        called directly, the `seed` setting itself."""
+        seed = batch_seed(f"{self.name}:{self.seed}", bits=31)  # 31 bits: numpy seeds too
+        return self.seed if seed is None else seed
+
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from pyautoattack import AutoAttack
 
@@ -106,7 +115,7 @@ class AutoAttackLinf(Attack):
         device = next(iter(model.parameters()), x).device
         with eval_mode(model), preserved_global_rng(), _pyautoattack_output(self.verbose):
             adversary = AutoAttack(model, attacks=self.attacks, device=device, eps=self.eps, norm="Linf",
-                                   seed=self.seed, version=self.version)
+                                   seed=self.batch_seed(), version=self.version)
             adversary.verbose = self.verbose
             # The whole batch at once: the evaluation layer has already batched.
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))

@@ -15,11 +15,13 @@ itself, in which a non-finite logit never counts as correct.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -55,6 +57,8 @@ class Attack:
     #: the attack learns something on training images before it attacks (the paper's exp-am/imp-am attacks
     #: train a fresh generator against the evaluated model); the engine hands them over with `set_training_data`
     uses_training_data: ClassVar[bool] = False
+    #: with `uses_training_data`: the attack still runs (less faithfully, and says so) without training images
+    training_data_optional: ClassVar[bool] = False
 
     def __init__(self, eps: float, *, seed: int = 0, **settings: Any):
         self.eps = float_setting(self.name, "eps", eps)
@@ -160,6 +164,33 @@ def example_seeds(x: torch.Tensor, key: str) -> list[int]:
 def example_generators(x: torch.Tensor, key: str) -> list[torch.Generator]:
     """A torch.Generator on x's device per example, seeded by `example_seeds`."""
     return [torch.Generator(device=x.device).manual_seed(s) for s in example_seeds(x, key)]
+
+
+#: the batch key `keyed_batch` sets: which chunk of the evaluated set a batch is, and its place in it
+_BATCH_KEY: ContextVar[str | None] = ContextVar("adt_ft_batch_key", default=None)
+
+
+@contextlib.contextmanager
+def keyed_batch(key: str) -> Iterator[None]:
+    """Attacks called inside the block draw their batch-level randomness (AutoAttack's restarts,
+    EXP's samples) from `key`, which the evaluation engine builds from the batch's fixed chunk of
+    the evaluated set (docs/evaluation.md, "Sharded evaluation"): the same numbers whichever
+    process, shard or resumed run attacks that chunk."""
+    token = _BATCH_KEY.set(str(key))
+    try:
+        yield
+    finally:
+        _BATCH_KEY.reset(token)
+
+
+def batch_seed(key: str, bits: int = 63) -> int | None:
+    """A `bits`-bit seed from `key` (attack name and seed) and the current `keyed_batch` key;
+    None outside `keyed_batch` (a direct call: the attack falls back to its own seeding)."""
+    chunk = _BATCH_KEY.get()
+    if chunk is None:
+        return None
+    digest = hashlib.blake2b(f"{key}|{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - bits)
 
 
 ATTACKS: Registry[Callable[..., Attack]] = Registry("attack")

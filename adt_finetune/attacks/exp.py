@@ -15,16 +15,21 @@ import torch
 from torch import nn
 
 from ..perturb.exp import fit_exp_distribution, sample_exp
-from .base import (Attack, AttackResult, bool_setting, example_seeds, float_setting, int_setting, register_attack,
-                   verdict)
+from .base import (Attack, AttackResult, batch_seed, bool_setting, example_seeds, float_setting, int_setting,
+                   register_attack, verdict)
 from ..perturb.linf import margin, project_linf
 
 
 def batch_generator(x: torch.Tensor, key: str) -> torch.Generator:
-    """A generator seeded by the key and the batch's pixels: reproducible, and two batches
-    of the same shape do not share their noise."""
-    digest = hashlib.blake2b(b"".join(s.to_bytes(8, "little") for s in example_seeds(x, key)), digest_size=8)
-    return torch.Generator(device=x.device).manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+    """A generator for a batch's noise, seeded by the key and the batch's chunk of the evaluated
+    set when the engine names it (`keyed_batch`: the same noise however the evaluation is split
+    across processes), else by the key and the batch's pixels. Either way reproducible, and two
+    batches of the same shape do not share their noise."""
+    seed = batch_seed(key)
+    if seed is None:
+        digest = hashlib.blake2b(b"".join(s.to_bytes(8, "little") for s in example_seeds(x, key)), digest_size=8)
+        seed = int.from_bytes(digest.digest(), "little") >> 1
+    return torch.Generator(device=x.device).manual_seed(seed)
 
 
 def worst_of_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

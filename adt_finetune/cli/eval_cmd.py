@@ -40,8 +40,8 @@ def eval_cmd(
     mode: str = typer.Option("independent", "--mode", help="independent (each attack on every example: the "
                                                            "paper's columns) or cascade (only still-robust "
                                                            "examples: fastest A_rob)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per attack batch (lower it when memory "
-                                                                   "runs out; numbers do not change).",
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per attack batch, at most --chunk-size "
+                                                                   "(lower it when memory runs out).",
                                    show_default=True),
     seed: int = typer.Option(0, "--seed", help="Seed of the attacks' random starts and of the training-image "
                                                "sample for attacks that learn first.", show_default=True),
@@ -58,39 +58,83 @@ def eval_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing entry of the same name."),
     settings: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting ATTACK.KEY=VALUE, "
                                                                      "repeatable (e.g. autoattack.version=plus)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation of the same entry."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation of the same entry "
+                                                        "(of the same --shard, or under torchrun of every rank)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate only shard K of N (independent jobs, "
+                                                              "e.g. a SLURM array) and write a shard file; "
+                                                              "combine the N files with 'adt-ft merge'."),
+    shard_dir: Optional[Path] = typer.Option(None, "--shard-dir", help="Folder for --shard files (default: the "
+                                                                       "workspace's partial-results folder).",
+                                             file_okay=False),
+    chunk_size: int = typer.Option(256, "--chunk-size", help="Examples per chunk: shards take whole chunks and "
+                                                             "batch-level randomness is keyed to them, so flags do "
+                                                             "not depend on the split (part of the evaluation, like "
+                                                             "--seed; batches never exceed it).",
+                                   show_default=True),
     amp: bool = typer.Option(False, "--amp", help="Run the fixed-step gradient attacks (fgsm, pgd, mim, cw) under bf16 "
                                                   "autocast; verdicts are always the fp32 model's, and attacks that "
                                                   "stop early or pick among samples stay fp32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     workspace: Path = WorkspaceOpt,
 ) -> None:
-    """Evaluate a model (default: the latest run) with an attack suite; write a leaderboard entry."""
-    from ..evaluation import evaluate_workspace
+    """Evaluate a model (default: the latest run) with an attack suite; write a leaderboard entry.
+    Under torchrun the ranks share the examples and rank 0 writes the entry."""
+    from ..distributed import is_main_process
+    from ..evaluation import ShardRecord, evaluate_workspace
     from ..utils import parse_json_object
     from .report import reporter
 
+    main_rank = is_main_process()
     kwargs = dict(model=model, arch=arch, arch_kwargs=parse_json_object(arch_kwargs), run=run, suite=suite,
                   attacks=attacks, n_examples=n_examples, eps=eps, mode=mode, batch_size=batch_size, seed=seed,
                   device=device, baseline=baseline, dataset=dataset, data_dir=data_dir, budgets=budgets, entry=entry,
                   resume=resume, workspace=workspace, attack_settings=parse_settings(settings), amp=amp,
-                  overwrite=overwrite)
+                  overwrite=overwrite, shard=shard, shard_dir=shard_dir, chunk_size=chunk_size)
     try:
-        rec = evaluate_workspace(reporter=reporter(progress), **kwargs)
+        rec = evaluate_workspace(reporter=reporter(progress and main_rank), **kwargs)
     except KeyboardInterrupt:
         # Flags are saved after every batch: the same command with --resume continues from there.
-        err_console.print("interrupted: finished batches are saved; run the same command with --resume to continue",
-                          highlight=False, soft_wrap=True, markup=False)
+        if main_rank:
+            err_console.print("interrupted: finished batches are saved; run the same command with --resume to "
+                              "continue", highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(130) from None
-    _print_record(rec)
+    if rec is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    if isinstance(rec, ShardRecord):
+        _print_shard(rec, workspace)
+    else:
+        print_record(rec)
 
 
-def _print_record(rec) -> None:
+def _print_shard(rec, workspace: Path) -> None:
+    part = rec.part
+    k, n = part.shard
+    console.print(f"shard {k}/{n}: {len(part.positions)} of {part.n_total} examples ({rec.target.label}, suite "
+                  f"{rec.suite}, chunks of {part.chunk_size})\nwrote {rec.path}", highlight=False, soft_wrap=True,
+                  markup=False)
+    console.print(f"when all {n} shards are done: adt-ft merge {rec.path.parent} -w {workspace}", highlight=False,
+                  soft_wrap=True, markup=False)
+
+
+def merge_cmd(
+    shards: List[Path] = typer.Argument(..., help="Shard files, or the folder holding them (--shard-dir)."),
+    entry: Optional[str] = typer.Option(None, "--entry", help="Leaderboard entry name (default: the shards' own)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing entry of the same name."),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Merge the shard files of 'adt-ft eval --shard K/N' jobs into one leaderboard entry."""
+    from ..evaluation import merge_shards
+
+    print_record(merge_shards(shards, workspace=workspace, entry=entry, overwrite=overwrite))
+
+
+def print_record(rec) -> None:
     from .eval_tables import print_sanity, print_wide, results_table, wasserstein_table
 
     r = rec.result
+    split = f", {r.shards} shards" if r.shards > 1 else ""
     console.print(f"{rec.target.dataset} {rec.target.threat_model} ε = {r.to_json()['eps_str']}, suite {rec.suite}, "
-                  f"{r.mode} mode, {rec.data_source}", highlight=False, soft_wrap=True, markup=False)
+                  f"{r.mode} mode, {rec.data_source}{split}", highlight=False, soft_wrap=True, markup=False)
     if rec.baseline is not None:
         rows = [(f"before: {rec.target.base.label}", rec.baseline), (f"after: {rec.target.label}", r)]
     else:
@@ -102,7 +146,8 @@ def _print_record(rec) -> None:
         console.print(f"sanity checks ({label}):", highlight=False)
         print_sanity(res, console)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in r.timings_s.items())
-    console.print(f"attack time: {times or 'none'}", highlight=False, soft_wrap=True)
+    console.print(f"attack time{' (all shards)' if r.shards > 1 else ''}: {times or 'none'}", highlight=False,
+                  soft_wrap=True)
     console.print(f"wrote {rec.json_path}\n  and {rec.csv_path}", highlight=False, soft_wrap=True, markup=False)
     if any(res.unreliable for _, res in rows):
         err_console.print("[bold yellow]warning:[/] a sanity check failed; the entry is marked unreliable",
@@ -111,3 +156,4 @@ def _print_record(rec) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
+    app.command("merge")(merge_cmd)

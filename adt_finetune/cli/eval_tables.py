@@ -62,18 +62,22 @@ def print_sanity(result, console) -> None:
 
 
 def wasserstein_table(report: dict[str, Any]):
-    """The `wasserstein` suite's JSON report as a table: one row per budget δ (accuracies in %)."""
+    """The `wasserstein` suite's JSON report: a line with the clean statistics, then a table
+    with one row per budget δ (accuracies in %)."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     clean = report.get("clean") or {}
-    t = Table(title=f"W-PGD ({report.get('threat_model')}, loss {report.get('loss')}): "
-                    f"Υ = {_num(clean.get('upsilon'))}, V(0) = {_num(clean.get('v0'))}, W(0) = {_num(clean.get('w0'))}")
+    head = Text(f"W-PGD ({report.get('threat_model')}, loss {report.get('loss')}): Υ = {_num(clean.get('upsilon'))}, "
+                f"V(0) = {_num(clean.get('v0'))}, W(0) = {_num(clean.get('w0'))}", style="italic")
+    t = Table()
     for c in ("budget δ", "W-PGD acc", "first-order est.", "PGD-20 acc (ε = δ)"):
         t.add_column(c, justify="right")
     for row in report.get("rows", []):
         t.add_row(_num(row.get("budget")), _fraction_pct(row.get("wpgd_acc")), _fraction_pct(row.get("first_order")),
                   _fraction_pct(row.get("pgd_acc")))
-    return t
+    return Group(head, t)
 
 
 def _num(v: Any) -> str:

@@ -66,6 +66,9 @@ def leaderboard_cmd(
                                                                   "by seed: mean ± standard deviation."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a figure (clean vs robust, per-attack "
                                                              "bars), e.g. board.png.", dir_okay=False),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a static site (sortable tables, seed "
+                                        "groups, plots, one page per entry) into this folder; it opens from disk.",
+                                        file_okay=False),
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Show the workspace's leaderboard entries, best robust accuracy (A_rob) first within each group of
@@ -98,6 +101,11 @@ def leaderboard_cmd(
     if plot is not None:
         lb.plot(entries, plot)
         err_console.print(f"wrote {plot}", highlight=False)
+    if html is not None:
+        from ..publish import build_site
+
+        site = build_site(entries, html, workspace=ws.root)
+        err_console.print(f"wrote {site.index} ({len(site.pages)} entry pages)", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -33,7 +33,8 @@ def quickstart_cmd(
     start = time.perf_counter()
     res = quickstart(workspace, settings=settings, data_dir=data_dir, progress=progress, reporter=reporter(progress),
                      log=lambda m: console.print(m, highlight=False), train_reporter=reporter(progress),
-                     on_trained=print_summary if progress else None)
+                     # the quickstart's table keeps its columns: epoch diagnostics are for `adt-ft train`
+                     on_trained=(lambda run: print_summary(run, diagnostics=False)) if progress else None)
     rec = res.record
     print_wide(console, results_table([("before: " + rec.target.base.label, rec.baseline),
                                  ("after: " + rec.target.label, rec.result)],

@@ -36,38 +36,38 @@ _HELP: dict[str, tuple[str, str]] = {
     "data_dir": ("Folder holding the dataset files. Default: $ADT_FT_DATA, then the workspace's data/.",
                  "Model and data"),
     "train_subset": ("Train on the first N training images only. Default: all of them.", "Model and data"),
-    "method": ("exp | exp-am | imp-am | pgd-at | trades | wdat. (default exp-am)", "Method"),
+    "method": ("exp | exp-am | imp-am | pgd-at | trades | wdat.", "Method"),
     "loss": ("ce | trades. Default: the method's own (ce for ADT and pgd-at, trades for trades and wdat).", "Method"),
-    "scope": ("full | last-layer. (default full)", "Method"),
-    "head_init": ("keep | reinit the final linear layer. (default keep)", "Method"),
+    "scope": ("full | last-layer.", "Method"),
+    "head_init": ("keep | reinit the final linear layer.", "Method"),
     "eps": ("L∞ budget, e.g. 8/255 or 0.031. Default: the dataset's.", "Method"),
-    "beta": ("TRADES β. (default 6)", "Method"),
-    "epochs": ("Epochs. (default 20)", "Optimisation"),
-    "batch_size": ("Batch size. (default 128)", "Optimisation"),
+    "beta": ("TRADES β.", "Method"),
+    "epochs": ("Epochs.", "Optimisation"),
+    "batch_size": ("Batch size.", "Optimisation"),
     "optimizer": ("Optimiser (sgd with momentum).", "Optimisation"),
     "lr": ("Learning rate. Default: 0.01 (full), 0.1 (last-layer).", "Optimisation"),
-    "momentum": ("SGD momentum. (default 0.9)", "Optimisation"),
-    "weight_decay": ("Weight decay. (default 2e-4)", "Optimisation"),
-    "schedule": ("cosine (per step) | step (gamma at --milestones) | constant. (default cosine)", "Optimisation"),
+    "momentum": ("SGD momentum.", "Optimisation"),
+    "weight_decay": ("Weight decay.", "Optimisation"),
+    "schedule": ("cosine (per step) | step (gamma at --milestones) | constant.", "Optimisation"),
     "milestones": ("With --schedule step: 1-based epochs from which lr is multiplied by gamma, e.g. 75,90.",
                    "Optimisation"),
-    "gamma": ("LR factor at each milestone. (default 0.1)", "Optimisation"),
+    "gamma": ("LR factor at each milestone.", "Optimisation"),
     "adt_lambda": ("Entropy weight λ. Default: 0.01 (exp, exp-am), 1.0 (imp-am hinge form).", "ADT"),
     "imp_entropy": ("IMP-AM entropy term: hinge (released code) | paper.", "ADT"),
-    "imp_hinge": ("IMP-AM hinge threshold. (default 0.9)", "ADT"),
-    "exp_steps": ("ADT-EXP inner steps T. (default 7)", "ADT"),
-    "exp_samples": ("ADT-EXP Monte Carlo samples k per step. (default 5)", "ADT"),
-    "exp_lr": ("ADT-EXP inner Adam lr. (default 0.3)", "ADT"),
+    "imp_hinge": ("IMP-AM hinge threshold.", "ADT"),
+    "exp_steps": ("ADT-EXP inner steps T.", "ADT"),
+    "exp_samples": ("ADT-EXP Monte Carlo samples k per step.", "ADT"),
+    "exp_lr": ("ADT-EXP inner Adam lr.", "ADT"),
     "exp_accumulate_grad": ("Keep (μ, v) gradients across inner steps, as the released code.", "ADT"),
-    "gen_width": ("Generator width (residual blocks use 2×). (default 256)", "ADT"),
+    "gen_width": ("Generator width (residual blocks use 2×).", "ADT"),
     "gen_normalize_gradients": ("Feed the generators g1, g2 divided by their per-example mean |g| (adt-ft's "
                                 "default); --no-gen-normalize-gradients feeds raw gradients as the released code.",
                                 "ADT"),
-    "gen_lr": ("Generator Adam lr. (default 2e-4)", "ADT"),
+    "gen_lr": ("Generator Adam lr.", "ADT"),
     "gen_betas": ("Generator Adam betas, e.g. 0.5,0.999.", "ADT"),
-    "z_dim": ("IMP-AM noise dimension. (default 64)", "ADT"),
-    "pgd_steps": ("PGD-AT attack steps. (default 7)", "Baselines"),
-    "trades_steps": ("TRADES attack steps. (default 10)", "Baselines"),
+    "z_dim": ("IMP-AM noise dimension.", "ADT"),
+    "pgd_steps": ("PGD-AT attack steps.", "Baselines"),
+    "trades_steps": ("TRADES attack steps.", "Baselines"),
     "step_size": ("Baseline attack step. Default: ε/4.", "Baselines"),
     "wdat_budget": ("wdat Wasserstein budget δ. Default: the dataset's ε.", "WDAT"),
     "wdat_steps": ("wdat W-PGD steps.", "WDAT"),
@@ -76,10 +76,10 @@ _HELP: dict[str, tuple[str, str]] = {
     "upsilon_momentum": ("wdat Υ moving-average momentum.", "WDAT"),
     "max_steps": ("Stop after N optimisation steps (smoke runs; the schedule stays the full run's). "
                   "Default: no limit.", "Run"),
-    "seed": ("Seed for initialisation, data order and the methods' randomness. (default 0)", "Run"),
-    "device": ("cpu, cuda, cuda:N or auto. (default auto)", "Run"),
+    "seed": ("Seed for initialisation, data order and the methods' randomness.", "Run"),
+    "device": ("cpu, cuda, cuda:N or auto.", "Run"),
     "amp": ("bf16 mixed precision (autocast).", "Run"),
-    "workers": ("DataLoader worker processes. (default 0)", "Run"),
+    "workers": ("DataLoader worker processes.", "Run"),
     "run_name": ("Run folder name under runs/ (default: <time>-<method>-<loss>-<scope>).", "Run"),
     "recipe": ("Recipe name from 'adt-ft recipes' or a YAML file; flags override it. Default: none.", "Run"),
     "checkpoint_every": ("Also checkpoint every N steps within an epoch (default: every 10 minutes).", "Run"),
@@ -127,12 +127,20 @@ def _from_cli(name: str, value: Any) -> Any:
     return value
 
 
+def _number_text(value: float) -> str:
+    """2e-4 rather than 0.0002, 0.9 rather than 0.90000."""
+    if value and abs(value) < 1e-3:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"
+    return f"{value:g}"
+
+
 def _default_text(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, (list, tuple)):
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+        return ",".join(_number_text(v) if isinstance(v, float) else str(v) for v in value) or "none"
+    return _number_text(value) if isinstance(value, float) else str(value)
 
 
 def _with_default(name: str, help_text: str) -> str:
@@ -168,18 +176,18 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def print_summary(result: Any) -> None:
+def print_summary(result: Any, *, diagnostics: bool = True) -> None:
     """The per-epoch table of a finished run (from `RunResult.history`), with the method's
-    epoch diagnostics as extra columns when it reports any, and where the model is."""
+    epoch diagnostics as extra columns when it reports any (and `diagnostics`), and where the model is."""
     from rich.table import Table
 
     history = result.history
-    diagnostics = list(dict.fromkeys(k for r in history for k in r.get("diagnostics", {})))
+    names = list(dict.fromkeys(k for r in history for k in r.get("diagnostics", {}))) if diagnostics else []
     table = Table(title=f"run {result.run_id}", title_justify="left")
-    for col in ("epoch", "lr", "loss", "clean acc", "adv acc", "time", *diagnostics):
+    for col in ("epoch", "lr", "loss", "clean acc", "adv acc", "time", *names):
         table.add_column(col, justify="right")
     for r in history:
-        extra = [f"{r['diagnostics'][k]:.4g}" if k in r.get("diagnostics", {}) else "-" for k in diagnostics]
+        extra = [f"{r['diagnostics'][k]:.4g}" if k in r.get("diagnostics", {}) else "-" for k in names]
         table.add_row(str(r["epoch"]) + ("*" if r.get("partial") else ""), f"{r['lr']:.4g}", f"{r['loss']:.4f}",
                       _pct(r.get("clean_acc")), _pct(r.get("adv_acc")), f"{r['time_s']:.1f}s", *extra)
     console.print(table)

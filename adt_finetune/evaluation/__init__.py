@@ -4,24 +4,29 @@
     engine     evaluate(): clean pass, attacks  resume     partial flags for --resume
     sanity     the sanity checks                targets    the model, test images, training images
     run        evaluate_workspace()             wasserstein  the W-PGD budget grid
+    shards     chunks, shards, combine()        shard_files  what a --shard job writes
+    merge      merge_shards(): shard files into one leaderboard entry
 
 The library draws nothing: progress goes to an optional `progress.Reporter`,
 and the CLI draws the tables.
 """
-from .engine import evaluate
+from .engine import evaluate, evaluate_shard
+from .merge import merge_shards
 from .result import EvalResult, SanityCheck, read_per_example_csv
 from .resume import _ResumeState, fingerprint
-from .run import EvalRecord, default_entry_name, evaluate_workspace
+from .run import EvalRecord, ShardRecord, default_entry_name, evaluate_workspace
 from .sanity import LINF_TOLERANCE, check_finite_weights, sanity_checks
+from .shards import CHUNK_SIZE, ShardPart, combine, parse_shard
 from .suites import (COTRAINED_ATTACKS, GENERATOR_ATTACKS, MODES, PAPER, PSEUDO, SUITES, check_attack_names,
                      parse_attack_list, suite_attacks, valid_attack_names)
 from .targets import (DEFAULT_N_EXAMPLES, TRAIN_IMAGES_FOR_ATTACKS, Target, load_attack_training_data, load_examples,
                       resolve_target)
 
 __all__ = [
-    "COTRAINED_ATTACKS", "DEFAULT_N_EXAMPLES", "GENERATOR_ATTACKS", "LINF_TOLERANCE", "MODES", "PAPER", "PSEUDO",
-    "SUITES", "TRAIN_IMAGES_FOR_ATTACKS", "EvalRecord", "EvalResult", "SanityCheck", "Target", "_ResumeState",
-    "check_attack_names", "check_finite_weights", "default_entry_name", "evaluate", "evaluate_workspace",
-    "fingerprint", "load_attack_training_data", "load_examples", "parse_attack_list", "read_per_example_csv",
-    "resolve_target", "sanity_checks", "suite_attacks", "valid_attack_names",
+    "CHUNK_SIZE", "COTRAINED_ATTACKS", "DEFAULT_N_EXAMPLES", "LINF_TOLERANCE", "MODES", "PAPER", "PSEUDO",
+    "SUITES", "TRAIN_IMAGES_FOR_ATTACKS", "EvalRecord", "EvalResult", "SanityCheck", "ShardPart", "ShardRecord",
+    "Target", "_ResumeState", "check_attack_names", "check_finite_weights", "combine", "default_entry_name",
+    "evaluate", "evaluate_shard", "evaluate_workspace", "fingerprint", "load_attack_training_data", "load_examples",
+    "merge_shards", "parse_attack_list", "parse_shard", "read_per_example_csv", "resolve_target", "sanity_checks",
+    "suite_attacks", "valid_attack_names",
 ]

@@ -26,7 +26,9 @@ Definitions: docs/evaluation.md, "Per-example accuracy". All accuracies are perc
   generator trained against the evaluated model) get them from `train_data`,
   never from the evaluated images.
 
-The per-example file is described in `result`.
+Batches never mix chunks of the evaluated set and their randomness is keyed to
+the chunk, so that a sharded evaluation (`evaluate_shard`, see `shards`) gives the
+same flags as one process. The per-example file is described in `result`.
 """
 from __future__ import annotations
 
@@ -41,13 +43,15 @@ import torch
 from torch import nn
 
 from ..attacks import make_attack, verdict
+from ..attacks.base import keyed_batch
 from ..errors import UserError
 from ..nets import eval_mode
 from ..precision import amp_dtype_name
 from ..progress import Reporter, as_reporter
 from .result import EvalResult, jsonable
 from .resume import _ResumeState, fingerprint
-from .sanity import check_finite_logits, check_finite_weights, sanity_checks
+from .sanity import check_finite_logits, check_finite_weights
+from .shards import CHUNK_SIZE, Batch, ShardPart, check_chunk_size, chunk_batches, combine, parse_shard, shard_rows
 from .suites import MODES, PSEUDO, check_attack_names
 
 
@@ -66,6 +70,11 @@ class _Plan:
     device: torch.device
     train_data: tuple[torch.Tensor, torch.Tensor] | None
     train_sha: str | None
+    eps: float
+    mode: str
+    batch_size: int
+    seed: int
+    amp: bool
 
 
 def evaluate(
@@ -86,6 +95,7 @@ def evaluate(
     budgets: Sequence[float] | str | None = None,
     amp: bool = False,
     train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = CHUNK_SIZE,
 ) -> EvalResult:
     """Evaluate `model` on (x, y) under `attacks` (registry names, plus "clean"
     and "wasserstein"); see the module docstring for the definitions.
@@ -96,23 +106,45 @@ def evaluate(
     example set or setting is refused). `budgets` are the W-PGD budgets of the
     "wasserstein" pseudo-attack (None: its defaults around ε). `indices` label
     the rows of the per-example file (default 0..N-1). `train_data` are training
-    images for the attacks that learn before they attack. `reporter` receives
-    progress (None: silent).
+    images for the attacks that learn before they attack. `chunk_size` fixes the
+    chunks that batches stay inside and that batch-level randomness is keyed to
+    (`shards`). `reporter` receives progress (None: silent).
     """
-    plan = _plan(x, y, attacks=attacks, eps=eps, mode=mode, batch_size=batch_size, seed=seed, device=device,
-                 attack_settings=attack_settings, indices=indices, budgets=budgets, amp=amp, train_data=train_data)
+    part = evaluate_shard(model, x, y, attacks=attacks, eps=eps, mode=mode, batch_size=batch_size, seed=seed,
+                          device=device, attack_settings=attack_settings, reporter=reporter, resume_dir=resume_dir,
+                          indices=indices, budgets=budgets, amp=amp, train_data=train_data, chunk_size=chunk_size)
+    return combine([part])
+
+
+def evaluate_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, shard: str | tuple[int, int] = (0, 1),
+                   chunk_size: int = CHUNK_SIZE, resume_dir: str | Path | None = None,
+                   reporter: Reporter | None = None, **options: Any) -> ShardPart:
+    """Shard k of n of `evaluate`: the same arguments, but only the examples of the chunks
+    c with c mod n = k are evaluated (every attack still prepares on the whole set). The
+    parts of all n shards combine (`shards.combine`) into what `evaluate` returns.
+    `resume_dir` belongs to this shard alone."""
+    k, n_shards = parse_shard(shard)
+    chunk_size = check_chunk_size(chunk_size)
+    plan = _plan(x, y, **options)
+    if n_shards > 1:
+        _check_shardable(plan)
     model = model.to(plan.device)
     check_finite_weights(model)
     extra = {"train_data": plan.train_sha} if plan.train_sha else {}
-    fp = fingerprint(model, plan.x, plan.y, attacks=plan.names, eps=eps, mode=mode, seed=seed, batch_size=batch_size,
-                     settings=plan.settings, budgets=plan.budgets, amp=amp, **extra)
-    state = _ResumeState(Path(resume_dir) / "state.json" if resume_dir is not None else None, fp)
+    fp = fingerprint(model, plan.x, plan.y, attacks=plan.names, eps=plan.eps, mode=plan.mode, seed=plan.seed,
+                     batch_size=plan.batch_size, settings=plan.settings, budgets=plan.budgets, amp=plan.amp,
+                     chunk_size=chunk_size, **extra)
+    # A shard's partial flags are its own: the state names the shard as well as the evaluation.
+    state_fp = fp if n_shards == 1 else hashlib.sha256(f"{fp}:shard {k}/{n_shards}".encode()).hexdigest()
+    state = _ResumeState(Path(resume_dir) / "state.json" if resume_dir is not None else None, state_fp)
     rep = as_reporter(reporter)
-    run = _Run(model, plan, state, rep, eps=eps, mode=mode, batch_size=batch_size, seed=seed, amp=amp,
+    rows = shard_rows(len(plan.x), chunk_size, (k, n_shards))
+    run = _Run(model, plan, rows, state, rep, chunk_size=chunk_size,
                resume_dir=Path(resume_dir) if resume_dir is not None else None)
     with eval_mode(model), rep:
-        clean, n_bad = clean_pass(model, plan.x, plan.y, batch_size, plan.device)
-        finite = check_finite_logits(n_bad, len(plan.x))
+        clean, n_bad = clean_pass(model, run.x, run.y, plan.batch_size, plan.device, positions=rows,
+                                  chunk_size=chunk_size)
+        check_finite_logits(n_bad, len(plan.x))
         columns, flags = run.attack_columns(clean)
         if "wasserstein" in plan.names:
             w_cols, w_flags = run.wasserstein(clean)
@@ -120,19 +152,27 @@ def evaluate(
             plan.excluded += w_cols
             flags = np.concatenate([flags, w_flags], axis=1)
 
+    amp = plan.amp
     result = EvalResult(
-        attacks=columns, indices=plan.indices, labels=plan.y.numpy().astype(np.int64), clean=clean, flags=flags,
-        eps=float(eps), mode=mode, seed=seed, batch_size=batch_size, device=str(plan.device),
-        timings_s=run.timings, amp=amp, amp_attacks=[a for a, o in plan.attacks.items() if amp and o.amp_search],
+        attacks=columns, indices=plan.indices[rows], labels=run.y.numpy().astype(np.int64), clean=clean, flags=flags,
+        eps=float(plan.eps), mode=plan.mode, seed=plan.seed, batch_size=plan.batch_size, device=str(plan.device),
+        timings_s=run.timings, amp=amp, amp_attacks=[a for a, ob in plan.attacks.items() if amp and ob.amp_search],
         max_linf=run.max_linf, attack_settings=plan.settings, wasserstein=run.wasserstein_json,
-        excluded_from_a_rob=plan.excluded)
-    black_box = {a for a, o in plan.attacks.items() if o.black_box}
-    result.sanity = [finite] + sanity_checks(result, run.ranges, black_box=black_box)
-    return result
+        excluded_from_a_rob=plan.excluded, chunk_size=chunk_size)
+    return ShardPart(result, rows, len(plan.x), (k, n_shards), chunk_size, fp, dict(run.ranges),
+                     [a for a, ob in plan.attacks.items() if ob.black_box], n_bad)
 
 
-def _plan(x, y, *, attacks, eps, mode, batch_size, seed, device, attack_settings, indices, budgets, amp,
-          train_data) -> _Plan:
+def _check_shardable(plan: "_Plan") -> None:
+    shared = [a for a in plan.names if a == "wasserstein" or (a in plan.attacks and plan.attacks[a].dataset_level)]
+    if shared:
+        raise UserError(f"attack {shared[0]!r} shares its budget across the whole evaluated set, so its work cannot "
+                        "be split into shards: evaluate it in one process (no --shard, no torchrun)")
+
+
+def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent", batch_size: int = 256,
+          seed: int = 0, device: str | torch.device = "cpu", attack_settings=None, indices=None, budgets=None,
+          amp: bool = False, train_data=None) -> _Plan:
     """Check every input and build every attack, so that a bad setting fails before any compute."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: choose independent or cascade")
@@ -173,24 +213,29 @@ def _plan(x, y, *, attacks, eps, mode, batch_size, seed, device, attack_settings
         train_sha = _tensor_sha(*train)
     return _Plan(names=names, attacks=objs, settings={a: jsonable(o.settings()) for a, o in objs.items()},
                  excluded=[a for a, o in objs.items() if not o.linf_bounded], x=x, y=y, indices=idx,
-                 budgets=budget_list, device=device, train_data=train, train_sha=train_sha)
+                 budgets=budget_list, device=device, train_data=train, train_sha=train_sha, eps=float(eps), mode=mode,
+                 batch_size=int(batch_size), seed=int(seed), amp=bool(amp))
 
 
 def _training_data_optional(attack) -> bool:
     # Declared by the attacks that fall back to something else without training images (feature).
-    return bool(getattr(attack, "training_data_optional", False))
+    return attack.training_data_optional
 
 
-def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-               device: torch.device) -> tuple[np.ndarray, int]:
+def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, *,
+               positions: np.ndarray | None = None, chunk_size: int | None = None) -> tuple[np.ndarray, int]:
     """(N,) bool clean-correct flags and the number of images with a non-finite logit,
-    which never count as correct (the argmax of NaNs is an arbitrary class)."""
-    out, bad = [], 0
+    which never count as correct (the argmax of NaNs is an arbitrary class). With
+    `positions` (each row's place in the evaluated set) and `chunk_size`, batches stay
+    inside chunks, as the attacks' do: every shard then sees the same batches."""
+    if positions is None or chunk_size is None:
+        positions, chunk_size = np.arange(len(x)), max(1, len(x))
+    out, bad = [np.zeros(0, dtype=bool)], 0
     with torch.no_grad():
-        for s in range(0, len(x), batch_size):
-            logits = model(x[s:s + batch_size].to(device))
+        for b in chunk_batches(positions, chunk_size, batch_size):
+            logits = model(x[b.start:b.stop].to(device))
             bad += int((~torch.isfinite(logits).all(1)).sum())
-            out.append(verdict(logits, y[s:s + batch_size].to(device)).cpu().numpy())
+            out.append(verdict(logits, y[b.start:b.stop].to(device)).cpu().numpy())
     return np.concatenate(out).astype(bool), bad
 
 
@@ -204,13 +249,16 @@ def _tensor_sha(*tensors: torch.Tensor) -> str:
 
 
 class _Run:
-    """Runs a plan's attacks column by column, saving flags to the resume state after every batch."""
+    """Runs a plan's attacks column by column on one shard's rows (every row when unsharded),
+    saving flags to the resume state after every batch."""
 
-    def __init__(self, model, plan: _Plan, state: _ResumeState, reporter: Reporter, *, eps, mode, batch_size, seed,
-                 amp, resume_dir: Path | None):
+    def __init__(self, model, plan: _Plan, rows: np.ndarray, state: _ResumeState, reporter: Reporter, *,
+                 chunk_size: int, resume_dir: Path | None):
         self.model, self.plan, self.state, self.reporter = model, plan, state, reporter
-        self.eps, self.mode, self.batch_size, self.seed, self.amp = eps, mode, batch_size, seed, amp
-        self.resume_dir = resume_dir
+        self.rows, self.chunk_size, self.resume_dir = rows, chunk_size, resume_dir
+        whole = len(rows) == len(plan.x)
+        self.x = plan.x if whole else plan.x[torch.from_numpy(rows)]
+        self.y = plan.y if whole else plan.y[torch.from_numpy(rows)]
         self.timings: dict[str, float] = {}
         self.max_linf: dict[str, float] = {}
         self.ranges: dict[str, tuple[float, float]] = {}
@@ -222,7 +270,7 @@ class _Run:
         if attack.dataset_level:
             # The budget is shared by the whole set, so it must see the whole set.
             return np.arange(len(clean))
-        if self.mode == "independent" or name in excluded:
+        if self.plan.mode == "independent" or name in excluded:
             return np.flatnonzero(clean)
         earlier = [j for j in range(k) if columns[j] not in excluded]
         return np.flatnonzero(clean & (flags[:, earlier] == 1).all(axis=1))
@@ -238,8 +286,7 @@ class _Run:
             if not st["done"]:
                 self._run_attack(attack, pool, st)
             if len(st["robust"]) != len(pool):
-                raise UserError(f"the partial evaluation state in {self.resume_dir} does not match this evaluation "
-                                "(attack order or examples): rerun without --resume")
+                self._mismatch()
             flags[pool, k] = np.asarray(st["robust"], dtype=np.int8)
             flags[~clean, k] = 0  # a clean error stays an error, whatever a dataset-level attack reports
             self.timings[name] = float(st["time_s"])
@@ -248,8 +295,13 @@ class _Run:
             self.ranges[name] = (float(st["min"]), float(st["max"]))
         return columns, flags
 
-    def _prepare(self, attack) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hand the attack what it may use, then let it prepare on the whole evaluation set."""
+    def _mismatch(self):
+        raise UserError(f"the partial evaluation state in {self.resume_dir} does not match this evaluation "
+                        "(attack order or examples): rerun without --resume")
+
+    def _prepare(self, attack) -> None:
+        """Hand the attack what it may use, then let it prepare on the whole evaluation set
+        (every shard prepares alike: e.g. the feature attack's target pool is the same)."""
         if self._dev is None:
             self._dev = self.plan.x.to(self.plan.device), self.plan.y.to(self.plan.device)
         if attack.uses_training_data and self.plan.train_data is not None:
@@ -258,21 +310,29 @@ class _Run:
         cache = self.resume_dir / "attacks" / attack.name if self.resume_dir is not None else None
         attack.bind(reporter=self.reporter, cache_dir=cache)
         attack.prepare(self.model, *self._dev)
-        return self._dev
+
+    def _batches(self, attack, pool: np.ndarray):
+        if attack.dataset_level:  # never sharded (see _check_shardable): one call with every example
+            return [Batch(0, len(pool), "all")]
+        return chunk_batches(self.rows[pool], self.chunk_size, self.plan.batch_size)
 
     def _run_attack(self, attack, pool: np.ndarray, st: dict) -> None:
-        name, n_total, device = attack.name, len(self.plan.x), self.plan.device
-        step = max(1, len(pool)) if attack.dataset_level else self.batch_size
+        name, n_total, device = attack.name, len(self.x), self.plan.device
         done = len(st["robust"])
+        batches = [b for b in self._batches(attack, pool) if b.start >= done]
+        if done < len(pool) and (not batches or batches[0].start != done):
+            self._mismatch()  # saved flags end inside a batch: not this evaluation's batches
         robust_so_far = int(sum(st["robust"]))
         self.reporter.start(name, name, total=len(pool), completed=done,
                             status=_running_acc(robust_so_far, done, len(pool), n_total))
-        if done < len(pool):
+        if batches:
+            t0 = time.perf_counter()
             self._prepare(attack)
-        for start in range(done, len(pool), step):
-            ids = torch.from_numpy(pool[start:start + step])
-            xb, yb = self.plan.x[ids].to(device), self.plan.y[ids].to(device)
-            robust = self._attack_batch(attack, xb, yb, start, st)
+            st["time_s"] += time.perf_counter() - t0  # e.g. training a generator: part of the attack's cost
+        for b in batches:
+            ids = torch.from_numpy(pool[b.start:b.stop])
+            xb, yb = self.x[ids].to(device), self.y[ids].to(device)
+            robust = self._attack_batch(attack, xb, yb, b.key, st)
             robust_so_far += int(robust.sum())
             if len(st["robust"]) == len(pool):
                 st["done"] = True
@@ -282,13 +342,13 @@ class _Run:
         self.state.save()
         self.reporter.finish(name)
 
-    def _attack_batch(self, attack, xb: torch.Tensor, yb: torch.Tensor, start: int, st: dict) -> torch.Tensor:
+    def _attack_batch(self, attack, xb: torch.Tensor, yb: torch.Tensor, key: str, st: dict) -> torch.Tensor:
         device = self.plan.device
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=_rng_devices(device)):
-            torch.manual_seed(_batch_seed(self.seed, attack.name, start))
+        with torch.random.fork_rng(devices=_rng_devices(device)), keyed_batch(key):
+            torch.manual_seed(_batch_seed(self.plan.seed, attack.name, key))
             # The attack searches in bf16 only if it may (`amp_search`); its verdict is fp32's.
-            res = attack(self.model, xb, yb, precision=amp_dtype_name(device, self.amp))
+            res = attack(self.model, xb, yb, precision=amp_dtype_name(device, self.plan.amp))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -313,8 +373,9 @@ class _Run:
             from .wasserstein import wasserstein_suite
 
             t0 = time.perf_counter()
-            report = wasserstein_suite(self.model, self.plan.x, self.plan.y, eps=self.eps, budgets=self.plan.budgets,
-                                       batch_size=self.batch_size, device=self.plan.device, seed=self.seed,
+            plan = self.plan
+            report = wasserstein_suite(self.model, plan.x, plan.y, eps=plan.eps, budgets=plan.budgets,
+                                       batch_size=plan.batch_size, device=plan.device, seed=plan.seed,
                                        reporter=self.reporter)
             st["time_s"] += time.perf_counter() - t0
             st["columns"] = {str(c): [int(v) for v in torch.as_tensor(f).bool().cpu().tolist()]
@@ -332,10 +393,11 @@ class _Run:
         return cols, w_flags
 
 
-def _batch_seed(seed: int, name: str, start: int) -> int:
-    # Per-batch reseeding makes a resumed run draw the same random starts as an
-    # uninterrupted one for attacks that use the global RNG.
-    digest = hashlib.sha256(f"{seed}:{name}:{start}".encode()).digest()
+def _batch_seed(seed: int, name: str, key: str) -> int:
+    # Reseeding per batch, keyed to the batch's chunk (`shards`), makes a resumed or
+    # sharded run draw the same random starts as one uninterrupted process for
+    # attacks that use the global RNG.
+    digest = hashlib.sha256(f"{seed}:{name}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 

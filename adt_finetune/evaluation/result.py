@@ -63,6 +63,11 @@ class EvalResult:
     excluded_from_a_rob: list[str] = field(default_factory=list)
     amp: bool = False               # --amp given: the attacks in amp_attacks searched under bf16 autocast
     amp_attacks: list[str] = field(default_factory=list)  # (their verdicts are still fp32; the rest ran in fp32)
+    #: examples per chunk: batch-level randomness is keyed to these fixed chunks of the evaluated set (see `shards`)
+    chunk_size: int | None = None
+    shards: int = 1                 # processes or jobs that shared the work (torchrun ranks or --shard jobs)
+    #: each shard's attack seconds when shards > 1 (then `timings_s` holds their sums)
+    shard_timings_s: list[dict[str, float]] | None = None
 
     def in_a_rob(self, column: str) -> bool:
         return column in self.attacks and column not in self.excluded_from_a_rob
@@ -166,6 +171,9 @@ class EvalResult:
             "device": self.device,
             "amp": self.amp,
             "amp_attacks": list(self.amp_attacks),
+            "chunk_size": self.chunk_size,
+            "shards": self.shards,
+            **({"shard_timings_s": self.shard_timings_s} if self.shard_timings_s else {}),
         }
 
     def csv_text(self) -> str:

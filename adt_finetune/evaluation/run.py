@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..distributed import World, barrier, first_error, gather_to_main, setup as setup_world, teardown
 from ..errors import UserError
 from ..progress import Reporter
-from .engine import evaluate
+from .engine import evaluate_shard
 from .result import EvalResult
 from .sanity import check_finite_weights
+from .shard_files import shard_file_name, write_shard_file
+from .shards import CHUNK_SIZE, ShardPart, check_chunk_size, combine, parse_shard
 from .suites import COTRAINED_ATTACKS, MODES, needs_training_data, parse_attack_list, suite_attacks
 from .targets import Target, load_attack_training_data, load_examples, resolve_target
 
@@ -110,6 +113,42 @@ def _attack_names(suite: str, attacks: str | None, target: Target,
     return names, suite_label, settings
 
 
+@dataclass
+class ShardRecord:
+    """What one `--shard K/N` job (or `evaluate_workspace(shard=...)`) produced: a shard file."""
+
+    target: Target
+    part: ShardPart          # this shard's rows of the evaluated model
+    path: Path               # the shard file
+    suite: str
+    data_source: str
+
+
+@dataclass
+class _Job:
+    """One evaluation to run and write, with where this process stands in a split of it."""
+
+    ws: Any
+    target: Target
+    x: Any
+    y: Any
+    common: dict[str, Any]
+    entry: str
+    context: dict[str, Any]
+    suite: str
+    data_source: str
+    resume: bool
+    shard: tuple[int, int]
+    world: World
+    shard_dir: Path | None      # --shard jobs: where the shard file goes
+
+    def partial_dir(self, baseline: bool = False) -> Path:
+        t = self.target
+        k, n = self.shard
+        name = self.entry + (".baseline" if baseline else "") + (f".shard-{k}-of-{n}" if n > 1 else "")
+        return _resume_dir(self.ws.root, t.dataset, t.threat_model, name)
+
+
 def evaluate_workspace(
     *, model: str | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
     run: str | None = None, suite: str = "paper",
@@ -118,52 +157,91 @@ def evaluate_workspace(
     baseline: bool = False, dataset: str | None = None, data_dir: str | Path | None = None,
     budgets: str | None = None, entry: str | None = None, resume: bool = False, workspace: str | Path = ".",
     attack_settings: dict[str, dict[str, Any]] | None = None, reporter: Reporter | None = None, amp: bool = False,
-    overwrite: bool = False,
-) -> EvalRecord:
+    overwrite: bool = False, shard: str | tuple[int, int] | None = None, shard_dir: str | Path | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> EvalRecord | ShardRecord | None:
     """`adt-ft eval` as a function: resolve the model and examples, evaluate (and
     the run's base model with `baseline`), write the leaderboard entry.
 
     Partial results go to `<workspace>/.adt-ft/eval/...` after every batch;
     `resume=True` continues from there, otherwise a new evaluation starts. An
     existing entry is replaced only with `overwrite=True`.
+
+    Under torchrun every rank evaluates its chunks (`shards`) and rank 0 writes the
+    entry and gets the record; the other ranks get None. With `shard="K/N"` this
+    process evaluates shard K of N and writes a shard file (into `shard_dir`, default
+    the workspace's partial-results folder) for `merge_shards`; it gets a ShardRecord.
     """
-    from ..data import DATASETS
-    from ..leaderboard import check_entry_name, entry_dir
-    from ..utils import parse_eps, resolve_device
+    args = dict(locals())  # every argument, by name, for _prepare_job
+    from ..utils import resolve_device
     from ..workspace import Workspace
 
     ws = Workspace(workspace)
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: choose independent or cascade")
-    eps_value = parse_eps(eps) if eps is not None else None
-    if entry is not None:
-        check_entry_name(entry)
-    dev = resolve_device(device)
-    target = resolve_target(model=model, arch=arch, arch_kwargs=arch_kwargs, run=run, dataset=dataset,
-                            workspace=ws.root, device=dev, baseline=baseline)
+    check_chunk_size(chunk_size)
+    spec = parse_shard(shard) if shard is not None else None
+    owns_group = not _group_initialized()
+    world = setup_world(resolve_device(device))
+    try:
+        if spec is not None and world.distributed:
+            raise UserError("--shard splits the work into independent jobs; under torchrun the ranks already split "
+                            "it: drop --shard or run without torchrun")
+        job = _prepare_job(ws, world, spec, args)
+        if spec is not None:
+            return _shard_job(job, overwrite)
+        return _evaluate_and_write(job)
+    finally:
+        if owns_group:
+            teardown(world)
+
+
+def _group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: dict[str, Any]) -> _Job:
+    """Resolve the model, the attacks, ε and the images of `evaluate_workspace`'s arguments `a`;
+    check what will be written where, before any compute."""
+    from ..data import DATASETS
+    from ..leaderboard import check_entry_name, entry_dir
+    from ..utils import parse_eps
+
+    eps_value = parse_eps(a["eps"]) if a["eps"] is not None else None
+    if a["entry"] is not None:
+        check_entry_name(a["entry"])
+    target = resolve_target(model=a["model"], arch=a["arch"], arch_kwargs=a["arch_kwargs"], run=a["run"],
+                            dataset=a["dataset"], workspace=ws.root, device=world.device, baseline=a["baseline"])
     for t in (target, target.base):
         if t is not None:
             check_finite_weights(t.model, f"model {t.label}")
-    names, suite_label, settings = _attack_names(suite, attacks, target, attack_settings)
+    names, suite_label, settings = _attack_names(a["suite"], a["attacks"], target, a["attack_settings"])
     if eps_value is None:
         eps_value = DATASETS[target.dataset].eps if target.dataset in DATASETS else None
         if eps_value is None:
             raise UserError(f"no default ε for dataset {target.dataset}: give --eps")
-    x, y, data_source = load_examples(target.dataset, dataset, n_examples, data_dir=data_dir, workspace=ws.root)
-    entry_name = entry or default_entry_name(target.default_entry, suite_label, eps=eps_value, n_examples=len(x),
-                                             attacks=names if attacks is not None else None, mode=mode)
-    folder = entry_dir(ws.leaderboard_dir, target.dataset, target.threat_model)
-    _check_entry_free(folder / f"{entry_name}.json", overwrite)
-    main_dir = _resume_dir(ws.root, target.dataset, target.threat_model, entry_name)
-    check_writable(folder, "the leaderboard entry")
-    check_writable(main_dir.parent, "partial results")
+    x, y, data_source = load_examples(target.dataset, a["dataset"], a["n_examples"], data_dir=a["data_dir"],
+                                      workspace=ws.root)
+    entry_name = a["entry"] or default_entry_name(target.default_entry, suite_label, eps=eps_value, n_examples=len(x),
+                                                  attacks=names if a["attacks"] is not None else None, mode=a["mode"])
+    if spec is None:  # the entry is written now (by rank 0), not by a later merge
+        folder = entry_dir(ws.leaderboard_dir, target.dataset, target.threat_model)
+        first_error(world, lambda: (_check_entry_free(folder / f"{entry_name}.json", a["overwrite"]),
+                                    check_writable(folder, "the leaderboard entry")))
+    check_writable(_resume_dir(ws.root, target.dataset, target.threat_model, entry_name).parent, "partial results")
 
     context = dict(target.context)
     context.update(suite=suite_label, data=data_source)
-    train_data = _training_data(names, target.dataset, seed, data_dir, ws.root, context)
-    common = dict(amp=amp, attacks=names, eps=eps_value, mode=mode, batch_size=batch_size, seed=seed, device=dev,
-                  attack_settings=settings, reporter=reporter, budgets=budgets, train_data=train_data)
-    return _evaluate_and_write(ws, target, x, y, common, entry_name, context, suite_label, data_source, resume)
+    train_data = _training_data(names, target.dataset, a["seed"], a["data_dir"], ws.root, context)
+    common = dict(amp=a["amp"], attacks=names, eps=eps_value, mode=a["mode"], batch_size=a["batch_size"],
+                  seed=a["seed"], device=world.device, attack_settings=settings, reporter=a["reporter"],
+                  budgets=a["budgets"], train_data=train_data, chunk_size=a["chunk_size"])
+    shard = spec if spec is not None else (world.rank, world.size)
+    shard_dir = Path(a["shard_dir"]) if a["shard_dir"] is not None else None
+    return _Job(ws, target, x, y, common, entry_name, context, suite_label, data_source, a["resume"], shard, world,
+                shard_dir)
 
 
 def _training_data(names: list[str], dataset: str, seed: int, data_dir, root: Path,
@@ -184,30 +262,76 @@ def _training_data(names: list[str], dataset: str, seed: int, data_dir, root: Pa
     return x_train, y_train
 
 
-def _evaluate_and_write(ws, target: Target, x, y, common: dict[str, Any], entry_name: str, context: dict[str, Any],
-                        suite_label: str, data_source: str, resume: bool) -> EvalRecord:
-    from ..leaderboard import write_entry
-
-    main_dir = _resume_dir(ws.root, target.dataset, target.threat_model, entry_name)
-    base_dir = _resume_dir(ws.root, target.dataset, target.threat_model, entry_name + ".baseline")
-    if not resume:
-        for d in (main_dir, base_dir):
+def _evaluate_parts(job: _Job) -> tuple[ShardPart, ShardPart | None]:
+    """This process's shard of the evaluation (and of the base model's, with --baseline)."""
+    dirs = [job.partial_dir(), job.partial_dir(baseline=True)]
+    if not job.resume:
+        for d in dirs:
             if d.exists():
                 shutil.rmtree(d)
-    result = evaluate(target.model, x, y, resume_dir=main_dir, **common)
-    base_result = None
-    if target.base is not None:
-        base_result = evaluate(target.base.model, x, y, resume_dir=base_dir, **common)
+    main = evaluate_shard(job.target.model, job.x, job.y, shard=job.shard, resume_dir=dirs[0], **job.common)
+    base = None
+    if job.target.base is not None:
+        base = evaluate_shard(job.target.base.model, job.x, job.y, shard=job.shard, resume_dir=dirs[1],
+                              **job.common)
+    return main, base
+
+
+def _evaluate_and_write(job: _Job) -> EvalRecord | None:
+    """Evaluate this rank's chunks, gather every rank's flags on rank 0, which writes the entry."""
+    parts = _evaluate_parts(job)
+    gathered = gather_to_main(job.world, parts)
+    record = first_error(job.world, lambda: _write(job, gathered))
+    barrier(job.world)  # the entry is written: every rank may drop its partial flags
+    for d in (job.partial_dir(), job.partial_dir(baseline=True)):
+        if d.exists():
+            shutil.rmtree(d)
+    return record
+
+
+def _write(job: _Job, gathered: list[tuple[ShardPart, ShardPart | None]]) -> EvalRecord:
+    names = [f"rank {r}" for r in range(len(gathered))]
+    result = combine([g[0] for g in gathered], names)
+    base_result = combine([g[1] for g in gathered], names) if job.target.base is not None else None
+    return write_record(job.ws, job.target, job.entry, job.context, job.suite, job.data_source, result,
+                        base_result)
+
+
+def write_record(ws, target: Target, entry_name: str, context: dict[str, Any], suite: str, data_source: str,
+                 result: EvalResult, base_result: EvalResult | None) -> EvalRecord:
+    """Write the leaderboard entry of a finished evaluation (and drop a stale baseline file)."""
+    from ..leaderboard import write_entry
 
     json_path = write_entry(result, root=ws.leaderboard_dir, dataset=target.dataset,
                             threat_model=target.threat_model, entry=entry_name, info=dict(target.info),
-                            context=context, baseline=base_result,
+                            context=dict(context), baseline=base_result,
                             baseline_label=target.base.label if target.base is not None else None)
     stale = json_path.with_name(f"{entry_name}.baseline.per-example.csv")
     if base_result is None and stale.exists():  # left by an overwritten entry that had a baseline
         stale.unlink()
-    for d in (main_dir, base_dir):
-        if d.exists():
-            shutil.rmtree(d)
     return EvalRecord(target, result, base_result, json_path, json_path.with_name(f"{entry_name}.per-example.csv"),
-                      suite_label, data_source)
+                      suite, data_source)
+
+
+def default_shard_dir(ws, dataset: str, threat_model: str, entry: str) -> Path:
+    """Where `--shard` jobs put their shard files unless told (--shard-dir)."""
+    return _resume_dir(ws.root, dataset, threat_model, entry + ".shards")
+
+
+def _shard_job(job: _Job, overwrite: bool) -> ShardRecord:
+    """One independent job of a split evaluation: evaluate its chunks, write its shard file.
+    Its partial flags stay until a merge in this workspace, so a rerun with --resume is instant."""
+    t = job.target
+    folder = job.shard_dir or default_shard_dir(job.ws, t.dataset, t.threat_model, job.entry)
+    path = folder / shard_file_name(job.entry, job.shard)
+    if path.exists() and not (job.resume or overwrite):
+        raise UserError(f"shard {job.shard[0]}/{job.shard[1]} of {job.entry} is already done ({path}): give --resume "
+                        "to keep its flags, --overwrite to evaluate it again")
+    check_writable(folder, "shard files")
+    main, base = _evaluate_parts(job)
+    meta = {"dataset": t.dataset, "threat_model": t.threat_model, "label": t.label, "info": t.info,
+            "context": job.context, "suite": job.suite, "data_source": job.data_source,
+            "base": None if t.base is None else {"label": t.base.label, "dataset": t.base.dataset,
+                                                 "threat_model": t.base.threat_model, "info": t.base.info}}
+    write_shard_file(path, entry=job.entry, main=main, baseline=base, meta=meta)
+    return ShardRecord(t, main, path, job.suite, job.data_source)

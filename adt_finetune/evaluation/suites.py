@@ -73,5 +73,5 @@ def needs_training_data(names: Sequence[str], *, required_only: bool = False) ->
 
     found = [n for n in names if n in ATTACKS and ATTACKS[n].uses_training_data]
     if required_only:
-        found = [n for n in found if not getattr(ATTACKS[n], "training_data_optional", False)]
+        found = [n for n in found if not ATTACKS[n].training_data_optional]
     return found

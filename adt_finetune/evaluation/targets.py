@@ -25,7 +25,7 @@ class Target:
     """A model to evaluate, with what the leaderboard entry says about it."""
 
     label: str
-    model: nn.Module
+    model: nn.Module | None               # None: described by merged shard files, not loaded
     dataset: str
     threat_model: str
     info: dict[str, Any]                  # RobustBench's descriptive fields
@@ -103,10 +103,11 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
 
 def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws, device) -> Target:
     """--model NAME|FILE through the resolver `train` uses too (zoo.resolve_model)."""
-    from ..zoo import is_checkpoint, model_from_ref, resolve_model, resolve_name
+    from ..zoo import is_checkpoint, resolve_and_load, resolve_name
 
-    ref = resolve_model(model, arch=arch, arch_kwargs=arch_kwargs, dataset=wanted, threat_model=tm, workspace=ws)
-    net = model_from_ref(ref, device)
+    ref, net = resolve_and_load(model, arch=arch, arch_kwargs=arch_kwargs, dataset=wanted, threat_model=tm,
+                                workspace=ws)
+    net = net.to(device).eval()
     if is_checkpoint(model):
         path = Path(ref.path)
         if ":" in ref.arch:

@@ -71,6 +71,8 @@ class _AmortisedADT(TrainMethod):
         self.adversary = build_adversary(self.kind, in_channels=ctx.in_channels, width=cfg.gen_width, eps=ctx.eps,
                                          lam=self.lam, z_dim=cfg.z_dim, imp_entropy=cfg.imp_entropy,
                                          imp_hinge=cfg.imp_hinge, normalize_gradients=cfg.gen_normalize_gradients,
+                                         # raw gradients as the released code feeds them: of the batch-mean CE
+                                         gradient_divisor=1.0 if cfg.gen_normalize_gradients else float(cfg.batch_size),
                                          device=ctx.device)
         self.generator = self.adversary.generator
         self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas))

@@ -124,14 +124,17 @@ class ImplicitAdversary:
 
 def build_adversary(kind: str, *, in_channels: int, width: int, eps: float, lam: float | None = None,
                     z_dim: int = 64, imp_entropy: str = "paper", imp_hinge: float = IMP_HINGE_THRESHOLD,
-                    normalize_gradients: bool = True, device: torch.device | str = "cpu"):
-    """A fresh ExplicitAdversary ("exp-am") or ImplicitAdversary ("imp-am"), networks on `device`."""
+                    normalize_gradients: bool = True, gradient_divisor: float = 1.0,
+                    device: torch.device | str = "cpu"):
+    """A fresh ExplicitAdversary ("exp-am") or ImplicitAdversary ("imp-am"), networks on `device`.
+    `gradient_divisor` (with normalize_gradients False): see `generators.gradient_input`."""
     lam = default_lambda(kind, imp_entropy) if lam is None else float(lam)
     if kind == "exp-am":
-        return ExplicitAdversary(ExplicitGenerator(in_channels, width, normalize_gradients).to(device), eps, lam)
+        gen = ExplicitGenerator(in_channels, width, normalize_gradients, gradient_divisor).to(device)
+        return ExplicitAdversary(gen, eps, lam)
     if kind == "imp-am":
         if imp_entropy not in IMP_ENTROPY_FORMS:
             raise UserError(f"unknown --imp-entropy {imp_entropy!r}: choose paper or hinge")
-        gen = ImplicitGenerator(in_channels, width, z_dim, normalize_gradients).to(device)
+        gen = ImplicitGenerator(in_channels, width, z_dim, normalize_gradients, gradient_divisor).to(device)
         return ImplicitAdversary(gen, EntropyNet(in_channels, z_dim).to(device), eps, lam, imp_entropy, imp_hinge)
     raise UserError(f"unknown generator kind {kind!r}: choose exp-am or imp-am")

@@ -54,6 +54,18 @@ def normalize_gradient(g: torch.Tensor) -> torch.Tensor:
     return g / scale.view(-1, *[1] * (g.dim() - 1))
 
 
+def gradient_input(g: torch.Tensor, normalize: bool, divisor: float = 1.0) -> torch.Tensor:
+    """What a generator reads of an input gradient: g/mean|g| per example (normalize, adt-ft's
+    default), else g/divisor. `gradient_features` returns per-example gradients (of the CE
+    summed over the batch); the released code differentiates the batch MEAN, i.e. feeds
+    g/B. A method trained with --no-gen-normalize-gradients therefore stores divisor = its
+    batch size in the generator, and the generator keeps that scale when it is later used
+    as an attack at any batch size."""
+    if normalize:
+        return normalize_gradient(g)
+    return g if divisor == 1.0 else g / divisor
+
+
 def _conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
     # no bias: every conv but the last feeds a BatchNorm, and the released last conv has none either
     return nn.Conv2d(c_in, c_out, 3, stride=1, padding=1, bias=False)
@@ -94,19 +106,22 @@ class ExplicitGenerator(nn.Module):
 
     kind = "exp-am"
 
-    def __init__(self, in_channels: int = 3, width: int = 256, normalize_gradients: bool = True):
+    def __init__(self, in_channels: int = 3, width: int = 256, normalize_gradients: bool = True,
+                 gradient_divisor: float = 1.0):
         super().__init__()
         self.init_kwargs = {"in_channels": int(in_channels), "width": int(width),
-                            "normalize_gradients": bool(normalize_gradients)}
+                            "normalize_gradients": bool(normalize_gradients),
+                            "gradient_divisor": float(gradient_divisor)}
         self.in_channels = in_channels
         self.normalize_gradients = normalize_gradients
+        self.gradient_divisor = float(gradient_divisor)
         self.backbone = ResidualBackbone(3 * in_channels, 2 * in_channels, width)
         _init_gan_weights(self)
 
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # float32 for the distribution even under autocast: log σ and log(1 − tanh²) lose too much in bf16
-        if self.normalize_gradients:
-            g1, g2 = normalize_gradient(g1), normalize_gradient(g2)
+        g1, g2 = gradient_input(g1, self.normalize_gradients, self.gradient_divisor), \
+            gradient_input(g2, self.normalize_gradients, self.gradient_divisor)
         out = self.backbone(torch.cat([x, g1, g2], 1)).float()
         mu, v = out[:, :self.in_channels], out[:, self.in_channels:]
         return mu, F.softplus(v)
@@ -123,12 +138,15 @@ class ImplicitGenerator(nn.Module):
 
     kind = "imp-am"
 
-    def __init__(self, in_channels: int = 3, width: int = 256, z_dim: int = 64, normalize_gradients: bool = True):
+    def __init__(self, in_channels: int = 3, width: int = 256, z_dim: int = 64, normalize_gradients: bool = True,
+                 gradient_divisor: float = 1.0):
         super().__init__()
         self.init_kwargs = {"in_channels": int(in_channels), "width": int(width), "z_dim": int(z_dim),
-                            "normalize_gradients": bool(normalize_gradients)}
+                            "normalize_gradients": bool(normalize_gradients),
+                            "gradient_divisor": float(gradient_divisor)}
         self.z_dim = z_dim
         self.normalize_gradients = normalize_gradients
+        self.gradient_divisor = float(gradient_divisor)
         self.z_encoder = nn.Sequential(nn.Linear(z_dim, 256), nn.ReLU(inplace=True),
                                        nn.Linear(256, Z_MAP_SIZE * Z_MAP_SIZE), nn.ReLU(inplace=True))
         self.backbone = ResidualBackbone(3 * in_channels + 1, in_channels, width)
@@ -143,8 +161,8 @@ class ImplicitGenerator(nn.Module):
         if x.shape[-2:] != z_map.shape[-2:]:
             # the released code is CIFAR-only; other sizes get the same map, resampled
             z_map = F.interpolate(z_map, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        if self.normalize_gradients:
-            g1, g2 = normalize_gradient(g1), normalize_gradient(g2)
+        g1, g2 = gradient_input(g1, self.normalize_gradients, self.gradient_divisor), \
+            gradient_input(g2, self.normalize_gradients, self.gradient_divisor)
         return self.backbone(torch.cat([x, g1, g2, z_map.to(x.dtype)], 1)).float()
 
     def sample_delta(self, x, g1, g2, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:

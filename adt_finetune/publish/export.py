@@ -75,7 +75,12 @@ def _weights(e: Entry, ws: Workspace) -> ModelRef:
     if x.get("run_id"):
         from ..runs import load_run
 
-        model = load_run(x["run_id"], ws.root).model
+        try:
+            model = load_run(x["run_id"], ws.root).model
+        except UserError as why:
+            raise UserError(f"entry {e.entry} was evaluated from run {x['run_id']}, which workspace {ws.root} "
+                            f"cannot give ({why}): pass -w with the workspace that holds "
+                            f"runs/{x['run_id']}") from None
         if model is None:  # load_run refuses unfinished runs; this guards a hand-edited run.json
             raise UserError(f"run {x['run_id']} of entry {e.entry} has no final model")
         return model

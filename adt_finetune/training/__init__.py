@@ -6,7 +6,7 @@
     rundir     the run folder as training writes it (run.json, metrics.jsonl, model.pt, ...)
     loop       train(): start or resume a run, the epoch loop, finish
 """
-from .batches import _SeededAugmentation
+from .batches import _SeededAugmentation  # noqa: F401  (its tests import it from here)
 from .loop import RunResult, train
 from .settings import (DEFAULT_LR, RESUME_OVERRIDABLE, build_config, default_loss, lr_at, resolve_loss,
                        validate_config)

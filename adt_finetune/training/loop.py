@@ -37,7 +37,8 @@ from ..workspace import ModelRef, Workspace
 from . import rundir
 from .batches import probe_batch, train_set
 from .session import Position, Session, first_non_finite
-from .settings import RESUME_OVERRIDABLE, lr_at, resolve_loss, resolved, validate_config, with_method_settings
+from .settings import (RESUME_OVERRIDABLE, config_from_record, lr_at, resolve_loss, resolved, validate_config,
+                       with_method_settings)
 
 CHECKPOINT_SECONDS = 600          # default mid-epoch checkpoint interval when checkpoint_every is None
 FINITE_CHECK_STEPS = 50           # steps between checks of the weights for nan/inf
@@ -206,10 +207,7 @@ def _resume(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None, repo
 
 def _recorded_config(info: runs.RunInfo, cfg: TrainConfig | None) -> TrainConfig:
     """The run's own settings, with those of RESUME_OVERRIDABLE the caller moved away from their defaults."""
-    try:
-        recorded = TrainConfig().updated(dict(info.meta["config"]))
-    except (KeyError, TypeError, ValueError, UserError):
-        raise UserError(f"run {info.id}: the config in its run.json is damaged; start a new run") from None
+    recorded = config_from_record(info.meta.get("config"), f"run.json of run {info.id}")
     if cfg is not None:
         defaults = TrainConfig()
         recorded = replace(recorded, **{k: getattr(cfg, k) for k in RESUME_OVERRIDABLE

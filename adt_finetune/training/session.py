@@ -73,15 +73,17 @@ def _float_tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]
 def first_non_finite(state: Any) -> str | None:
     """The name of the first tensor in a (nested) state holding nan or inf, else None.
 
-    One device synchronisation for the whole state, so checking every few dozen steps costs little.
+    One device synchronisation per device for the whole state, so checking every few dozen steps costs little.
     """
-    named = [(k, t) for k, t in _float_tensors(state) if t.numel()]
-    if not named:
-        return None
-    flags = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=False) for _, t in named])
-    if bool(flags.all()):
-        return None
-    return next(k for (k, _), ok in zip(named, flags.tolist()) if not ok)
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for k, t in _float_tensors(state):
+        if t.numel():
+            by_device.setdefault(t.device, []).append((k, t))
+    for named in by_device.values():
+        flags = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+        if not bool(flags.all()):
+            return next(k for (k, _), ok in zip(named, flags.tolist()) if not ok)
+    return None
 
 
 # ---------------------------------------------------------------- position

@@ -82,6 +82,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     return value
 
 
+def config_from_record(values: Any, where: str) -> TrainConfig:
+    """A TrainConfig from a recorded mapping (run.json's "config"), every value type-checked."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: the recorded config is not a mapping; start a new run")
+    return TrainConfig().updated({k: _coerce(k, v, where) if k in _HINTS else v for k, v in values.items()})
+
+
 def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None,
                  workspace: str | Path = ".") -> TrainConfig:
     """TrainConfig defaults, then the recipe's values, then `overrides` (None values are ignored).

@@ -14,14 +14,14 @@ import importlib
 from typing import Any
 
 from .catalog import ALIASES, ZooEntry, catalog, resolve_name, search
-from .resolve import is_checkpoint, resolve_model
+from .resolve import is_checkpoint, resolve_and_load, resolve_model
 
 _LOADER = ("build_architecture", "check_arch", "check_file_model", "load_model", "load_weights", "model_from_ref",
            "pull", "pull_file_model", "pull_from_file", "pull_model", "read_state_dict", "register_model")
 
 __all__ = ["ALIASES", "ZooEntry", "catalog", "resolve_name", "search", "build_architecture", "check_arch",
            "load_model", "load_weights", "model_from_ref", "pull", "pull_file_model", "pull_from_file",
-           "pull_model", "read_state_dict", "register_model", "check_file_model", "is_checkpoint", "resolve_model"]
+           "pull_model", "read_state_dict", "register_model", "check_file_model", "is_checkpoint", "resolve_and_load", "resolve_model"]
 
 
 def __getattr__(name: str) -> Any:

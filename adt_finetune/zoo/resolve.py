@@ -33,7 +33,16 @@ def resolve_model(model: str | os.PathLike, *, arch: str | None = None, arch_kwa
     A zoo checkpoint missing from the workspace is downloaded unless `download` is False
     or $ADT_FT_OFFLINE is set; a checkpoint file must load into `arch`.
     """
-    from .loader import _as_workspace, _obtain, _zoo_ref, check_file_model
+    return resolve_and_load(model, arch=arch, arch_kwargs=arch_kwargs, dataset=dataset, threat_model=threat_model,
+                            workspace=workspace, download=download)[0]
+
+
+def resolve_and_load(model: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+                     dataset: str | None = None, threat_model: str = "Linf",
+                     workspace: Workspace | str | os.PathLike = ".", download: bool = True) -> tuple[ModelRef, Any]:
+    """`resolve_model`, also returning the model it loaded to check the ref (eval mode, CPU), so a
+    caller that needs the model does not load a large checkpoint twice."""
+    from .loader import _as_workspace, _file_model, _obtain, _zoo_ref
 
     ws = _as_workspace(workspace)
     if is_checkpoint(model):
@@ -46,11 +55,11 @@ def resolve_model(model: str | os.PathLike, *, arch: str | None = None, arch_kwa
         if dataset is None and ":" in arch:
             raise UserError(f"--arch {arch} does not say which dataset the model is for: give --dataset "
                             "(a dataset name or an image folder)")
-        return check_file_model(path, arch, dataset=dataset or "cifar10", threat_model=threat_model,
-                                arch_kwargs=arch_kwargs)
+        return _file_model(path, arch, dataset=dataset or "cifar10", threat_model=threat_model, name=None,
+                           arch_kwargs=arch_kwargs)
     if arch is not None or arch_kwargs:
         raise UserError(f"--arch goes with a checkpoint file, and {str(model)!r} is not a file: give the file's "
                         "path, or drop --arch to use the zoo model of that name")
     entry = resolve_name(str(model), dataset or "cifar10", threat_model)
-    _obtain(entry, ws, download, progress=True)
-    return _zoo_ref(entry, ws)
+    net = _obtain(entry, ws, download, progress=True).eval()
+    return _zoo_ref(entry, ws), net
