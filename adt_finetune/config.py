@@ -43,7 +43,7 @@ class TrainConfig:
     # ADT (docs/methods.md "ADT-EXP" … "ADT-IMP-AM")
     # λ weights the entropy AVERAGED over its elements (pixels for exp/exp-am, z's dimensions for
     # imp-am), as the released code; the paper sums them (docs/methods.md "Losses")
-    adt_lambda: float | None = None   # None: 0.01 (exp, exp-am), 0.1 (imp-am paper bound), 1.0 (imp-am hinge)
+    adt_lambda: float | None = None   # None: 0.01 (exp, exp-am), 10 (imp-am paper bound), 1.0 (imp-am hinge)
     imp_entropy: str = "paper"        # paper (the variational bound, acts) | hinge (released code, inert)
     imp_hinge: float = 0.9            # τ of --imp-entropy hinge
     exp_steps: int = 7                # T
@@ -78,6 +78,9 @@ class TrainConfig:
     run_name: str | None = None
     recipe: str | None = None
     checkpoint_every: int | None = None  # optimiser steps between mid-epoch checkpoints; None: every 10 minutes
+    # several processes (torchrun; docs: README "Scaling out")
+    sync_bn: bool = False             # BatchNorm statistics over the whole batch across processes (scope full)
+    example_seeds: bool = False       # keyed randomness in one process too (always on with several processes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

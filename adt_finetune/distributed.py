@@ -56,20 +56,25 @@ def env_world() -> tuple[int, int, int]:
     return read("RANK", 0), read("WORLD_SIZE", 1), read("LOCAL_RANK", 0)
 
 
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets its variables), even as a world of one."""
+    return all(os.environ.get(v) for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def is_main_process() -> bool:
     """False on every rank but 0 of a torchrun world (read from the environment: usable before `setup`)."""
     return env_world()[0] == 0
 
 
 def setup(device: str | torch.device) -> World:
-    """Join torchrun's process group if there is one; the device this process should use.
+    """Join torchrun's process group if torchrun started this process; the device it should use.
 
     `device` is the resolved device ("cpu", "cuda", "cuda:1"); under torchrun a CUDA
     device becomes cuda:LOCAL_RANK. Safe to call twice (a second call reuses the group).
     """
     rank, size, local = env_world()
     device = torch.device(device)
-    if size <= 1:
+    if size <= 1 and not launched():  # a plain process; `torchrun --nproc-per-node 1` still gets its group
         return World(0, 1, 0, device, None)
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
@@ -129,3 +134,106 @@ def first_error(world: World, check: Callable[[], Any]) -> Any:
 def barrier(world: World) -> None:
     if world.distributed:
         torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------- training's collectives
+
+def _failure(error: BaseException | None) -> tuple[bool, str] | None:
+    """(is a UserError, message) of an exception, picklable, for the other ranks; None for no error."""
+    if error is None:
+        return None
+    if isinstance(error, UserError):
+        return True, str(error)
+    return False, f"{type(error).__name__}: {error}"
+
+
+def _raise(failure: tuple[bool, str], rank: int) -> None:
+    user, message = failure
+    if user:
+        raise UserError(message)
+    raise RuntimeError(f"rank {rank} failed: {message}")
+
+
+def main_first(world: World, fn: Callable[[Any], tuple[Any, Any]]) -> Any:
+    """Run `fn` on rank 0, then on every other rank: what rank 0 fetches or creates (a download,
+    a new run folder) the others then find. fn(shared) returns (result, share); rank 0 is called
+    with shared=None and its picklable `share` is handed to the others' calls. An exception on any
+    rank is raised on every rank (a UserError as one, with its message), so no rank is left
+    waiting in a collective another will never reach. Returns this rank's result."""
+    if not world.distributed:
+        return fn(None)[0]
+    result, share, error = None, None, None
+    if world.is_main:
+        try:
+            result, share = fn(None)
+        except BaseException as e:  # noqa: BLE001 — every rank must learn of it, whatever it is
+            error = e
+    failure, share = broadcast_from_main(world, (_failure(error), share))
+    if failure is not None:
+        if error is not None:
+            raise error
+        _raise(failure, 0)
+    if not world.is_main:
+        try:
+            result, _ = fn(share)
+        except BaseException as e:  # noqa: BLE001
+            error = e
+    failures = [None] * world.size
+    torch.distributed.all_gather_object(failures, _failure(error))
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            _raise(failure, rank)
+    return result
+
+
+def any_rank(world: World, flags: list[bool]) -> list[bool]:
+    """Each flag OR-ed over the ranks (one small collective): decisions every rank must share."""
+    if not world.distributed:
+        return list(flags)
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=world.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def all_reduce_sum_(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the ranks, in place (and returned); untouched in a world of one."""
+    if world.distributed:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
+
+
+def average_(world: World, tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks, in one collective per dtype: the tensors are
+    packed in the order given, so the summation order never depends on anything but that order."""
+    if not world.distributed or not tensors:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for group in _by_dtype(tensors):
+        flat = _flatten_dense_tensors([t.detach() for t in group])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world.size)
+        for t, mean in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.detach().copy_(mean)
+
+
+def broadcast_(world: World, tensors: list[torch.Tensor]) -> None:
+    """Overwrite each tensor with rank 0's, in place (one collective per dtype)."""
+    if not world.distributed or not tensors:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for group in _by_dtype(tensors):
+        flat = _flatten_dense_tensors([t.detach() for t in group])
+        torch.distributed.broadcast(flat, src=0)
+        for t, value in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.detach().copy_(value)

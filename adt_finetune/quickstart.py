@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .progress import Reporter, as_reporter
 
 QUICKSTART_MODEL = "quickstart-SmallCNN"
 SMALL_CNN = "adt_finetune.models.small:SmallCNN"
@@ -47,7 +48,12 @@ class QuickstartResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _pretrain(settings: QuickstartSettings, data_dir, workspace: Path, log: Callable[[str], None]):
+PRETRAIN_BATCH = 128
+
+
+def _pretrain(settings: QuickstartSettings, data_dir, workspace: Path, log: Callable[[str], None],
+              reporter: Reporter | None = None):
+    """Standard training of the stand-in model; `reporter` gets one task, "pretrain", advanced per step."""
     from .data import as_tensors, load_dataset
     from .models import SmallCNN
     from .utils import set_seed
@@ -59,25 +65,33 @@ def _pretrain(settings: QuickstartSettings, data_dir, workspace: Path, log: Call
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     gen = torch.Generator().manual_seed(settings.seed)
     model.train()
-    for epoch in range(settings.pretrain_epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 128):
-            idx = perm[i:i + 128]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        log(f"  epoch {epoch + 1}/{settings.pretrain_epochs}: last batch loss {loss.item():.3f}")
+    rep = as_reporter(reporter)
+    steps = -(-len(x) // PRETRAIN_BATCH)
+    with rep:
+        rep.start("pretrain", "pretrain", total=settings.pretrain_epochs * steps)
+        for epoch in range(settings.pretrain_epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), PRETRAIN_BATCH):
+                idx = perm[i:i + PRETRAIN_BATCH]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                rep.advance("pretrain", 1, status=f"epoch {epoch + 1}/{settings.pretrain_epochs}  "
+                                                  f"loss {loss.item():.3f}")
+            log(f"  epoch {epoch + 1}/{settings.pretrain_epochs}: last batch loss {loss.item():.3f}")
+        rep.finish("pretrain")
     return model.eval()
 
 
 def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | None = None, data_dir=None,
-               progress: bool = True, log: Callable[[str], None] = print, reporter=None, train_reporter=None,
+               progress: bool = True, log: Callable[[str], None] = print, reporter: Reporter | None = None,
+               train_reporter: Reporter | None = None, pretrain_reporter: Reporter | None = None,
                on_trained: Callable[[Any], None] | None = None) -> QuickstartResult:
     """Run the embedded default pipeline in `workspace` and return what it produced.
     `reporter` (a progress.Reporter) receives the evaluation's progress, `train_reporter` the
-    fine-tuning's; None: silent. `on_trained` gets the training RunResult before the stage's
-    closing line (the CLI prints its per-epoch table there)."""
+    fine-tuning's, `pretrain_reporter` the pretraining's; None: silent. `on_trained` gets the
+    training RunResult before the stage's closing line (the CLI prints its per-epoch table there)."""
     from . import zoo
     from .config import TrainConfig
     from .data import load_dataset
@@ -95,7 +109,7 @@ def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | No
     t = time.perf_counter()
     log(f"[1/4] pretrain: a standard (not robust) SmallCNN on {s.pretrain_images} Fashion-MNIST images, "
         "standing in for a RobustBench download")
-    model = _pretrain(s, data_dir, ws.root, log)
+    model = _pretrain(s, data_dir, ws.root, log, pretrain_reporter)
     ref = zoo.register_model(model, name=QUICKSTART_MODEL, arch=SMALL_CNN, arch_kwargs={"width": s.width},
                              dataset="fashion-mnist", workspace=ws.root, source="quickstart")
     seconds["pretrain"] = time.perf_counter() - t

@@ -338,10 +338,14 @@ def test_bad_settings_are_user_errors(name, overrides):
 
 
 def test_lambda_defaults():
+    from adt_finetune.perturb.amortised import IMP_PAPER_LAMBDA
+
     assert method_for("exp").lam == 0.01
     assert method_for("exp-am").lam == 0.01
-    assert method_for("imp-am").lam == 1.0
-    assert method_for("imp-am", imp_entropy="paper").lam == 0.01
+    assert method_for("imp-am").cfg.imp_entropy == "paper"  # the paper's bound by default, the hinge by name
+    assert method_for("imp-am").lam == IMP_PAPER_LAMBDA
+    assert method_for("imp-am", imp_entropy="hinge").lam == 1.0
+    assert method_for("imp-am", imp_entropy="paper", adt_lambda=0.01).lam == 0.01
 
 
 # ---------------------------------------------------------------- learning on real data
@@ -387,15 +391,18 @@ def test_exp_am_fine_tuning_raises_pgd_accuracy(trained_cnn, fmnist_train, fmnis
 @pytest.mark.parametrize("name", ["exp-am", "imp-am"])
 def test_generator_gradient_inputs_raw_or_normalised(name):
     """--gen-normalize-gradients (default): the generator's backbone sees g/mean|g| per example;
-    --no-gen-normalize-gradients feeds the raw gradients (the released code)."""
+    --no-gen-normalize-gradients feeds the released code's raw gradients, those of the batch-MEAN
+    CE: the per-example gradient divided by the training batch size, a divisor saved with the
+    generator so that the attack feeds the same scale at any batch size."""
     from adt_finetune.perturb.generators import normalize_gradient
 
     x, _ = saturated_batch(n=4)
     g = torch.Generator().manual_seed(1)
     g1, g2 = 1e-3 * torch.randn(x.shape, generator=g), 1e-3 * torch.randn(x.shape, generator=g)
     for normalise in (True, False):
-        gen = method_for(name, gen_normalize_gradients=normalise).generator.eval()
+        gen = method_for(name, gen_normalize_gradients=normalise, batch_size=64).generator.eval()
         assert gen.init_kwargs["normalize_gradients"] is normalise  # saved with the run, so the attack matches
+        assert gen.init_kwargs["gradient_divisor"] == (1.0 if normalise else 64.0)
         seen = []
         handle = gen.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
         with torch.no_grad():
@@ -403,5 +410,52 @@ def test_generator_gradient_inputs_raw_or_normalised(name):
         handle.remove()
         c = x.shape[1]
         fed = seen[0][:, c:3 * c]  # [x, g1, g2(, z map)] channels
-        want = torch.cat([normalize_gradient(g1), normalize_gradient(g2)] if normalise else [g1, g2], 1)
+        want = torch.cat([normalize_gradient(g1), normalize_gradient(g2)] if normalise else [g1 / 64, g2 / 64], 1)
         assert torch.allclose(fed, want), (name, normalise)
+
+
+# ---------------------------------------------------------------- the diversity diagnostic
+
+@pytest.mark.parametrize("name,extra", [("exp-am", "sigma"), ("imp-am", "mi_bound")])
+def test_epoch_diagnostics_measure_without_changing_anything(name, extra):
+    """Read once per epoch on a probe batch: no parameter, BatchNorm statistic, optimiser state
+    or global RNG changes, and the same numbers twice."""
+    x, y = saturated_batch(n=6)
+    model = tiny_model().eval()
+    method = method_for(name)
+    out = method.step(model, x, y)  # BatchNorm statistics and Adam state away from their init
+    out.loss.backward()
+    method.after_backward()
+    state = copy.deepcopy(method.state_dict())
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    first = method.epoch_diagnostics(model, x, y)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert set(first) == {"diversity", extra} and all(math.isfinite(v) for v in first.values())
+    assert 0 < first["diversity"] < 1
+    assert method.epoch_diagnostics(model, x, y) == first
+    for kind in ("modules", "optimizers"):
+        for key, saved in state[kind].items():
+            now = method.state_dict()[kind][key]
+            torch.testing.assert_close(now, saved, rtol=0, atol=0)
+
+
+def test_exp_am_diversity_is_the_spread_of_delta_over_eps_across_draws():
+    """diversity = mean over pixels of the std of tanh(μ + σ·r) across 16 draws: 0 for σ → 0,
+    about std(tanh(N(0, 1))) = 0.63 for μ = 0, σ = 1; `sigma` is the mean σ."""
+    x, y = saturated_batch(n=8)
+    model = tiny_model().eval()
+    method = method_for("exp-am")
+    for sigma, lo, hi in [(1e-6, 0.0, 1e-5), (1.0, 0.55, 0.70)]:
+        method.generator.forward = lambda x, g1, g2, s=sigma: (torch.zeros_like(x), torch.full_like(x, s))
+        d = method.epoch_diagnostics(model, x, y)
+        assert lo <= d["diversity"] <= hi and d["sigma"] == pytest.approx(sigma), d
+
+
+def test_imp_am_diversity_is_zero_for_a_generator_that_ignores_z():
+    x, y = saturated_batch(n=8)
+    model = tiny_model().eval()
+    method = method_for("imp-am")
+    assert method.epoch_diagnostics(model, x, y)["diversity"] > 0
+    method.generator.forward = lambda x, g1, g2, z: x - 0.5
+    assert method.epoch_diagnostics(model, x, y)["diversity"] == 0.0

@@ -19,7 +19,8 @@ from adt_finetune.errors import UserError
 from adt_finetune.models import SmallCNN
 from adt_finetune.nets import PassCounter
 
-MINE = ["fgsm", "pgd", "pgd20", "pgd100", "mim", "cw", "feature", "spsa", "exp", "exp-am", "imp-am", "autoattack"]
+MINE = ["fgsm", "pgd", "pgd20", "pgd100", "mim", "cw", "feature", "spsa", "exp", "exp-am", "imp-am",
+        "exp-am-cotrained", "imp-am-cotrained", "autoattack"]
 
 # Small settings for the tests that only check invariants; the defaults are the paper's.
 FAST = {
@@ -27,7 +28,9 @@ FAST = {
     "feature": {"targets": 4, "steps": 3, "chunk": 10},
     "spsa": {"iterations": 3, "samples": 8, "chunk": 20},
     "exp": {"steps": 2, "samples": 3},
-    "exp-am": {"samples": 2}, "imp-am": {},
+    "exp-am-cotrained": {"samples": 2}, "imp-am-cotrained": {},
+    # retrained against the model on training images first: a token budget
+    "exp-am": {"steps": 2, "width": 2, "batch": 4, "samples": 2}, "imp-am": {"steps": 2, "width": 2, "batch": 4, "z_dim": 4},
     "autoattack": {"attacks": ["apgd-ce"]},
 }
 
@@ -37,8 +40,10 @@ def _accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def _run(name, eps, model, x, y, seed=0, **settings):
+def _run(name, eps, model, x, y, seed=0, train=None, **settings):
     attack = make_attack(name, eps, seed=seed, **settings)
+    if train is not None and attack.uses_training_data:
+        attack.set_training_data(*train)
     attack.prepare(model, x, y)
     return attack(model, x, y)
 
@@ -53,8 +58,8 @@ def generator_files(tmp_path_factory):
     paths = {}
     for kind, gen in (("exp-am", ExplicitGenerator(in_channels=1, width=4)),
                       ("imp-am", ImplicitGenerator(in_channels=1, width=4, z_dim=8))):
-        paths[kind] = root / f"{kind}.pt"
-        save_generator(paths[kind], SimpleNamespace(generator=gen, ctx=SimpleNamespace(eps=0.1)))
+        paths[f"{kind}-cotrained"] = root / f"{kind}.pt"
+        save_generator(paths[f"{kind}-cotrained"], SimpleNamespace(generator=gen, ctx=SimpleNamespace(eps=0.1)))
     return paths
 
 
@@ -81,7 +86,9 @@ def test_registry_has_every_attack():
 @pytest.mark.parametrize("name,settings", [
     ("pgd", {"stepz": 3}), ("pgd", {"steps": -1}), ("pgd", {"steps": "many"}), ("mim", {"decay": "x"}),
     ("spsa", {"samples": 7}), ("spsa", {"delta": 0}), ("autoattack", {"version": "turbo"}),
-    ("autoattack", {"attacks": "apgd-ce,nope"}), ("exp-am", {}), ("fgsm", {"steps": 3}), ("nope", {}),
+    ("autoattack", {"attacks": "apgd-ce,nope"}), ("exp-am-cotrained", {}), ("fgsm", {"steps": 3}), ("nope", {}),
+    ("exp-am", {"z_dim": 8}), ("imp-am", {"steps": 0}), ("exp-am", {"path": "generator.pt"}),
+    ("feature", {"layer": "logits"}),
 ])
 def test_bad_settings_are_user_errors(name, settings):
     with pytest.raises(UserError):
@@ -96,7 +103,7 @@ def test_bad_eps_is_user_error():
 
 
 def test_generator_kind_must_match(generator_files):
-    attack = make_attack("imp-am", 0.1, path=generator_files["exp-am"])
+    attack = make_attack("imp-am-cotrained", 0.1, path=generator_files["exp-am-cotrained"])
     with pytest.raises(UserError, match="exp-am"):
         attack.prepare(SmallCNN(width=4), torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
 
@@ -137,7 +144,8 @@ def test_every_attack_stays_in_ball_and_box(name, eps, generator_files):
     with torch.no_grad():
         y = model(x).argmax(1)
     assert len(y.unique()) > 1
-    result = _run(name, eps, model, x, y, **_settings(name, generator_files))
+    train = (torch.rand(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g))
+    result = _run(name, eps, model, x, y, train=train, **_settings(name, generator_files))
     assert result.x_adv.shape == x.shape and result.robust.shape == y.shape and result.robust.dtype == torch.bool
     assert (result.x_adv - x).abs().max() <= eps + 1e-6
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1

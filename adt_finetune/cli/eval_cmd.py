@@ -23,6 +23,17 @@ def parse_settings(items: List[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+# Sharded evaluation (docs/evaluation.md, "Sharded evaluation").
+_SHARD = typer.Option(None, "--shard", help="K/N: evaluate only shard K of N (independent jobs, e.g. a SLURM array) "
+                                            "and write a shard file; combine the N files with 'adt-ft merge'.")
+_SHARD_DIR = typer.Option(None, "--shard-dir", file_okay=False,
+                          help="Folder for --shard files (default: the workspace's partial-results folder).")
+_CHUNK_SIZE = typer.Option(256, "--chunk-size", show_default=True,
+                           help="Examples per chunk: shards take whole chunks and batch-level randomness is keyed to "
+                                "them, so flags do not depend on the split (part of the evaluation, like --seed; "
+                                "batches never exceed it).")
+
+
 def eval_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name or checkpoint file (default: the "
                                                                     "latest run, else the current model)."),
@@ -60,17 +71,9 @@ def eval_cmd(
                                                                      "repeatable (e.g. autoattack.version=plus)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation of the same entry "
                                                         "(of the same --shard, or under torchrun of every rank)."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: evaluate only shard K of N (independent jobs, "
-                                                              "e.g. a SLURM array) and write a shard file; "
-                                                              "combine the N files with 'adt-ft merge'."),
-    shard_dir: Optional[Path] = typer.Option(None, "--shard-dir", help="Folder for --shard files (default: the "
-                                                                       "workspace's partial-results folder).",
-                                             file_okay=False),
-    chunk_size: int = typer.Option(256, "--chunk-size", help="Examples per chunk: shards take whole chunks and "
-                                                             "batch-level randomness is keyed to them, so flags do "
-                                                             "not depend on the split (part of the evaluation, like "
-                                                             "--seed; batches never exceed it).",
-                                   show_default=True),
+    shard: Optional[str] = _SHARD,
+    shard_dir: Optional[Path] = _SHARD_DIR,
+    chunk_size: int = _CHUNK_SIZE,
     amp: bool = typer.Option(False, "--amp", help="Run the fixed-step gradient attacks (fgsm, pgd, mim, cw) under bf16 "
                                                   "autocast; verdicts are always the fp32 model's, and attacks that "
                                                   "stop early or pick among samples stay fp32."),

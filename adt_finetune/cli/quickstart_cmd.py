@@ -33,6 +33,7 @@ def quickstart_cmd(
     start = time.perf_counter()
     res = quickstart(workspace, settings=settings, data_dir=data_dir, progress=progress, reporter=reporter(progress),
                      log=lambda m: console.print(m, highlight=False), train_reporter=reporter(progress),
+                     pretrain_reporter=reporter(progress),
                      # the quickstart's table keeps its columns: epoch diagnostics are for `adt-ft train`
                      on_trained=(lambda run: print_summary(run, diagnostics=False)) if progress else None)
     rec = res.record

@@ -52,17 +52,19 @@ _HELP: dict[str, tuple[str, str]] = {
     "milestones": ("With --schedule step: 1-based epochs from which lr is multiplied by gamma, e.g. 75,90.",
                    "Optimisation"),
     "gamma": ("LR factor at each milestone.", "Optimisation"),
-    "adt_lambda": ("Entropy weight λ. Default: 0.01 (exp, exp-am), 1.0 (imp-am hinge form).", "ADT"),
-    "imp_entropy": ("IMP-AM entropy term: hinge (released code) | paper.", "ADT"),
-    "imp_hinge": ("IMP-AM hinge threshold.", "ADT"),
+    "adt_lambda": ("Entropy weight λ, on the entropy averaged over its elements (the released code's "
+                   "convention). Default: 0.01 (exp, exp-am), 10 (imp-am paper), 1.0 (imp-am hinge).", "ADT"),
+    "imp_entropy": ("IMP-AM entropy term: paper (the variational bound, default) | hinge (released code; "
+                    "inert once q ignores δ).", "ADT"),
+    "imp_hinge": ("IMP-AM hinge threshold (with --imp-entropy hinge).", "ADT"),
     "exp_steps": ("ADT-EXP inner steps T.", "ADT"),
     "exp_samples": ("ADT-EXP Monte Carlo samples k per step.", "ADT"),
     "exp_lr": ("ADT-EXP inner Adam lr.", "ADT"),
     "exp_accumulate_grad": ("Keep (μ, v) gradients across inner steps, as the released code.", "ADT"),
     "gen_width": ("Generator width (residual blocks use 2×).", "ADT"),
-    "gen_normalize_gradients": ("Feed the generators g1, g2 divided by their per-example mean |g| (adt-ft's "
-                                "default); --no-gen-normalize-gradients feeds raw gradients as the released code.",
-                                "ADT"),
+    "gen_normalize_gradients": ("Feed the generators g1, g2 (and IMP-AM's z map) divided by their per-example "
+                                "mean |·| (adt-ft's default); --no-gen-normalize-gradients feeds them as the "
+                                "released code: gradients of the batch-mean CE, z map unscaled.", "ADT"),
     "gen_lr": ("Generator Adam lr.", "ADT"),
     "gen_betas": ("Generator Adam betas, e.g. 0.5,0.999.", "ADT"),
     "z_dim": ("IMP-AM noise dimension.", "ADT"),
@@ -83,6 +85,11 @@ _HELP: dict[str, tuple[str, str]] = {
     "run_name": ("Run folder name under runs/ (default: <time>-<method>-<loss>-<scope>).", "Run"),
     "recipe": ("Recipe name from 'adt-ft recipes' or a YAML file; flags override it. Default: none.", "Run"),
     "checkpoint_every": ("Also checkpoint every N steps within an epoch (default: every 10 minutes).", "Run"),
+    "sync_bn": ("Under torchrun with --scope full: BatchNorm statistics over the whole batch across processes "
+                "(SyncBatchNorm) instead of each process's share.", "Processes"),
+    "example_seeds": ("Keyed randomness: each image's random start from (seed, epoch, image), the step's other "
+                      "draws from (seed, step, process), so a step does not depend on how its batch is split; "
+                      "always on with more than one process.", "Processes"),
 }
 
 _HINTS = typing.get_type_hints(TrainConfig)
@@ -196,33 +203,84 @@ def print_summary(result: Any, *, diagnostics: bool = True) -> None:
     console.print(f"model: {result.path / 'model.pt'}", highlight=False, soft_wrap=True)
 
 
+def _option_args(kwargs: dict[str, Any]) -> list[str]:
+    """The command line that gives these parsed options again (for the processes torchrun starts)."""
+    import json
+
+    args: list[str] = []
+    for name, value in kwargs.items():
+        if value is None or name in ("resume", "run", "workspace", "progress", "nproc"):
+            continue
+        if isinstance(value, bool):
+            args.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [_flag(name), json.dumps(value) if isinstance(value, dict) else str(value)]
+    args += ["--workspace", str(kwargs["workspace"]), "--progress" if kwargs["progress"] else "--no-progress"]
+    if kwargs["resume"]:
+        args += ["--resume"] + ([str(kwargs["run"])] if kwargs["run"] is not None else [])
+    return args
+
+
+def _launch(nproc: int, kwargs: dict[str, Any]) -> None:
+    """`adt-ft train --nproc N`: the same command under `torchrun --standalone --nproc-per-node N`."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("WORLD_SIZE"):
+        raise UserError("--nproc starts torchrun itself: drop it when the command already runs under torchrun")
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "adt_finetune", "train", *_option_args(kwargs)]
+    code = subprocess.call(command)
+    if code:
+        raise typer.Exit(code)
+
+
 def _train(**kwargs: Any) -> None:
+    from ..distributed import is_main_process
     from ..training import RESUME_OVERRIDABLE, build_config, train
     from .report import RichReporter
 
+    nproc: int | None = kwargs.pop("nproc")
+    if nproc is not None:
+        return _launch(nproc, {**kwargs, "nproc": nproc})
     resume: bool = kwargs.pop("resume")
     run: str | None = kwargs.pop("run")
     workspace: Path = kwargs.pop("workspace")
     progress: bool = kwargs.pop("progress")
     given = {k: _from_cli(k, v) for k, v in kwargs.items() if v is not None}
+    main_rank = is_main_process()
     reporter = RichReporter() if progress else _MessagesOnly()
+    try:
+        result = _run(train, build_config, RESUME_OVERRIDABLE, given, resume, run, workspace, reporter)
+    except UserError:
+        if not main_rank:  # rank 0 says it, once
+            raise typer.Exit(2) from None
+        raise
+    if not main_rank:
+        return
+    print_summary(result)
+    console.print(f"run {result.run_id} finished: {result.path}\nevaluate it with: adt-ft eval", highlight=False,
+                  soft_wrap=True)
+
+
+def _run(train: Any, build_config: Any, overridable: tuple[str, ...], given: dict[str, Any], resume: bool,
+         run: str | None, workspace: Path, reporter: Reporter) -> Any:
 
     if run is not None and not resume:
         raise UserError(f"unexpected argument {run!r}: a run id is only taken after --resume")
     if resume:
-        ignored = sorted(set(given) - set(RESUME_OVERRIDABLE))
+        ignored = sorted(set(given) - set(overridable))
         if ignored:
             raise UserError(f"--resume continues a run with its recorded settings: drop {_flag(ignored[0])} "
-                            f"(only {', '.join(_flag(k) for k in RESUME_OVERRIDABLE)} may change)")
+                            f"(only {', '.join(_flag(k) for k in overridable)} may change)")
         cfg = TrainConfig().updated(given)
-        result = train(cfg, workspace=workspace, reporter=reporter, resume=run if run is not None else True)
-    else:
-        recipe = given.pop("recipe", None)
-        cfg = build_config(recipe, given, workspace=workspace)
-        result = train(cfg, workspace=workspace, reporter=reporter)
-    print_summary(result)
-    console.print(f"run {result.run_id} finished: {result.path}\nevaluate it with: adt-ft eval", highlight=False,
-                  soft_wrap=True)
+        return train(cfg, workspace=workspace, reporter=reporter, resume=run if run is not None else True)
+    recipe = given.pop("recipe", None)
+    cfg = build_config(recipe, given, workspace=workspace)
+    return train(cfg, workspace=workspace, reporter=reporter)
 
 
 _RECIPES_WORKSPACE = typer.Option(Path("."), "--workspace", "-w", file_okay=False,
@@ -255,6 +313,11 @@ def register(app: typer.Typer) -> None:
         inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
             True, "--progress/--no-progress", help="Progress bars on stderr (the summary table is printed either "
             "way).", rich_help_panel="Run")),
+        inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int], default=typer.Option(
+            None, "--nproc", help="Train on N processes on this machine: runs this command under 'torchrun "
+            "--standalone --nproc-per-node N' (one per GPU; --batch-size is per process). Default: this process "
+            "alone; for several machines call torchrun yourself (README, \"Scaling out\").",
+            rich_help_panel="Processes", show_default=False)),
     ]
 
     def train_command(**kwargs: Any) -> None:

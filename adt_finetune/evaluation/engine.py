@@ -144,7 +144,7 @@ def evaluate_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, shard:
     with eval_mode(model), rep:
         clean, n_bad = clean_pass(model, run.x, run.y, plan.batch_size, plan.device, positions=rows,
                                   chunk_size=chunk_size)
-        check_finite_logits(n_bad, len(plan.x))
+        check_finite_logits(n_bad, len(rows))
         columns, flags = run.attack_columns(clean)
         if "wasserstein" in plan.names:
             w_cols, w_flags = run.wasserstein(clean)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..distributed import World, barrier, first_error, gather_to_main, setup as setup_world, teardown
+from ..distributed import World, env_world, first_error, gather_to_main, setup as setup_world, teardown
 from ..errors import UserError
 from ..progress import Reporter
 from .engine import evaluate_shard
@@ -181,12 +181,12 @@ def evaluate_workspace(
         raise UserError(f"unknown mode {mode!r}: choose independent or cascade")
     check_chunk_size(chunk_size)
     spec = parse_shard(shard) if shard is not None else None
+    if spec is not None and env_world()[1] > 1:
+        raise UserError("--shard splits the work into independent jobs; under torchrun the ranks already split it: "
+                        "drop --shard or run without torchrun")
     owns_group = not _group_initialized()
     world = setup_world(resolve_device(device))
     try:
-        if spec is not None and world.distributed:
-            raise UserError("--shard splits the work into independent jobs; under torchrun the ranks already split "
-                            "it: drop --shard or run without torchrun")
         job = _prepare_job(ws, world, spec, args)
         if spec is not None:
             return _shard_job(job, overwrite)
@@ -281,8 +281,8 @@ def _evaluate_and_write(job: _Job) -> EvalRecord | None:
     """Evaluate this rank's chunks, gather every rank's flags on rank 0, which writes the entry."""
     parts = _evaluate_parts(job)
     gathered = gather_to_main(job.world, parts)
+    # Rank 0 writes; the others wait for its word, so the partial flags outlive a failed write.
     record = first_error(job.world, lambda: _write(job, gathered))
-    barrier(job.world)  # the entry is written: every rank may drop its partial flags
     for d in (job.partial_dir(), job.partial_dir(baseline=True)):
         if d.exists():
             shutil.rmtree(d)

@@ -15,7 +15,7 @@ the regulariser depends on the generator (and q_ψ) only. Gradient *descent* on
 - the regulariser is written so that descending it raises the entropy:
   exp-am: −λ·H (H the tanh-Gaussian estimate, element mean, λ = 0.01);
   imp-am: λ·neg_ent, minus the paper's variational lower bound H(z) + E[log q_ψ(z | δ)]
-  up to the constant H(z) (Dong et al. 2020, extended version, Eq. 14–15; λ = 0.1, see
+  up to the constant H(z) (Dong et al. 2020, extended version, Eq. 14–15; λ = 10, see
   `ADTImpAM`), or with --imp-entropy hinge the released code's λ·max(neg_ent − τ, 0)
   (λ = 1, τ = 0.9). Descending it also trains q_ψ to a tighter bound (the paper's max over ψ).
 """
@@ -140,7 +140,7 @@ class ADTImpAM(_AmortisedADT):
     """ADT-IMP-AM: the generator maps [x, g1, g2, z] to δ = ε·tanh(out), z ~ U(−1, 1)^z_dim;
     its entropy is bounded through q_ψ(z | δ/ε) (`EntropyNet`, Adam at gen_lr, trained
     jointly in the same backward). --imp-entropy paper (default): λ·neg_ent, the paper's
-    bound, λ = 0.1; --imp-entropy hinge: the released λ·max(neg_ent − imp_hinge, 0), λ = 1,
+    bound, λ = 10; --imp-entropy hinge: the released λ·max(neg_ent − imp_hinge, 0), λ = 1,
     which falls silent once q predicts z better than imp_hinge (see
     `perturb.amortised.ImplicitAdversary`). Forward passes as for exp-am.
     """

@@ -10,6 +10,7 @@ a method can step its own optimisers on the gradients that same backward left.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -32,6 +33,9 @@ class MethodContext:
     device: torch.device
     head: nn.Module | None = None      # the final linear layer (for feature taps)
     amp_dtype: torch.dtype | None = None
+    #: sums a tensor over the processes of a torchrun world, in place, and returns it; None in a
+    #: single process. For statistics a method keeps across the whole batch (wdat's Υ).
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -49,6 +53,32 @@ class TrainMethod:
     def __init__(self, cfg: TrainConfig, ctx: MethodContext):
         self.cfg = cfg
         self.ctx = ctx
+        #: one key per example of the coming batch, set by the trainer before each step when the run
+        #: draws per-example randomness (--example-seeds, always under torchrun); None otherwise
+        self.example_keys: list[int] | None = None
+
+    def example_noise(self, x: torch.Tensor, kind: str) -> torch.Tensor | None:
+        """Noise shaped like x, each example's from its own generator seeded by (seed, method,
+        example key): uniform in [−1, 1] ("uniform") or standard normal ("normal"). None when the
+        trainer gave no keys: the method then draws as it always did. Per-example draws make a
+        step independent of how its batch is split across processes. Drawn on the CPU, so the
+        numbers do not depend on the device either."""
+        keys = self.example_keys
+        if keys is None:
+            return None
+        if len(keys) != len(x):
+            raise ValueError(f"{len(keys)} example keys for a batch of {len(x)}")
+        noise = torch.empty(x.shape, dtype=torch.float32)
+        for row, key in zip(noise, keys):
+            digest = hashlib.blake2b(f"{self.cfg.seed}:{self.name}:{key}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            if kind == "uniform":
+                row.uniform_(-1.0, 1.0, generator=g)
+            elif kind == "normal":
+                row.normal_(generator=g)
+            else:
+                raise ValueError(f"unknown noise kind {kind!r}")
+        return noise.to(device=x.device, dtype=x.dtype)
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         raise NotImplementedError

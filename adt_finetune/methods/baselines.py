@@ -49,9 +49,10 @@ class PGDAT(_PointwiseBaseline):
         self.steps = cfg.pgd_steps
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        noise = self.example_noise(x, "uniform")  # per-example starts when the trainer keys the batch
         with eval_mode(model):
             x_adv = sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                                         start="uniform")
+                                         start="uniform", init=None if noise is None else x + self.eps * noise)
         logits_adv = model(x_adv)
         loss = training_loss("ce", logits_adv, y)
         # No clean_acc: it would cost one more forward pass per step that training does not need.
@@ -76,9 +77,11 @@ class TRADES(_PointwiseBaseline):
         def kl_to_clean(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
             return trades_kl(target, logits)
 
+        noise = self.example_noise(x, "normal")
         with eval_mode(model):
             x_adv = sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                                         loss_fn=kl_to_clean, start="normal")
+                                         loss_fn=kl_to_clean, start="normal",
+                                         init=None if noise is None else x + 0.001 * noise)
         if logits_clean is None:
             logits_clean = model(x)
         logits_adv = model(x_adv)

@@ -17,12 +17,18 @@ Choices (the paper's exact ones are not available; all settable):
   ‖g_i‖_1² at inner step t (one average per t, because the gradient scale
   changes along the path), so the per-image step follows the dataset-wide
   sensitivity rather than the batch's. The averages are part of the state dict.
+  Under torchrun both are over the whole (global) batch: each inner step sums
+  ‖g_i‖_1² and the count over the processes, so every process divides by the
+  same Υ_t, the one a single process with the whole batch would use.
 - Budget `wdat_budget` (None: the dataset's ε), `wdat_steps` inner steps of
   `wdat_ratio`·δ/`wdat_steps`. The projection is per batch: each batch's
-  empirical distribution stays within δ of itself in W_2.
+  empirical distribution stays within δ of itself in W_2. Under torchrun it is
+  per process's share of the batch, a tighter constraint (each share within δ
+  puts the whole batch within δ).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -68,8 +74,20 @@ class WDAT(TrainMethod):
 
     # -------------------------------------------------------------- the inner map
 
+    def _batch_sq(self, l1_norms: torch.Tensor) -> float:
+        """The batch mean of ‖g_i‖_1², over every process's share of the batch under torchrun."""
+        sq = l1_norms.double().pow(2)
+        if self.ctx.all_reduce is None:
+            return float(sq.mean())
+        total = torch.stack([sq.sum(), torch.tensor(float(len(sq)), dtype=torch.float64, device=sq.device)])
+        self.ctx.all_reduce(total)
+        return float(total[0] / total[1])
+
+    def _global_upsilon(self, t: int, l1_norms: torch.Tensor) -> float:
+        return math.sqrt(self._batch_sq(l1_norms))
+
     def _ema_upsilon(self, t: int, l1_norms: torch.Tensor) -> float:
-        batch_sq = float(l1_norms.double().pow(2).mean())
+        batch_sq = self._batch_sq(l1_norms)
         if self.upsilon_seen[t]:
             self.upsilon_sq[t] = self.momentum * self.upsilon_sq[t] + (1 - self.momentum) * batch_sq
         else:
@@ -81,13 +99,18 @@ class WDAT(TrainMethod):
                     target: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """x' from the W-PGD map on this batch, found with the classifier in eval mode
         (`target`: the eval-mode clean logits, the KL reference of the TRADES loss)."""
-        upsilon = self._ema_upsilon if self.cfg.upsilon == "ema" else None
+        if self.cfg.upsilon == "ema":
+            upsilon = self._ema_upsilon
+        else:  # the batch's own Υ_t: wpgd_map computes it, unless the batch is spread over processes
+            upsilon = self._global_upsilon if self.ctx.all_reduce is not None else None
         if self.cfg.loss == "trades" and target is None:
             with torch.no_grad(), eval_mode(model):
                 target = model(x)
         with eval_mode(model):
             if self.cfg.loss == "trades":
-                noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+                noise = self.example_noise(x, "normal")  # per example when the trainer keys the batch
+                if noise is None:
+                    noise = torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
                 start = (x + TRADES_START_STD * noise).clamp(0.0, 1.0)
 
                 def objective(logits: torch.Tensor) -> torch.Tensor:

@@ -134,19 +134,27 @@ class ExplicitGenerator(nn.Module):
 class ImplicitGenerator(nn.Module):
     """ADT-IMP-AM: z ~ U(−1, 1)^z_dim, encoded by FC z_dim→256→1024 (ReLU) into one 32×32 map
     (resized to the image size), concatenated to [x, g1, g2]; the backbone outputs C channels
-    and δ = ε·tanh(out)."""
+    and δ = ε·tanh(out).
+
+    normalize_z (adt-ft's default for new runs; False in files written before it existed and
+    in the released code): the z map divided by its per-example mean |·|. Through two
+    N(0, 0.02) layers the map comes out around 0.01 while x and the normalised gradients are
+    around 1, so at initialisation δ hardly depends on z; the entropy term's gradient, which
+    reaches the generator only through how q_ψ reads z back from δ, then fades as q_ψ learns
+    to ignore δ before δ carries z (docs/methods.md "ADT-IMP-AM")."""
 
     kind = "imp-am"
 
     def __init__(self, in_channels: int = 3, width: int = 256, z_dim: int = 64, normalize_gradients: bool = True,
-                 gradient_divisor: float = 1.0):
+                 gradient_divisor: float = 1.0, normalize_z: bool = False):
         super().__init__()
         self.init_kwargs = {"in_channels": int(in_channels), "width": int(width), "z_dim": int(z_dim),
                             "normalize_gradients": bool(normalize_gradients),
-                            "gradient_divisor": float(gradient_divisor)}
+                            "gradient_divisor": float(gradient_divisor), "normalize_z": bool(normalize_z)}
         self.z_dim = z_dim
         self.normalize_gradients = normalize_gradients
         self.gradient_divisor = float(gradient_divisor)
+        self.normalize_z = bool(normalize_z)
         self.z_encoder = nn.Sequential(nn.Linear(z_dim, 256), nn.ReLU(inplace=True),
                                        nn.Linear(256, Z_MAP_SIZE * Z_MAP_SIZE), nn.ReLU(inplace=True))
         self.backbone = ResidualBackbone(3 * in_channels + 1, in_channels, width)
@@ -161,6 +169,8 @@ class ImplicitGenerator(nn.Module):
         if x.shape[-2:] != z_map.shape[-2:]:
             # the released code is CIFAR-only; other sizes get the same map, resampled
             z_map = F.interpolate(z_map, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.normalize_z:
+            z_map = normalize_gradient(z_map)
         g1, g2 = gradient_input(g1, self.normalize_gradients, self.gradient_divisor), \
             gradient_input(g2, self.normalize_gradients, self.gradient_divisor)
         return self.backbone(torch.cat([x, g1, g2, z_map.to(x.dtype)], 1)).float()

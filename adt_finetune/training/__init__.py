@@ -3,7 +3,9 @@
     settings   recipe and flag values → a validated TrainConfig; lr schedule
     batches    training set, per-epoch batch order, seeded augmentation, the diagnostics probe
     session    model, optimiser, method, checkpoint/restore, RNG state, non-finite checks
+    parallel   under torchrun: DDP, SyncBatchNorm, per-step seeds, the per-step collectives
     rundir     the run folder as training writes it (run.json, metrics.jsonl, model.pt, ...)
+    start      a fresh run or a resume, made ready on every process (rank 0 first)
     loop       train(): start or resume a run, the epoch loop, finish
 """
 from .batches import _SeededAugmentation  # noqa: F401  (its tests import it from here)

@@ -42,13 +42,32 @@ class _SeededAugmentation(Dataset):
             return self.inner[index]
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of epoch `epoch` (0-based) as lists of indices into the training set."""
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """The batches of epoch `epoch` (0-based) that process `rank` of `world` trains on, as lists
+    of indices into the training set.
+
+    The epoch's order is one permutation of the set drawn from (seed, epoch), cut into global
+    batches of batch_size × world images; process r takes the r-th of `world` equal parts of
+    each. A world of one trains on exactly the single-process batches, and the global batches do
+    not depend on the world size. A last global batch that does not split evenly is topped up
+    from the start of the permutation (as torch's DistributedSampler pads), so every process
+    takes the same number of steps with the same batch size.
+    """
     # Its own generator per epoch: the data order never depends on how much of the
     # global RNG the method consumed, and epoch e's order is known without replaying e-1.
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
-    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    size = batch_size * world
+    batches = []
+    for i in range(0, n, size):
+        chunk = perm[i:i + size]
+        part = batch_size
+        if len(chunk) < size:
+            part = -(-len(chunk) // world)
+            missing = part * world - len(chunk)
+            chunk += (perm * (missing // n + 1))[:missing]
+        batches.append(chunk[rank * part:(rank + 1) * part])
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches.pop()  # BatchNorm cannot train on a batch of one image
     return batches

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from itertools import repeat
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,12 +27,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainConfig
 from ..data import DatasetInfo
+from ..distributed import World, all_reduce_sum_
 from ..errors import UserError
 from ..nets import eval_mode, find_last_linear
 from ..utils import parse_eps
+from . import parallel
 from .batches import _SeededAugmentation, epoch_batches
 
 CHECKPOINT_FORMAT = 1
+TOTAL_LOSS = "_total_loss"  # the loss back-propagated (with any regulariser), checked for nan/inf
 
 
 # ---------------------------------------------------------------- RNG state (weights_only-safe)
@@ -131,11 +136,12 @@ class Session:
     """The model, data, optimiser and method of one run, set up identically for a fresh start and a resume."""
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_set: Dataset, info: DatasetInfo,
-                 device: torch.device, *, reinit_head: bool):
+                 device: torch.device, *, reinit_head: bool, world: World | None = None):
         from ..methods import MethodContext, make_method
 
         self.cfg = cfg
         self.device = device
+        self.world = world or World(0, 1, 0, device, None)
         self.model = model.to(device)
         self.train_set = train_set
         self.augmented = _SeededAugmentation(train_set, cfg.seed) if info.augment != "none" else None
@@ -143,16 +149,31 @@ class Session:
         first_image = (self.augmented if self.augmented is not None else train_set)[0][0]
         self.head_name, self.head = find_last_linear(self.model, first_image.unsqueeze(0).to(device))
         self._set_scope(reinit_head)
+        # --sync-bn only matters with several processes; one process keeps its plain BatchNorm.
+        self.sync_bn = cfg.sync_bn and self.world.size > 1 and cfg.scope == "full"
+        if self.sync_bn:
+            parallel.convert_sync_bn(self.model, device)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         ctx = MethodContext(eps=parse_eps(cfg.eps), in_channels=info.channels, num_classes=info.num_classes,
                             image_size=info.size, device=device, head=self.head,
-                            amp_dtype=torch.bfloat16 if cfg.amp else None)
+                            amp_dtype=torch.bfloat16 if cfg.amp else None,
+                            all_reduce=partial(all_reduce_sum_, self.world) if self.world.size > 1 else None)
         self.method = make_method(cfg, ctx)
         self.method.train(True)
         self.n_examples = len(train_set)  # type: ignore[arg-type]
-        self.steps_per_epoch = len(epoch_batches(self.n_examples, cfg.batch_size, cfg.seed, 0))
+        self.steps_per_epoch = len(self.batches(0))
+        # What the methods train: the classifier itself, or wrapped in DDP by `parallelise`.
+        self.trained: nn.Module = self.model
+        self.sync = parallel.StepSync(self.world, self.model, list(self.method.modules().values()),
+                                      sync_model_buffers=cfg.scope == "full" and not self.sync_bn)
+
+    def parallelise(self) -> None:
+        """Under torchrun: wrap the classifier in DDP and start every process from rank 0's networks
+        (collectives: every rank calls this once, after the session is built or restored)."""
+        self.trained = parallel.wrap(self.model, self.world)
+        self.sync.start()
 
     def _set_scope(self, reinit_head: bool) -> None:
         if self.cfg.scope == "last-layer":
@@ -181,9 +202,15 @@ class Session:
             self.head.train()
         else:
             self.model.train()
+        parallel.set_training(self.trained, self.model)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of `epoch` (indices into the training set)."""
+        return epoch_batches(self.n_examples, self.cfg.batch_size, self.cfg.seed, epoch, self.world.rank,
+                             self.world.size)
 
     def loader(self, epoch: int, start_step: int) -> DataLoader:
-        batches = epoch_batches(self.n_examples, self.cfg.batch_size, self.cfg.seed, epoch)[start_step:]
+        batches = self.batches(epoch)[start_step:]
         dataset = self.train_set
         if self.augmented is not None:
             self.augmented.epoch = epoch
@@ -192,23 +219,41 @@ class Session:
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.cfg.workers,
                           pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, float]:
+    def epoch_data(self, epoch: int, start_step: int) -> Iterator[tuple[list[int] | None, torch.Tensor, torch.Tensor]]:
+        """(example keys, x, y) per step from `start_step` on; the keys (one per image, unique over
+        the run: epoch·N + index) only when the run draws per-example randomness."""
+        keys: Iterable[list[int] | None] = repeat(None)
+        if self.cfg.example_seeds:
+            keys = ([epoch * self.n_examples + i for i in b] for b in self.batches(epoch)[start_step:])
+        for k, (x, y) in zip(keys, self.loader(epoch, start_step)):
+            yield k, x, y
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, keys: list[int] | None = None,
+             global_step: int = 0) -> dict[str, float]:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.set_train_modes()
+        if self.cfg.example_seeds:  # keyed randomness: the rest of the step's draws are keyed to the step
+            parallel.reseed(self.cfg.seed, global_step, self.world.rank)
+        self.method.example_keys = keys
         self.method.zero_grad()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
-            out = self.method.step(self.model, x, y)
-        loss = out.loss.item()
+            out = self.method.step(self.trained, x, y)
+        local = {"loss": out.loss.item(), **out.metrics}
+        # Over every process's share of the batch, so all of them take the same decision here.
+        reduced = self.sync.metrics({**local, TOTAL_LOSS: out.loss.item()}, len(y))
+        loss = reduced.pop(TOTAL_LOSS)
         if not math.isfinite(loss):
             raise UserError(f"training diverged (loss {loss}): lower --lr, or drop --amp")
         out.loss.backward()
+        self.sync.method_gradients()
         self.optimizer.step()
         self.method.after_backward()
-        return {"loss": loss, **out.metrics}
+        self.sync.buffers_after_step()
+        return {k: reduced[k] for k in local}
 
     def diagnostics(self, probe: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
         """The method's epoch diagnostics on the probe batch, leaving training exactly as it was:

@@ -149,6 +149,9 @@ def validate_config(cfg: TrainConfig) -> None:
         positive(name, allow_none=True)
     if cfg.scope not in SCOPES:
         raise UserError(f"unknown scope {cfg.scope!r}: choose {' or '.join(SCOPES)}")
+    if cfg.sync_bn and cfg.scope != "full":
+        raise UserError("--sync-bn applies to --scope full: under last-layer the body's BatchNorm keeps its "
+                        "loaded statistics; drop --sync-bn")
     if cfg.head_init not in HEAD_INITS:
         raise UserError(f"unknown head init {cfg.head_init!r}: choose {' or '.join(HEAD_INITS)}")
     if cfg.schedule not in SCHEDULES:

@@ -1,0 +1,202 @@
+"""Getting a run ready to train, on every process: a fresh start or a resume.
+
+Each function here runs on rank 0 first and then on the other ranks (`distributed.main_first`):
+rank 0 pulls the model, creates the run folder and writes run.json; the others find what it
+fetched, take the folder and run.json it shares, and write nothing. No collective runs in here
+(the session's DDP wrapper is built afterwards, by `Session.parallelise`), so a rank that fails
+cannot leave the others waiting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import runs
+from ..config import TrainConfig
+from ..data import DatasetInfo, dataset_info, is_image_folder
+from ..distributed import World
+from ..errors import UserError
+from ..utils import format_eps, parse_eps, set_seed
+from ..workspace import ModelRef, Workspace
+from . import rundir
+from .batches import train_set
+from .session import Position, Session, first_non_finite
+from .settings import RESUME_OVERRIDABLE, config_from_record, resolved, validate_config, with_method_settings
+
+
+@dataclass
+class Prepared:
+    """A run ready for the epoch loop."""
+
+    session: Session
+    run_dir: Path
+    meta: dict[str, Any]
+    pos: Position
+    note: str | None = None           # said after the run's header: where a resumed run continues
+
+
+def world_meta(world: World, cfg: TrainConfig) -> dict[str, Any]:
+    """What run.json records about the processes: the global batch is per-process batch × world size."""
+    return {"world_size": world.size, "global_batch_size": cfg.batch_size * world.size,
+            "backend": world.backend or "none"}
+
+
+# ---------------------------------------------------------------- a fresh run
+
+def fresh(cfg: TrainConfig, loss: str, ws: Workspace, world: World, shared: Any) -> tuple[Prepared, Any]:
+    """A new run from a validated config; rank 0 shares (run folder, run.json) with the others."""
+    base_ref = _base_model(cfg, ws, world.is_main)
+    dataset = cfg.dataset or (base_ref.dataset if base_ref else None)
+    if dataset is None:
+        raise UserError("--model scratch needs --dataset")
+    info = dataset_info(dataset)
+    eps = parse_eps(cfg.eps) if cfg.eps is not None else info.eps
+    cfg = resolved(cfg, dataset=str(dataset) if is_image_folder(dataset) else info.name, eps=eps, loss=loss)
+    # Keyed randomness whenever the batch is split: a step then does not depend on the split.
+    cfg = replace(cfg, example_seeds=cfg.example_seeds or world.size > 1)
+    session = start_session(cfg, base_ref, info, ws, world)
+    if not world.is_main:
+        run_dir, meta = Path(shared[0]), shared[1]
+        return Prepared(session, run_dir, meta, Position()), None
+
+    run_dir = rundir.make_run_dir(ws, session.cfg)
+    if base_ref is None:
+        base_ref = rundir.save_init(run_dir, session.model, session.cfg, info.name)
+    meta = rundir.initial_meta(run_dir, ws, session.cfg, base_ref, eps=eps, eps_str=format_eps(eps),
+                               device=world.device, head=session.head_name, n_examples=session.n_examples,
+                               steps_per_epoch=session.steps_per_epoch)
+    if world.distributed:  # a single process's run.json stays as it always was
+        meta.update(world_meta(world, session.cfg))
+    rundir.write_meta(run_dir, meta)
+    ws.set_latest_run(run_dir.name)  # so that a bare --resume finds it even if it never finishes
+    return Prepared(session, run_dir, meta, Position()), (str(run_dir), meta)
+
+
+def _base_model(cfg: TrainConfig, ws: Workspace, main: bool) -> ModelRef | None:
+    """The model to fine-tune (None: a scratch model, built by the session). Only rank 0 makes a
+    named model the workspace's current one."""
+    if cfg.model == "scratch":
+        return None
+    if cfg.model is None:
+        return ws.require_current_model()
+    from ..zoo import resolve_model
+
+    ref = resolve_model(cfg.model, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, dataset=cfg.dataset, workspace=ws)
+    if main:
+        ws.set_current_model(ref)
+    return ref
+
+
+def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo, ws: Workspace,
+                  world: World) -> Session:
+    """The session of a run at its very beginning; the same calls in the same order for a
+    fresh start and a restart, so both draw the same initial weights and head."""
+    data = train_set(cfg, ws)
+    set_seed(cfg.seed)
+    if base_ref is None:
+        from ..zoo import build_architecture
+
+        model = build_architecture(cfg.arch or "", info.name, "Linf", cfg.arch_kwargs)
+    else:
+        from ..zoo import model_from_ref
+
+        model = model_from_ref(base_ref, device=str(world.device))
+    session = Session(cfg, model, data, info, world.device, reinit_head=cfg.head_init == "reinit", world=world)
+    session.cfg = with_method_settings(cfg, session.method)  # record the method's own defaults (λ, step size)
+    return session
+
+
+# ---------------------------------------------------------------- resume
+
+def resume_target(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None) -> tuple[runs.RunInfo, TrainConfig]:
+    """The unfinished run to continue and its recorded settings (read-only: every rank may call it)."""
+    try:
+        info = runs.load_run(run, ws.root, require_finished=False)
+    except UserError as e:
+        raise UserError(f"nothing to resume: {e}") from None
+    if info.finished:
+        raise UserError(f"run {info.id} already finished: nothing to resume (start a new run without --resume)")
+    return info, _recorded_config(info, cfg)
+
+
+def resume(info: runs.RunInfo, recorded: TrainConfig, ws: Workspace, world: World,
+           shared: Any) -> tuple[Prepared, Any]:
+    """The session of an unfinished run, restored from its checkpoint (every rank reads the same file)."""
+    recorded_world = int(info.meta.get("world_size", 1))
+    if recorded_world != world.size:
+        launch = ("without torchrun" if recorded_world == 1 else
+                  f"under torchrun with {recorded_world} processes (e.g. --nproc-per-node {recorded_world})")
+        raise UserError(f"run {info.id} was trained by {recorded_world} process(es), this is {world.size}: the "
+                        f"global batch would change; resume it {launch}")
+    dinfo = dataset_info(recorded.dataset or info.base_model.dataset)
+    if world.is_main:
+        rundir.remove_stale_temporaries(info.path)
+    ckpt_path = info.path / runs.CHECKPOINT
+    if not ckpt_path.exists():
+        # Stopped before its first checkpoint: nothing was learnt yet, so start again from the beginning.
+        base_ref = None if recorded.model == "scratch" else info.base_model
+        session = start_session(recorded, base_ref, dinfo, ws, world)
+        if base_ref is None and world.is_main:
+            rundir.save_init(info.path, session.model, session.cfg, dinfo.name)
+        pos = Position()
+        note = f"run {info.id} stopped before its first checkpoint: training it from the beginning"
+    else:
+        ckpt = _read_checkpoint(ckpt_path, info.id)
+        set_seed(recorded.seed)
+        from ..zoo import model_from_ref
+
+        model = model_from_ref(info.base_model, device=str(world.device))
+        session = Session(recorded, model, train_set(recorded, ws), dinfo, world.device, reinit_head=False,
+                          world=world)
+        pos = _restore(session, ckpt, ckpt_path, info.id)
+        note = f"resuming at epoch {pos.epoch + 1}, step {pos.step_in_epoch} of {session.steps_per_epoch}"
+    if not world.is_main:
+        return Prepared(session, info.path, shared, pos, note), None
+    meta = dict(info.meta)
+    meta["resumed"] = list(meta.get("resumed", [])) + [{"at": rundir.now(), "global_step": pos.global_step,
+                                                        "device": rundir.device_name(world.device)}]
+    meta["config"] = session.cfg.to_dict()
+    rundir.write_meta(info.path, meta)
+    ws.set_latest_run(info.path.name)
+    return Prepared(session, info.path, meta, pos, note), meta
+
+
+def _recorded_config(info: runs.RunInfo, cfg: TrainConfig | None) -> TrainConfig:
+    """The run's own settings, with those of RESUME_OVERRIDABLE the caller moved away from their defaults."""
+    recorded = config_from_record(info.meta.get("config"), f"run.json of run {info.id}")
+    if cfg is not None:
+        defaults = TrainConfig()
+        recorded = replace(recorded, **{k: getattr(cfg, k) for k in RESUME_OVERRIDABLE
+                                        if getattr(cfg, k) != getattr(defaults, k)})
+    validate_config(recorded)
+    return recorded
+
+
+def _damaged(path: Path, run_id: str, why: str) -> UserError:
+    return UserError(f"checkpoint {path} of run {run_id} {why}: delete it and --resume again to restart the run "
+                     "from the beginning")
+
+
+def _read_checkpoint(path: Path, run_id: str) -> dict[str, Any]:
+    try:
+        # On the CPU: RNG states must be CPU tensors; load_state_dict moves the rest to the parameters' device.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — truncated, not a torch file, or foreign objects: all unusable
+        raise _damaged(path, run_id, f"cannot be read ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"position", "model", "optimizer", "method", "rng"} <= set(ckpt):
+        raise _damaged(path, run_id, "is not an adt-ft training checkpoint")
+    bad = first_non_finite({k: ckpt[k] for k in ("model", "optimizer", "method")})
+    if bad is not None:
+        raise _damaged(path, run_id, f"holds nan/inf values ({bad})")
+    return ckpt
+
+
+def _restore(session: Session, ckpt: dict[str, Any], path: Path, run_id: str) -> Position:
+    try:
+        return session.restore(ckpt)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _damaged(path, run_id, f"does not fit this run ({first[:120]})") from None
