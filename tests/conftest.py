@@ -7,7 +7,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+# As the CLI does (adt_finetune/cli/__init__.py): spinning OpenMP threads slow everything down several
+# times when the two cores are shared; must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from adt_finetune.data import as_tensors, load_dataset

@@ -25,6 +25,12 @@ WORLD = 2
 
 # (a): B = 16 images, one step; the same run on two processes takes 8 each
 STEP = dict(method="pgd-at", loss="ce", epochs=1, train_subset=16, pgd_steps=3, lr=0.5, device="cpu", seed=3)
+# and three steps from the random start alone (sign steps would amplify rounding): DDP's later buckets
+STEPS = dict(STEP, train_subset=48, pgd_steps=0)
+# TRADES' two training passes (clean, adversarial) through DDP, from its keyed start, two steps
+TRADES2 = dict(STEP, method="trades", loss="trades", train_subset=32, trades_steps=0)
+# wdat's running Υ after one step: the mean of ‖g_i‖_1² over the whole batch, not one process's half
+WDAT1 = dict(STEP, method="wdat", loss="ce", upsilon="ema", wdat_steps=1)
 
 # (b): every method × loss, both scopes, --sync-bn on some full-scope ones; 2 steps of 2 × 4 images
 TINY = dict(epochs=1, train_subset=16, batch_size=4, pgd_steps=1, trades_steps=1, exp_steps=1, exp_samples=1,
@@ -80,8 +86,12 @@ def _worker(rank: int, port: int, roots: dict[str, str], out: str) -> None:
     results: dict = {}
     a = train(TrainConfig(**STEP, batch_size=16 // WORLD, sync_bn=True, run_name="synced"), workspace=roots["a"])
     results["a"] = _states(a)
+    results["a-classes"] = sorted({type(m).__name__ for m in a.model.modules()})
     a = train(TrainConfig(**STEP, batch_size=16 // WORLD, run_name="unsynced"), workspace=roots["a"])
     results["a-unsynced"] = _states(a)
+    for name, kw in (("three", STEPS), ("trades", TRADES2), ("wdat", WDAT1)):
+        a = train(TrainConfig(**kw, batch_size=16 // WORLD, sync_bn=True, run_name=name), workspace=roots["a"])
+        results[f"a-{name}"] = _states(a)
     for method, loss, scope, extra in COMBOS:
         r = train(TrainConfig(**TINY, method=method, loss=loss, scope=scope, run_name=f"{method}-{loss}", **extra),
                   workspace=roots["b"])
@@ -144,8 +154,17 @@ def test_world2_step_with_sync_bn_equals_one_process_step(world2, tmp_path):
     synced = ranks[0]["a"]["model"]
     assert _max_diff(synced, ref) < 1e-5  # weights and BatchNorm statistics: over the whole batch
     _assert_equal(ranks[0]["a"]["model"], ranks[1]["a"]["model"], "rank 1")
+    # SyncBatchNorm only while training: the model handed back is built as it was
+    assert ranks[0]["a-classes"] == sorted({type(m).__name__ for m in single.model.modules()})
     # Without --sync-bn each half is normalised by its own statistics: a different step.
     assert _max_diff(ranks[0]["a-unsynced"]["model"], ref) > 1e-4
+    for name, kw in (("three", STEPS), ("trades", TRADES2)):
+        alone = train(TrainConfig(**kw, batch_size=16, example_seeds=True), workspace=tmp_path).model.state_dict()
+        assert _max_diff(ranks[0][f"a-{name}"]["model"], alone) < 1e-5, name
+    alone = train(TrainConfig(**WDAT1, batch_size=16, example_seeds=True), workspace=tmp_path)
+    upsilon = [torch.load(path / "checkpoint.pt", weights_only=True)["method"]["wdat"]["upsilon_sq"]
+               for path in (roots["a"] / "runs" / "wdat", alone.path)]
+    assert upsilon[1].item() > 0 and torch.allclose(upsilon[0], upsilon[1], rtol=1e-5, atol=0)
     meta = json.loads((roots["a"] / "runs" / "synced" / "run.json").read_text())
     assert (meta["world_size"], meta["global_batch_size"], meta["config"]["batch_size"]) == (2, 16, 8)
     assert meta["config"]["sync_bn"] and meta["config"]["example_seeds"] and meta["backend"] == "gloo"
@@ -186,3 +205,52 @@ def test_kill_and_resume_under_world2_is_bit_identical(world2):
         assert meta["status"] == "finished" and meta["resumed"][0]["global_step"] == 4  # the checkpoint at step 4
     with pytest.raises(UserError, match="trained by 2 process"):
         train(workspace=roots["c"], resume="orphan")
+
+
+def test_nproc_runs_the_same_command_under_torchrun(tmp_path, cli, monkeypatch):
+    """`adt-ft train --nproc N ...` starts `torchrun --nproc-per-node N -m adt_finetune train ...` with
+    options that give the very config the command itself would have trained with."""
+    import subprocess
+
+    import adt_finetune.training as training
+
+    seen: dict = {}
+
+    class FakeTorchrun:
+        def __init__(self, command):
+            seen["command"] = command
+
+        def wait(self):
+            return 0
+
+    def fake_train(cfg, **kwargs):
+        seen.setdefault("configs", []).append(cfg)
+        raise UserError("captured")
+
+    monkeypatch.setattr(subprocess, "Popen", FakeTorchrun)
+    monkeypatch.setattr(training, "train", fake_train)
+    options = ["--method", "exp-am", "--loss", "trades", "--milestones", "3,5", "--schedule", "step",
+               "--gen-betas", "0.5,0.9", "--arch-kwargs", '{"width": 4}', "--no-gen-normalize-gradients",
+               "--sync-bn", "--lr", "0.02", "--batch-size", "64", "--workspace", str(tmp_path)]
+    code, _, _ = cli("train", "--nproc", "3", *options)
+    assert code == 0
+    command = seen["command"]
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+    relaunched = command[command.index("adt_finetune") + 2:]
+    assert "--nproc" not in relaunched
+    for args in (options, relaunched):
+        code, _, err = cli("train", *args)
+        assert code == 2 and "captured" in err
+    direct, again = seen["configs"]
+    assert direct == again and again.sync_bn and again.milestones == [3, 5] and again.gen_betas == (0.5, 0.9)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = cli("train", "--nproc", "2", "--workspace", str(tmp_path))
+    assert code == 2 and "already runs under torchrun" in err
+
+
+def test_sync_bn_is_for_the_full_network():
+    from adt_finetune.training import validate_config
+
+    with pytest.raises(UserError, match="--sync-bn applies to --scope full"):
+        validate_config(TrainConfig(sync_bn=True, scope="last-layer"))

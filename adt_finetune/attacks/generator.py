@@ -83,8 +83,9 @@ class CotrainedGeneratorAttack(_GeneratorAttack):
 
 
 class RetrainedGeneratorAttack(_GeneratorAttack):
-    """Settings: steps (300), width (16), batch (64), lr (2e-3), lam (the method's default λ),
-    z_dim (64, imp-am), samples (draws per example, 1). Needs training images."""
+    """Settings: steps (100), width (8), batch (64), lr (2e-3), lam (the training method's default λ:
+    0.01 exp-am, 10 imp-am), z_dim (64, imp-am), samples (draws per example, 1). Needs training images.
+    The defaults are CPU-sized (`perturb.generator_fit.GeneratorBudget`)."""
 
     uses_training_data = True
 

@@ -43,9 +43,11 @@ _HELP: dict[str, tuple[str, str]] = {
     "eps": ("L∞ budget, e.g. 8/255 or 0.031. Default: the dataset's.", "Method"),
     "beta": ("TRADES β.", "Method"),
     "epochs": ("Epochs.", "Optimisation"),
-    "batch_size": ("Batch size.", "Optimisation"),
+    "batch_size": ("Batch size per process: under torchrun each step trains on this × the number of processes.",
+                   "Optimisation"),
     "optimizer": ("Optimiser (sgd with momentum).", "Optimisation"),
-    "lr": ("Learning rate. Default: 0.01 (full), 0.1 (last-layer).", "Optimisation"),
+    "lr": ("Learning rate, used as given whatever the number of processes. Default: 0.01 (full), 0.1 "
+           "(last-layer).", "Optimisation"),
     "momentum": ("SGD momentum.", "Optimisation"),
     "weight_decay": ("Weight decay.", "Optimisation"),
     "schedule": ("cosine (per step) | step (gamma at --milestones) | constant.", "Optimisation"),
@@ -54,7 +56,7 @@ _HELP: dict[str, tuple[str, str]] = {
     "gamma": ("LR factor at each milestone.", "Optimisation"),
     "adt_lambda": ("Entropy weight λ, on the entropy averaged over its elements (the released code's "
                    "convention). Default: 0.01 (exp, exp-am), 10 (imp-am paper), 1.0 (imp-am hinge).", "ADT"),
-    "imp_entropy": ("IMP-AM entropy term: paper (the variational bound, default) | hinge (released code; "
+    "imp_entropy": ("IMP-AM entropy term: paper (the paper's variational bound) | hinge (the released code's; "
                     "inert once q ignores δ).", "ADT"),
     "imp_hinge": ("IMP-AM hinge threshold (with --imp-entropy hinge).", "ADT"),
     "exp_steps": ("ADT-EXP inner steps T.", "ADT"),
@@ -224,6 +226,7 @@ def _option_args(kwargs: dict[str, Any]) -> list[str]:
 def _launch(nproc: int, kwargs: dict[str, Any]) -> None:
     """`adt-ft train --nproc N`: the same command under `torchrun --standalone --nproc-per-node N`."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -233,7 +236,17 @@ def _launch(nproc: int, kwargs: dict[str, Any]) -> None:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "adt_finetune", "train", *_option_args(kwargs)]
-    code = subprocess.call(command)
+    proc = subprocess.Popen(command)
+    # A Ctrl-C reaches torchrun from the terminal itself, and torchrun passes it on to the
+    # processes, which stop after their step with a checkpoint: this process only waits
+    # (interrupting it would kill torchrun before it could). A SIGTERM is passed on.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if code:
         raise typer.Exit(code)
 

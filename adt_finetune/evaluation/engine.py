@@ -310,6 +310,8 @@ class _Run:
         cache = self.resume_dir / "attacks" / attack.name if self.resume_dir is not None else None
         attack.bind(reporter=self.reporter, cache_dir=cache)
         attack.prepare(self.model, *self._dev)
+        # Settings an attack resolves in `prepare` (the feature attack's tap and target pool) join the record.
+        self.plan.settings[attack.name] = jsonable(attack.settings())
 
     def _batches(self, attack, pool: np.ndarray):
         if attack.dataset_level:  # never sharded (see _check_shardable): one call with every example

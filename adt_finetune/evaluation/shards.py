@@ -172,10 +172,13 @@ def combine(parts: Sequence[ShardPart], names: Sequence[str] | None = None) -> E
     max_linf = {a: max(p.result.max_linf[a] for p in parts) for a in fr.max_linf}
     ranges = {a: (min(p.ranges[a][0] for p in parts), max(p.ranges[a][1] for p in parts)) for a in first.ranges}
     devices = list(dict.fromkeys(p.result.device for p in parts))
+    # What an attack resolves when it prepares joins its settings; a shard with nothing to attack never prepares.
+    settings = {a: {k: v for p in parts for k, v in p.result.attack_settings.get(a, {}).items()}
+                for a in fr.attack_settings}
     result = EvalResult(
         attacks=list(fr.attacks), indices=indices, labels=labels, clean=clean, flags=flags, eps=fr.eps, mode=fr.mode,
         seed=fr.seed, batch_size=fr.batch_size, device=", ".join(devices), timings_s=timings, amp=fr.amp,
-        amp_attacks=list(fr.amp_attacks), max_linf=max_linf, attack_settings=fr.attack_settings,
+        amp_attacks=list(fr.amp_attacks), max_linf=max_linf, attack_settings=settings,
         wasserstein=fr.wasserstein, excluded_from_a_rob=list(fr.excluded_from_a_rob), chunk_size=first.chunk_size,
         shards=len(parts), shard_timings_s=[dict(p.result.timings_s) for p in parts] if len(parts) > 1 else None)
     finite = check_finite_logits(sum(p.n_bad for p in parts), n)

@@ -24,10 +24,15 @@ from .generators import gradient_features
 
 @dataclass(frozen=True)
 class GeneratorBudget:
-    """What a retrained generator costs, recorded with the attack's settings."""
+    """What a retrained generator costs, recorded with the attack's settings.
 
-    steps: int = 300          # Adam steps on the generator (and q_ψ)
-    width: int = 16           # generator width (the released generator: 256)
+    The defaults are sized for a CPU: against a standard-trained SmallCNN on Fashion-MNIST
+    (first 200 test images, clean 72.5%, PGD-20 12.5%) exp-am reaches 18.5% (17 s on one CPU
+    thread) and imp-am 19.5%; 200 steps gain one point (17.5%), width 16 with 300 steps 2.5
+    points (16.0%). Raise them for large models on a GPU (`--set exp-am.steps=...`)."""
+
+    steps: int = 100          # Adam steps on the generator (and q_ψ)
+    width: int = 8            # generator width (the released generator: 256)
     batch: int = 64           # training images per step
     lr: float = 2e-3          # Adam lr, betas (0.5, 0.999) (the released training: 2e-4 over many epochs)
     lam: float | None = None  # entropy weight; None: the training method's default

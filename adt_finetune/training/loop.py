@@ -14,6 +14,10 @@ holds nan or inf: weights, buffers and optimiser state are checked every
 `FINITE_CHECK_STEPS` steps and before every write, and a diverged run stops with
 one line, keeping its last finite checkpoint. A run stopped before its first
 checkpoint restarts from the beginning on --resume.
+
+Under torchrun (`start` prepares the run on rank 0 first, `parallel` holds what DDP
+changes) every process runs this loop in step; resume is exact for the same number of
+processes, and refused for another (the global batch would change).
 """
 from __future__ import annotations
 
@@ -228,9 +232,10 @@ class _Loop:
         if stop:
             self._save_checkpoint()
             self._write(rundir.write_meta, self.meta)
+            launch = f"--nproc {self.world.size} " if self.world.distributed else ""
             self.reporter.message(f"stopped at epoch {self.pos.epoch + 1}, step {self.pos.step_in_epoch} of "
                                   f"{self.s.steps_per_epoch}; checkpoint saved. Continue with: "
-                                  f"adt-ft train --resume {self.run_dir.name}")
+                                  f"adt-ft train {launch}--resume {self.run_dir.name}")
             raise KeyboardInterrupt
         return due
 

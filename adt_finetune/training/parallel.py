@@ -6,7 +6,8 @@
     reseed(seed, step, rank)  each process's RNG streams from (seed, step, rank), so resume needs none
     StepSync                  the per-step collectives: metrics, the method's gradients, buffers
 
-Everything here is a no-op in a world of one, so a single process trains exactly as before.
+A plain process (no torchrun) gets none of it and trains exactly as before; under torchrun with
+one process the DDP path runs (a check of the backend) but computes what one process would.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import World, all_reduce_sum_, average_, broadcast_
@@ -50,6 +51,10 @@ def _per_tensor_allreduce(group, bucket):  # unannotated: DDP checks the hook's 
     its buckets out afresh in every process (and rebuilds them after the first step), so a
     resumed run would sum its first step in another order than an uninterrupted one; per
     parameter, the order depends only on the parameter, and resume stays bit-identical.
+    Measured with gloo on 3 processes (pgd-at, a SmallCNN of width 32, killed after step 5 and
+    resumed from step 4): DDP's own hook ends with other weights, this one with the same bits.
+    (With 2 processes every sum is a + b and either hook is exact.) The cost is one all-reduce
+    call per parameter instead of per bucket, still overlapped with the backward pass.
     """
     group = group if group is not None else dist.group.WORLD
     size = dist.get_world_size(group)
@@ -66,7 +71,7 @@ def _per_tensor_allreduce(group, bucket):  # unannotated: DDP checks the hook's 
 
 
 def wrap(model: nn.Module, world: World) -> nn.Module:
-    """The module the methods train: `model` itself in a world of one, else TrainForwardDDP."""
+    """The module the methods train: `model` itself in a plain process, else TrainForwardDDP."""
     if not world.distributed:
         return model
     kwargs: dict[str, Any] = {}
@@ -214,6 +219,14 @@ def reseed(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(value)
 
 
+def _running_statistics(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The BatchNorm running means and variances in `modules`: the buffers a training step changes
+    differently on each process. Constant buffers (a model's input normalisation) are left alone:
+    averaging equal values over 3 processes can round them."""
+    return [t for root in modules for m in root.modules() if isinstance(m, _NormBase) and m.track_running_stats
+            for t in (m.running_mean, m.running_var) if t is not None]
+
+
 class StepSync:
     """The collectives of one training step under torchrun (all no-ops in a world of one)."""
 
@@ -221,10 +234,7 @@ class StepSync:
         self.world = world
         self.method_modules = method_modules
         self.method_params = [p for m in method_modules for p in m.parameters() if p.requires_grad]
-        buffers = [b for m in method_modules for b in m.buffers()]
-        if sync_model_buffers:
-            buffers = [b for b in model.buffers()] + buffers
-        self.buffers = [b for b in buffers if b.is_floating_point()]
+        self.buffers = _running_statistics([model] if sync_model_buffers else []) + _running_statistics(method_modules)
 
     def start(self) -> None:
         """Every process starts from rank 0's method networks (DDP does the same for the classifier)."""

@@ -7,6 +7,10 @@ Per optimisation step, for every method:
     out.loss.backward()                  # the only backward through the training loss
     opt.step(); method.after_backward()  # the method steps its own optimisers on that same backward
 
+Under torchrun (`parallel`) `model` is the classifier in DDP, the step's metrics are averaged
+over the processes before the nan/inf check, the method's own gradients are averaged between
+the backward and `after_backward`, and BatchNorm running statistics after the step.
+
 A checkpoint stores the model, the optimiser, the method's state, every RNG state
 and the position inside the epoch, all as tensors and plain types, so it loads
 with `torch.load(weights_only=True)` and a resume is bit-identical.

@@ -127,8 +127,9 @@ def resume(info: runs.RunInfo, recorded: TrainConfig, ws: Workspace, world: Worl
     """The session of an unfinished run, restored from its checkpoint (every rank reads the same file)."""
     recorded_world = int(info.meta.get("world_size", 1))
     if recorded_world != world.size:
-        launch = ("without torchrun" if recorded_world == 1 else
-                  f"under torchrun with {recorded_world} processes (e.g. --nproc-per-node {recorded_world})")
+        launch = (f"in one process: adt-ft train --resume {info.id}" if recorded_world == 1 else
+                  f"with {recorded_world} processes: adt-ft train --nproc {recorded_world} --resume {info.id} "
+                  f"(or torchrun with {recorded_world} processes in all)")
         raise UserError(f"run {info.id} was trained by {recorded_world} process(es), this is {world.size}: the "
                         f"global batch would change; resume it {launch}")
     dinfo = dataset_info(recorded.dataset or info.base_model.dataset)
