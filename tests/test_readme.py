@@ -33,7 +33,8 @@ def readme_commands(text: str) -> list[str]:
             stripped = re.sub(r"^(\w+=\S+\s+)+", "", stripped)  # OMP_NUM_THREADS=1 adt-ft ...
             if stripped.startswith("adt-ft "):
                 candidates.append(stripped)
-        candidates += [m for m in re.findall(r"`(adt-ft [^`]+)`", line)]
+        if not line.startswith("#"):  # a heading names a command, it does not run one
+            candidates += [m for m in re.findall(r"`(adt-ft [^`]+)`", line)]
         for c in candidates:
             c = c.split("  #")[0].strip()
             if "[" in c or "|" in c or "..." in c or "…" in c:

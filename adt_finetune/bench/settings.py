@@ -11,7 +11,8 @@ from ..errors import UserError
 
 SCHEMA = "adt-ft-bench/1"
 KNOWN_METHODS = ("pgd-at", "trades", "exp", "exp-am", "imp-am", "wdat")
-# exp-am / imp-am as attacks need a trained generator (an ADT run's), so they are not benchmarked here.
+# exp-am / imp-am as attacks first train a generator on training images (and the -cotrained ones need a
+# run's generator), so their cost is not one batch's: they are not benchmarked here.
 KNOWN_ATTACKS = ("fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack", "spsa", "exp", "wpgd")
 PAPER_ATTACKS = ("fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack")
 # feature (200 targets × 50 steps), autoattack and spsa take minutes per batch on a CPU (docs/bench.md).
