@@ -89,3 +89,18 @@ def test_non_module_targets_are_refused_before_they_are_called(tmp_path):
     with pytest.raises(UserError, match="not a torch.nn.Module class"):
         build_architecture("os:system", "fashion-mnist", arch_kwargs={"command": f"touch {marker}"})
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"hello world\nthis is text\n", b'{"a": 1}\n', b"", b"\x80\x02}q\x00.",
+                                     b"PK\x03\x04garbage"])
+def test_files_that_are_not_checkpoints_are_one_line(tmp_path, cli, content):
+    """A text file (or garbage) renamed .pt: one line, exit 2, for pull --from-file and eval --model
+    (a text file used to surface as a KeyError/IndexError traceback from torch's unpickler)."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    for args in (["pull", "--from-file", path, "--arch", SMALL_CNN, "--dataset", "fashion-mnist"],
+                 ["eval", "--model", path, "--arch", SMALL_CNN, "--dataset", "fashion-mnist", "-n", "4",
+                  "--attacks", "fgsm", "--no-progress"]):
+        code, out, err = cli(*args, "-w", tmp_path / "ws")
+        assert code == 2, (args, out, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
