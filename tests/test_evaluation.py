@@ -526,3 +526,20 @@ def test_amp_without_bf16_is_refused(monkeypatch):
     with pytest.raises(UserError, match="bf16"):
         evaluate(TableModel(y), encode(N), y, attacks=["any"], eps=EPS, amp=True)
     assert evaluate(TableModel(y), encode(N), y, attacks=["any"], eps=EPS).a_rob == 100.0
+
+
+def test_resumed_evaluation_keeps_what_prepare_resolved(monkeypatch, trained_cnn, fmnist_test, tmp_path):
+    """Settings an attack resolves in `prepare` (the feature attack's tap and target pool) are recorded
+    even when the attack had finished before the interruption and is not prepared again on --resume."""
+    x, y = fmnist_test[0][:16], fmnist_test[1][:16]
+    make_fake(monkeypatch, "crash", {i: True for i in range(16)}, fail_on_call=0)
+    resume = tmp_path / "partial"
+    settings = {"feature": {"targets": "2", "steps": "2", "pool": "20"}}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate(trained_cnn, x, y, attacks=["feature", "crash"], eps=EPS, resume_dir=resume,
+                 attack_settings=settings)
+    make_fake(monkeypatch, "crash", {i: True for i in range(16)})
+    result = evaluate(trained_cnn, x, y, attacks=["feature", "crash"], eps=EPS, resume_dir=resume,
+                      attack_settings=settings)
+    assert result.attack_settings["feature"]["tap"] is not None
+    assert result.attack_settings["feature"]["target_pool"] is not None

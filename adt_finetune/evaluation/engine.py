@@ -285,6 +285,8 @@ class _Run:
             st = self.state.attack(name)
             if not st["done"]:
                 self._run_attack(attack, pool, st)
+            elif "settings" in st:  # finished before an interruption: what its `prepare` resolved then
+                self.plan.settings[name] = st["settings"]
             if len(st["robust"]) != len(pool):
                 self._mismatch()
             flags[pool, k] = np.asarray(st["robust"], dtype=np.int8)
@@ -331,6 +333,7 @@ class _Run:
             t0 = time.perf_counter()
             self._prepare(attack)
             st["time_s"] += time.perf_counter() - t0  # e.g. training a generator: part of the attack's cost
+            st["settings"] = self.plan.settings[name]
         for b in batches:
             ids = torch.from_numpy(pool[b.start:b.stop])
             xb, yb = self.x[ids].to(device), self.y[ids].to(device)

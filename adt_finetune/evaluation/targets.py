@@ -141,6 +141,7 @@ def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, de
                     f"(loss {meta.get('loss')}, scope {meta.get('scope')}, {meta.get('epochs')} epochs)")
     context = {"base_model": base_ref.name, "method": method, "loss": meta.get("loss"), "scope": meta.get("scope"),
                "epochs": meta.get("epochs"), "recipe": meta.get("recipe"), "run_id": info_run.id,
+               "train_seed": meta.get("seed"),
                "model_source": "run"}
     base = None
     if baseline:
