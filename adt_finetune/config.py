@@ -103,11 +103,16 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
-def _base_kind(hint: Any) -> Any:
+def base_kind(hint: Any) -> Any:
     """list for `list[int] | None`, int for `int | None`, str for `str`, ..."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_origin(hint) or hint
+
+
+def field_kind(name: str) -> Any:
+    """The plain type of a TrainConfig field: bool, int, float, str, list, tuple or dict."""
+    return base_kind(typing.get_type_hints(TrainConfig)[name])
 
 
 def coerce_setting(name: str, value: Any, where: str) -> Any:
@@ -117,7 +122,7 @@ def coerce_setting(name: str, value: Any, where: str) -> Any:
     """
     if value is None:
         return None
-    kind = _base_kind(typing.get_type_hints(TrainConfig)[name])
+    kind = field_kind(name)
 
     def bad(expected: str) -> UserError:
         return UserError(f"{where}: {name} must be {expected}, got {value!r}")

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
-import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from ..config import TrainConfig
+from ..config import TrainConfig, field_kind
 from ..errors import UserError
 from ..progress import Reporter
 from .common import console
@@ -94,19 +92,8 @@ _HELP: dict[str, tuple[str, str]] = {
                       "always on with more than one process.", "Processes"),
 }
 
-_HINTS = typing.get_type_hints(TrainConfig)
-
-
-def _base_kind(hint: Any) -> Any:
-    """list for `list[int] | None`, int for `int | None`, str for `str`, ..."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return typing.get_origin(hint) or hint
-
-
 def _cli_type(name: str) -> type:
-    hint = _HINTS[name]
-    kind = _base_kind(hint)
+    kind = field_kind(name)
     # Lists, pairs and mappings are typed as text on the command line and parsed in _from_cli.
     return kind if kind in (bool, int, float) else str
 
@@ -117,8 +104,7 @@ def _flag(name: str) -> str:
 
 def _from_cli(name: str, value: Any) -> Any:
     """Turn a command-line string into the field's value (lists, pairs, mappings)."""
-    hint = _HINTS[name]
-    kind = _base_kind(hint)
+    kind = field_kind(name)
     if not isinstance(value, str) or kind is str:
         return value
     if kind is dict:

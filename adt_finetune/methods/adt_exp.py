@@ -5,16 +5,13 @@ The distribution fitting lives in `perturb.exp`, shared with the `exp` attack.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..nets import eval_mode
 from ..perturb import tanh_gaussian as tg
-from ..perturb.exp import DEFAULT_LAMBDA, fit_exp_distribution
+from ..perturb.exp import DEFAULT_LAMBDA, Objective, fit_exp_distribution
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
 
@@ -54,14 +51,14 @@ class ADTExp(TrainMethod):
         cfg, eps, k = self.cfg, self.ctx.eps, self.cfg.exp_samples
         trades = cfg.loss == "trades"
         metrics: dict[str, float] = {}
-        objective = None
+        objective: Objective | None = None
         logits_clean = None
         if trades:
             logits_clean, target_logits = trades_target(model, x)
             metrics["clean_acc"] = (target_logits.argmax(1) == y).float().mean().item()
             target_rep = target_logits.repeat(k, 1)
 
-            def objective(logits, _y):
+            def objective(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
                 return trades_kl(target_rep, logits)
 
         mu, v = fit_exp_distribution(model, x, y, eps=eps, steps=cfg.exp_steps, samples=k, lr=cfg.exp_lr,

@@ -8,13 +8,12 @@ and `methods.base.default_loss`, never here.
 from __future__ import annotations
 
 import math
-import types
 import typing
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, find_recipe, read_recipe
+from ..config import TrainConfig, coerce_setting, field_kind, find_recipe, read_recipe
 from ..errors import UserError
 from ..utils import format_eps, parse_eps
 
@@ -30,56 +29,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
-def _base_kind(hint: Any) -> Any:
-    """list for `list[int] | None`, int for `int | None`, str for `str`, ..."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return typing.get_origin(hint) or hint
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
-    """A recipe/flag value checked against the TrainConfig field's type (YAML gives loose types)."""
-    if value is None:
-        return None
-    kind = _base_kind(_HINTS[name])
-
-    def bad(expected: str) -> UserError:
-        return UserError(f"{where}: {name} must be {expected}, got {value!r}")
-
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("a whole number")
-        return value
-    if kind is float:
-        if not _is_number(value):
-            raise bad("a number")
-        return float(value)
-    if kind is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise bad("a string")
-        return str(value)  # YAML reads `eps: 0.031` as a float
-    if kind is list:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                           for v in value):
-            raise bad("a list of whole numbers")
-        return list(value)
-    if kind is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(v) for v in value):
-            raise bad("two numbers")
-        return tuple(float(v) for v in value)
-    if kind is dict:
-        if not isinstance(value, dict):
-            raise bad("a mapping")
-        return dict(value)
-    return value
+# Recipe values and flags are type-checked by the one rule in config.py (the benchmark's --set uses it too).
+_coerce = coerce_setting
 
 
 def config_from_record(values: Any, where: str) -> TrainConfig:
@@ -123,7 +78,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
     """Every real-valued setting finite and within float32 range (nan, inf and 1e39 never train)."""
     for f in fields(TrainConfig):
         value = getattr(cfg, f.name)
-        kind = _base_kind(_HINTS[f.name])
+        kind = field_kind(f.name)
         if kind not in (float, tuple) or value is None:
             continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
