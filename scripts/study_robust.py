@@ -1,0 +1,469 @@
+#!/usr/bin/env python
+"""The robust-base study of issue 14, as one command.
+
+    python scripts/study_robust.py [--workspace study-robust-ws] [--out leaderboard/robust-base] [--smoke]
+
+1. base: adversarially train a SmallResNet from scratch with PGD-AT on the full
+   Fashion-MNIST training set, one round (run) at a time, each continuing the last
+   round's weights, until PGD-20 accuracy on held-out test images stops improving;
+   register the best round in the workspace like a pulled model;
+2. fine-tune that base with every method × scope × seed of the recipe (same budget);
+3. evaluate the base and every run on the same test images: AutoAttack + PGD-20 + CW
+   (one entry, `<name>_aa`) and the Wasserstein suite at the recipe's budgets (`<name>_w`);
+4. copy the entries to --out and write the table (paired statistics against the
+   control method, leaderboard.compare), the plot and <out>/README.md.
+
+Resumable by stage: run the same command again. Finished rounds, runs and entries
+are skipped, an unfinished run continues from its checkpoint (train(resume=...)),
+a half-done evaluation continues from its saved batches.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "studies" / "study-robust-fmnist.yaml"
+BASE_NAME = "robust-SmallResNet"
+THREAT_MODEL = "Linf"
+SMOKE_ROOT = Path("/tmp/adt-ft-study-robust-smoke")
+
+
+@dataclass
+class Job:
+    method: str
+    loss: str
+    scope: str
+    seed: int
+
+    @property
+    def run_name(self) -> str:
+        return f"robust-{self.method}-{self.loss}-{self.scope}-s{self.seed}"
+
+
+@dataclass
+class StudySettings:
+    seed: int
+    device: str
+    dataset: str
+    base: dict[str, Any]
+    train_subset: int | None
+    epochs: int
+    batch_size: int
+    gen_width: int
+    lr: dict[str, float]
+    seeds: dict[str, list[int]]
+    methods: list[tuple[str, str]]
+    control: tuple[str, str]
+    attacks: str
+    mode: str
+    n_examples: int
+    eval_batch_size: int
+    w_budgets: str
+    attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [Job(m, loss, scope, seed) for scope, seeds in self.seeds.items() for seed in seeds
+                for m, loss in self.methods]
+
+    def base_config(self, round_no: int, previous: str | None, data_dir: str | None = None):
+        """Round `round_no` (1-based) of the base's PGD-AT: from scratch, or continuing `previous` (model.pt)."""
+        from adt_finetune.config import TrainConfig
+
+        b = self.base
+        return TrainConfig(model=previous or "scratch", arch=b["arch"], arch_kwargs=dict(b["arch_kwargs"]),
+                           dataset=self.dataset, method=b["method"], epochs=int(b["round_epochs"]),
+                           batch_size=int(b["batch_size"]), lr=float(b["lr"]), schedule="constant",
+                           train_subset=b.get("train_subset"), seed=self.seed + round_no, device=self.device,
+                           run_name=f"base-r{round_no:02d}", data_dir=data_dir)
+
+    def train_config(self, job: Job, data_dir: str | None = None):
+        """One fine-tuning run (model None: the workspace's current model, the study base)."""
+        from adt_finetune.config import TrainConfig
+
+        return TrainConfig(method=job.method, loss=job.loss, scope=job.scope, epochs=self.epochs,
+                           batch_size=self.batch_size, train_subset=self.train_subset, gen_width=self.gen_width,
+                           lr=self.lr[job.scope], seed=job.seed, device=self.device, run_name=job.run_name,
+                           data_dir=data_dir)
+
+    def budget(self) -> dict[str, Any]:
+        return {"base": dict(self.base),
+                "finetune": {"train_subset": self.train_subset, "epochs": self.epochs, "batch_size": self.batch_size,
+                             "gen_width": self.gen_width, "lr": dict(self.lr), "optimizer": "sgd (momentum 0.9, "
+                             "weight decay 2e-4)", "schedule": "cosine"},
+                "eval": {"attacks": self.attacks, "mode": self.mode, "n_examples": self.n_examples,
+                         "wasserstein_budgets": self.w_budgets, "attack_settings": self.attack_settings},
+                "methods": [f"{m}/{loss}" for m, loss in self.methods], "seeds": dict(self.seeds),
+                "control": "/".join(self.control), "seed": self.seed, "device": self.device}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _method(item: Any, path: Path) -> tuple[str, str]:
+    method, _, loss = str(item).partition("/")
+    if not loss:
+        raise ValueError(f"{path}: method {item!r} must be written method/loss (e.g. exp-am/ce)")
+    return method.strip(), loss.strip()
+
+
+def load_settings(path: str | Path = RECIPE, smoke: bool = False) -> StudySettings:
+    """The study recipe as settings; `smoke` overlays its `smoke:` section."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the study recipe must be a mapping")
+    if smoke:
+        data = _merge(data, data.get("smoke") or {})
+    ft, ev = data["finetune"], data["eval"]
+    seeds = {str(k): [int(s) for s in v] for k, v in data["seeds"].items()}
+    lr = ft["lr"]
+    lr = {s: float(lr) for s in seeds} if not isinstance(lr, dict) else {k: float(v) for k, v in lr.items()}
+    methods = [_method(m, path) for m in data["methods"]]
+    control = _method(data["control"], path)
+    if control not in methods:
+        raise ValueError(f"{path}: the control {data['control']!r} must be one of the methods")
+    return StudySettings(
+        seed=int(data["seed"]), device=str(data.get("device", "cpu")), dataset=str(data["dataset"]),
+        base=dict(data["base"]), train_subset=None if ft.get("train_subset") is None else int(ft["train_subset"]),
+        epochs=int(ft["epochs"]), batch_size=int(ft["batch_size"]), gen_width=int(ft["gen_width"]), lr=lr,
+        seeds=seeds, methods=methods, control=control, attacks=str(ev["attacks"]), mode=str(ev["mode"]),
+        n_examples=int(ev["n_examples"]), eval_batch_size=int(ev.get("batch_size", 256)),
+        w_budgets=str(ev["wasserstein_budgets"]),
+        attack_settings={k: dict(v) for k, v in (ev.get("attack_settings") or {}).items()},
+        description=" ".join(str(data.get("description", "")).split()))
+
+
+# ---------------------------------------------------------------- stages
+
+class Study:
+    def __init__(self, s: StudySettings, workspace: Path, out: Path, command: str, data_dir: str | None,
+                 progress: bool):
+        from adt_finetune.workspace import Workspace
+
+        self.s, self.ws, self.out, self.command = s, Workspace(workspace), out, command
+        self.data_dir, self.progress = data_dir, progress
+        self.state = self.ws.root / ".adt-ft"
+        self.times_path = self.state / "study-times.json"
+        self.times: dict[str, float] = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        self.base_path = self.state / "study-base.json"
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+
+    def _stage(self, key: str, text: str, skip_reason: str | None, fn) -> Any:
+        from adt_finetune.utils import atomic_write_json
+
+        if skip_reason:
+            self.log(f"{text}: skipped ({skip_reason})")
+            return None
+        self.log(f"{text} ...")
+        t = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - t
+        self.times[key] = self.times.get(key, 0.0) + seconds  # a resumed stage adds to its earlier part
+        atomic_write_json(self.times_path, self.times)
+        self.log(f"{text}: done in {seconds:.0f}s")
+        return value
+
+    def check_settings(self) -> None:
+        """Refuse to mix budgets in one workspace: skipped stages would silently keep the old one."""
+        from adt_finetune.utils import atomic_write_json
+
+        path = self.state / "study-settings.json"
+        budget = json.loads(json.dumps(self.s.budget()))
+        if path.exists():
+            if json.loads(path.read_text()) != budget:
+                sys.exit(f"error: {self.ws.root} holds a study with another budget ({path}): use a new --workspace")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, budget)
+
+    def entry_path(self, entry: str) -> Path:
+        return self.ws.leaderboard_dir / self.s.dataset / THREAT_MODEL / f"{entry}.json"
+
+    # ------------------------------------------------------------ stage 1: the robust base
+
+    def _run_state(self, name: str) -> tuple[bool, bool]:
+        """(finished, resumable) for a run folder; a folder that never checkpointed is removed."""
+        from adt_finetune.errors import UserError
+        from adt_finetune.runs import load_run
+
+        folder = self.ws.runs_dir / name
+        if not folder.exists():
+            return False, False
+        try:
+            info = load_run(folder, self.ws.root, require_finished=False)
+            if info.finished:
+                return True, False
+            if (folder / "checkpoint.pt").exists():
+                return False, True
+        except UserError:
+            pass
+        shutil.rmtree(folder)  # started but never checkpointed: nothing worth keeping
+        return False, False
+
+    def _train(self, name: str, cfg) -> None:
+        from adt_finetune.cli.report import reporter
+        from adt_finetune.training import train
+
+        finished, resume = self._run_state(name)
+        if finished:
+            return
+        if resume:
+            train(None, workspace=self.ws.root, reporter=reporter(self.progress), resume=name)
+        else:
+            train(cfg, workspace=self.ws.root, reporter=reporter(self.progress))
+
+    def heldout_pgd20(self, model_file: Path) -> float:
+        """PGD-20 accuracy on the last `heldout` test images (never among the evaluated first n)."""
+        import torch
+        from torch.utils.data import Subset
+
+        from adt_finetune.attacks import make_attack
+        from adt_finetune.data import as_tensors, dataset_info, load_dataset
+        from adt_finetune.zoo import build_architecture
+
+        b = self.s.base
+        ds = load_dataset(self.s.dataset, "test", data_dir=self.data_dir, workspace=self.ws.root, augment=False)
+        n = int(b["heldout"])
+        if n + self.s.n_examples > len(ds):
+            raise ValueError(f"heldout {n} + n_examples {self.s.n_examples} exceed the test set ({len(ds)})")
+        x, y = as_tensors(Subset(ds, range(len(ds) - n, len(ds))))
+        model = build_architecture(b["arch"], self.s.dataset, THREAT_MODEL, dict(b["arch_kwargs"]))
+        model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True))
+        attack = make_attack("pgd20", dataset_info(self.s.dataset).eps, seed=self.s.seed)
+        robust = torch.cat([attack(model, x[i:i + 500], y[i:i + 500]).robust for i in range(0, n, 500)])
+        return float(robust.float().mean())
+
+    def base(self) -> None:
+        """Rounds of PGD-AT until held-out PGD-20 stops improving, then register the best round."""
+        from adt_finetune import zoo
+        from adt_finetune.utils import atomic_write_json
+
+        b = self.s.base
+        hist: dict[str, Any] = json.loads(self.base_path.read_text()) if self.base_path.exists() else {"rounds": []}
+        rounds = hist["rounds"]
+        while not hist.get("stopped"):
+            k = len(rounds) + 1
+            name = f"base-r{k:02d}"
+            previous = str(self.ws.runs_dir / rounds[-1]["run"] / "model.pt") if rounds else None
+            self._stage(f"train:{name}", f"[base] PGD-AT round {k} ({name})", None,
+                        lambda: self._train(name, self.s.base_config(k, previous, self.data_dir)))
+            acc = self._stage(f"heldout:{name}", f"[base] held-out PGD-20 of round {k}", None,
+                              lambda: self.heldout_pgd20(self.ws.runs_dir / name / "model.pt"))
+            rounds.append({"run": name, "heldout_pgd20": acc})
+            best = max(range(len(rounds)), key=lambda i: rounds[i]["heldout_pgd20"])
+            self.log(f"[base] round {k}: held-out PGD-20 {100 * acc:.2f}% (best: round {best + 1})")
+            if len(rounds) - 1 - best >= int(b["patience"]) or len(rounds) >= int(b["max_rounds"]):
+                hist.update(stopped=True, best=rounds[best]["run"])
+            atomic_write_json(self.base_path, hist)
+        path = self.ws.model_path(self.s.dataset, THREAT_MODEL, BASE_NAME)
+        if not path.exists():
+            import torch
+
+            model = zoo.build_architecture(b["arch"], self.s.dataset, THREAT_MODEL, dict(b["arch_kwargs"]))
+            model.load_state_dict(torch.load(self.ws.runs_dir / hist["best"] / "model.pt", map_location="cpu",
+                                             weights_only=True))
+            zoo.register_model(model, name=BASE_NAME, arch=b["arch"], arch_kwargs=dict(b["arch_kwargs"]),
+                               dataset=self.s.dataset, workspace=self.ws.root, source="study-robust")
+        self.set_base_current()
+
+    def set_base_current(self) -> None:
+        from adt_finetune.workspace import ModelRef
+
+        b = self.s.base
+        # Fine-tuning runs train the current model: make it the base even when stage 1 was skipped.
+        self.ws.set_current_model(ModelRef(
+            name=BASE_NAME, arch=b["arch"], dataset=self.s.dataset, threat_model=THREAT_MODEL,
+            path=str(self.ws.model_path(self.s.dataset, THREAT_MODEL, BASE_NAME)), source="study-robust",
+            arch_kwargs=dict(b["arch_kwargs"])))
+
+    # ------------------------------------------------------------ stage 2: fine-tuning
+
+    def train(self, job: Job) -> None:
+        finished, resume = self._run_state(job.run_name)
+        self._stage(f"train:{job.run_name}", f"[finetune] {'resume' if resume else 'train'} {job.run_name}",
+                    "finished" if finished else None,
+                    lambda: self._train(job.run_name, self.s.train_config(job, self.data_dir)))
+
+    # ------------------------------------------------------------ stage 3: evaluation
+
+    def _eval(self, name: str, run: str | None, kind: str) -> None:
+        from adt_finetune.cli.report import reporter
+        from adt_finetune.evaluation import evaluate_workspace
+
+        s = self.s
+        entry = f"{name}_{kind}"
+        kwargs: dict[str, Any] = dict(
+            n_examples=s.n_examples, batch_size=s.eval_batch_size, seed=s.seed, device=s.device,
+            data_dir=self.data_dir, workspace=self.ws.root,
+            reporter=reporter(self.progress), resume=True, entry=entry)
+        if kind == "aa":
+            kwargs.update(attacks=s.attacks, mode=s.mode, attack_settings=s.attack_settings)
+        else:
+            kwargs.update(suite="wasserstein", budgets=s.w_budgets)
+        if run is None:  # the base: by file, so that it works whatever the current model is
+            b = s.base
+            kwargs.update(model=str(self.ws.model_path(s.dataset, THREAT_MODEL, BASE_NAME)), arch=b["arch"],
+                          arch_kwargs=dict(b["arch_kwargs"]), dataset=s.dataset)
+        else:
+            kwargs.update(run=run)
+
+        def work():
+            record = evaluate_workspace(**kwargs)
+            if run is not None:
+                add_run_timing(record.json_path, self.ws.runs_dir / run)
+
+        self._stage(f"eval:{entry}", f"[eval] {entry}", "entry exists" if self.entry_path(entry).exists() else None,
+                    work)
+
+    def evaluate(self) -> None:
+        for kind in ("aa", "w"):
+            self._eval(BASE_NAME, None, kind)
+            for job in self.s.jobs:
+                self._eval(job.run_name, job.run_name, kind)
+
+    # ------------------------------------------------------------ stage 4: the write-up
+
+    def names(self) -> list[str]:
+        return [BASE_NAME] + [j.run_name for j in self.s.jobs]
+
+    def publish(self, wall_s: float) -> None:
+        from adt_finetune import leaderboard
+        from adt_finetune.utils import atomic_write_text
+
+        def work():
+            self.out.mkdir(parents=True, exist_ok=True)
+            src = self.ws.leaderboard_dir / self.s.dataset / THREAT_MODEL
+            for name in self.names():
+                for kind in ("aa", "w"):
+                    for suffix in (".json", ".per-example.csv"):
+                        f = src / f"{name}_{kind}{suffix}"
+                        if f.exists():
+                            shutil.copy2(f, self.out / f.name)
+            entries = {kind: [leaderboard.read_entry(self.out / f"{n}_{kind}.json", self.s.dataset, THREAT_MODEL)
+                               for n in self.names()]
+                       for kind in ("aa", "w")}
+            leaderboard.plot(entries["aa"], self.out / "study.png")
+            atomic_write_text(self.out / "README.md", readme_text(self, entries, wall_s))
+
+        self._stage("publish", f"[publish] entries, table and plot into {self.out}", None, work)
+
+
+def add_run_timing(json_path: Path, run_dir: Path) -> None:
+    """Put the run's training cost under the entry's "adt_ft" key (evaluation copies epochs but not times)."""
+    from adt_finetune.utils import atomic_write_json
+
+    meta = json.loads((run_dir / "run.json").read_text())
+    data = json.loads(Path(json_path).read_text())
+    times = [float(t) for t in meta.get("time_per_epoch_s") or []]
+    data["adt_ft"].update({"time_per_epoch_s": times,
+                           "mean_time_per_epoch_s": round(sum(times) / len(times), 3) if times else None,
+                           "train_examples": meta.get("train_examples"), "train_device": meta.get("device")})
+    atomic_write_json(json_path, data)
+
+
+def comparisons(study: Study, entries: list, scope: str) -> str:
+    """Markdown: each method's seed group against the control's, same scope (leaderboard.compare)."""
+    from adt_finetune.leaderboard.compare import compare_entries, render_comparisons
+
+    s = study.s
+    by_name = dict(zip(study.names(), entries))
+    jobs = [j for j in s.jobs if j.scope == scope]
+    control = [by_name[j.run_name] for j in jobs if (j.method, j.loss) == s.control]
+    others = [by_name[j.run_name] for j in jobs if (j.method, j.loss) != s.control]
+    if not control or not others:
+        return ""
+    grouped = len(s.seeds[scope]) > 1
+    out = [render_comparisons(compare_entries(control + others, group_seeds=grouped, workspace=study.ws.root),
+                              "markdown").rstrip()]
+    if grouped:  # p-values need single entries: the first seed of each, paired
+        first = [e for e, j in zip(control + others, [j for j in jobs if (j.method, j.loss) == s.control]
+                                   + [j for j in jobs if (j.method, j.loss) != s.control])
+                 if j.seed == s.seeds[scope][0]]
+        out += ["", f"Seed {s.seeds[scope][0]} only (exact McNemar p-values):", "",
+                render_comparisons(compare_entries(first), "markdown").rstrip()]
+    return "\n".join(out)
+
+
+def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
+    from adt_finetune import leaderboard
+
+    s = study.s
+    hist = json.loads(study.base_path.read_text()) if study.base_path.exists() else {"rounds": []}
+    rounds = " → ".join(f"{100 * r['heldout_pgd20']:.1f}" for r in hist["rounds"])
+    lines = [
+        "# Fine-tuning a robust Fashion-MNIST model: ADT vs. continued adversarial training",
+        "",
+        "Generated by `scripts/study_robust.py` from `recipes/studies/study-robust-fmnist.yaml`; do not edit by "
+        "hand. Regenerate with:", "", f"    {study.command}", "",
+        f"Base: `{s.base['arch']}` {s.base['arch_kwargs']}, PGD-AT from scratch, rounds of "
+        f"{s.base['round_epochs']} epoch(s); held-out PGD-20 (%) per round: {rounds or '—'}; best: "
+        f"{hist.get('best', '—')}. Fine-tuning: {s.epochs} epoch(s) × {s.train_subset or 'all'} images, batch "
+        f"{s.batch_size}, SGD, cosine schedule, lr {s.lr}. Evaluation: first {s.n_examples} test images, "
+        f"{s.attacks} ({s.mode}) and the Wasserstein suite at budgets {s.w_budgets}.",
+        "", f"Wall time of the last invocation: {wall_s / 60:.1f} min; stage time in all: "
+        f"{sum(study.times.values()) / 60:.1f} min (device {s.device}).", "",
+        leaderboard.render(entries["aa"], fmt="markdown", title="AutoAttack + PGD-20 + CW (%)").rstrip(), "",
+        leaderboard.render(entries["w"], fmt="markdown", title="Wasserstein suite (%)").rstrip(), "",
+    ]
+    for kind, title in (("aa", "pointwise attacks"), ("w", "Wasserstein suite")):
+        for scope in s.seeds:
+            text = comparisons(study, entries[kind], scope)
+            if text:
+                lines += [f"## Against the control ({'/'.join(s.control)}), scope {scope}, {title}", "", text, ""]
+    lines += ["Budget (as read from the recipe):", "", "```json", json.dumps(s.budget(), indent=2), "```", "",
+              "Stage times (s):", "", "| stage | seconds |", "|---|---:|",
+              *[f"| {k} | {v:.0f} |" for k, v in study.times.items()], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workspace", default=None, help="study workspace (default study-robust-ws; smoke: under /tmp)")
+    p.add_argument("--out", default=None, help="entries, table and plot (default leaderboard/robust-base; "
+                   "smoke: under /tmp)")
+    p.add_argument("--recipe", default=str(RECIPE), help="the study recipe (default %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny budget, to check the pipeline end to end")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no per-batch progress bars")
+    args = p.parse_args(argv)
+
+    s = load_settings(args.recipe, smoke=args.smoke)
+    workspace = Path(args.workspace or (SMOKE_ROOT / "ws" if args.smoke else "study-robust-ws"))
+    out = Path(args.out or (SMOKE_ROOT / "out" if args.smoke else Path("leaderboard") / "robust-base"))
+    command = "python scripts/study_robust.py" + "".join(
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    study = Study(s, workspace, out, command, args.data_dir, progress=not args.no_progress)
+    study.log(f"study: base + {len(s.jobs)} runs + {2 * (len(s.jobs) + 1)} evaluations in {workspace}"
+              f"{' (smoke)' if args.smoke else ''}")
+    study.check_settings()
+    t0 = time.perf_counter()
+    study.base()
+    for job in s.jobs:
+        study.train(job)
+    study.evaluate()
+    study.publish(time.perf_counter() - t0)
+    study.log(f"study finished in {(time.perf_counter() - t0) / 60:.1f} min: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
