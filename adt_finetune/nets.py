@@ -26,6 +26,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = was_training
 
 
+def _watch_one_forward(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """Run one eval-mode, no-grad forward of the first example with `handles`' hooks in place, then
+    remove them (even when the forward raises)."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def find_last_linear(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Linear]:
     """The last nn.Linear that the forward pass reaches, found by running it once.
 
@@ -34,14 +45,8 @@ def find_last_linear(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.L
     """
     names = {m: n for n, m in model.named_modules()}
     seen: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, i, o: seen.append(mod))
-               for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    _watch_one_forward(model, example, [m.register_forward_hook(lambda mod, i, o: seen.append(mod))
+                                        for m in model.modules() if isinstance(m, nn.Linear)])
     if not seen:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer in its forward pass")
     return names[seen[-1]], seen[-1]
@@ -97,12 +102,7 @@ def find_feature_map(model: nn.Module, example: torch.Tensor, head: nn.Module) -
 
     handles = [m.register_forward_hook(on_output) for m in model.modules() if m is not model]
     handles.append(head.register_forward_pre_hook(on_head))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    _watch_one_forward(model, example, handles)
     if not seen:
         return None
     last = seen[-1][1]

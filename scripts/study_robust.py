@@ -20,7 +20,6 @@ a half-done evaluation continues from its saved batches.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
 import shutil
@@ -31,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+# The recipe merge and the entry timing are the first study's (scripts/study_fmnist.py, beside this file).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_fmnist import _merge, add_run_timing  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "studies" / "study-robust-fmnist.yaml"
@@ -107,13 +110,6 @@ class StudySettings:
                          "wasserstein_budgets": self.w_budgets, "attack_settings": self.attack_settings},
                 "methods": [f"{m}/{loss}" for m, loss in self.methods], "seeds": dict(self.seeds),
                 "control": "/".join(self.control), "seed": self.seed, "device": self.device}
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def _method(item: Any, path: Path) -> tuple[str, str]:
@@ -365,19 +361,6 @@ class Study:
             atomic_write_text(self.out / "README.md", readme_text(self, entries, wall_s))
 
         self._stage("publish", f"[publish] entries, table and plot into {self.out}", None, work)
-
-
-def add_run_timing(json_path: Path, run_dir: Path) -> None:
-    """Put the run's training cost under the entry's "adt_ft" key (evaluation copies epochs but not times)."""
-    from adt_finetune.utils import atomic_write_json
-
-    meta = json.loads((run_dir / "run.json").read_text())
-    data = json.loads(Path(json_path).read_text())
-    times = [float(t) for t in meta.get("time_per_epoch_s") or []]
-    data["adt_ft"].update({"time_per_epoch_s": times,
-                           "mean_time_per_epoch_s": round(sum(times) / len(times), 3) if times else None,
-                           "train_examples": meta.get("train_examples"), "train_device": meta.get("device")})
-    atomic_write_json(json_path, data)
 
 
 def comparisons(study: Study, entries: list, scope: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,17 +208,32 @@ def test_a_leaderboard_that_is_a_file_is_found_before_any_attack(cli, workspace,
     assert calls == []
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")
 def test_an_unwritable_workspace_is_found_before_any_attack(cli, workspace, monkeypatch):  # noqa: F811
+    """A leaderboard folder the user cannot write to is reported before any attack runs. Root writes
+    through a read-only mode, so there (CI runs as root) the OS's refusal is simulated at the one place
+    the check asks the OS: creating a file in the folder."""
+    import tempfile
+
+    import adt_finetune.evaluation.run as run_module
+
     calls = fake_attack(monkeypatch, "probe")
     workspace.leaderboard_dir.mkdir()
     workspace.leaderboard_dir.chmod(0o500)
+    if os.name != "posix" or os.geteuid() == 0:
+        real_mkstemp = tempfile.mkstemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and workspace.leaderboard_dir in [Path(dir), *Path(dir).parents]:
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(run_module.tempfile, "mkstemp", refuse)
     try:
         code, _, err = cli("eval", "--attacks", "probe", "-n", "8", "--no-progress", "-w", workspace.root)
     finally:
         workspace.leaderboard_dir.chmod(0o700)
     _one_line_error(code, err)
-    assert "cannot write" in err and calls == []
+    assert "cannot write" in err and "Permission denied" in err and calls == []
 
 
 # ---------------------------------------------------------------- Ctrl-C, --help

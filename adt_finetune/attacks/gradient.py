@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..nets import eval_mode
 from .base import Attack, bool_setting, example_generators, float_setting, int_setting, register_attack
 from ..perturb.linf import ce_loss, margin_loss, sign_gradient_ascent, uniform_start
 
@@ -40,12 +39,11 @@ class SignGradientAttack(Attack):
         return None
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = x.detach()
+        # The base __call__ has put the model in eval mode and detached x.
         init = uniform_start(x, self.eps, example_generators(x, f"{self.name}:{self.seed}")) \
             if self.random_start else None
-        with eval_mode(model):
-            return sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                                        loss_fn=self.loss, start=None, momentum=self.momentum(), init=init)
+        return sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
+                                    loss_fn=self.loss, start=None, momentum=self.momentum(), init=init)
 
 
 @register_attack("fgsm")
@@ -55,8 +53,7 @@ class FGSM(Attack):
     amp_search = True
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with eval_mode(model):
-            return sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.eps, steps=1, start=None)
+        return sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.eps, steps=1, start=None)
 
 
 @register_attack("pgd")

@@ -203,7 +203,7 @@ def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent"
         raise ValueError(f"indices must have one entry per example ({n}), got shape {idx.shape}")
     objs = {a: make_attack(a, eps, seed=seed, **settings.get(a, {})) for a in attack_names}
     learners = [a for a, o in objs.items() if o.uses_training_data]
-    required = [a for a in learners if not _training_data_optional(objs[a])]
+    required = [a for a in learners if not objs[a].training_data_optional]
     if required and train_data is None:
         raise UserError(f"attack {required[0]!r} learns from training images first: pass "
                         "train_data=(x_train, y_train), images other than the evaluated ones")
@@ -215,11 +215,6 @@ def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent"
                  excluded=[a for a, o in objs.items() if not o.linf_bounded], x=x, y=y, indices=idx,
                  budgets=budget_list, device=device, train_data=train, train_sha=train_sha, eps=float(eps), mode=mode,
                  batch_size=int(batch_size), seed=int(seed), amp=bool(amp))
-
-
-def _training_data_optional(attack) -> bool:
-    # Declared by the attacks that fall back to something else without training images (feature).
-    return attack.training_data_optional
 
 
 def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, *,
