@@ -10,8 +10,10 @@
 2. fine-tune that base with every method × scope × seed of the recipe (same budget);
 3. evaluate the base and every run on the same test images: AutoAttack + PGD-20 + CW
    (one entry, `<name>_aa`) and the Wasserstein suite at the recipe's budgets (`<name>_w`);
-4. copy the entries to --out and write the table (paired statistics against the
-   control method, leaderboard.compare), the plot and <out>/README.md.
+4. benchmark every method's training step against the control's, side by side in one
+   `adt-ft bench` run per scope (cost per epoch as a ratio, not wall clock);
+5. copy the entries and bench results to --out and write the summary and tables (paired
+   statistics against the control method, leaderboard.compare), the plot and <out>/README.md.
 
 Resumable by stage: run the same command again. Finished rounds, runs and entries
 are skipped, an unfinished run continues from its checkpoint (train(resume=...)),
@@ -74,6 +76,7 @@ class StudySettings:
     eval_batch_size: int
     w_budgets: str
     attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bench: dict[str, int] = field(default_factory=dict)   # steps, warmup of the cost benchmark
     description: str = ""
 
     @property
@@ -143,6 +146,7 @@ def load_settings(path: str | Path = RECIPE, smoke: bool = False) -> StudySettin
         n_examples=int(ev["n_examples"]), eval_batch_size=int(ev.get("batch_size", 256)),
         w_budgets=str(ev["wasserstein_budgets"]),
         attack_settings={k: dict(v) for k, v in (ev.get("attack_settings") or {}).items()},
+        bench={k: int(v) for k, v in (data.get("bench") or {}).items()},
         description=" ".join(str(data.get("description", "")).split()))
 
 
@@ -336,7 +340,36 @@ class Study:
             for job in self.s.jobs:
                 self._eval(job.run_name, job.run_name, kind)
 
-    # ------------------------------------------------------------ stage 4: the write-up
+    # ------------------------------------------------------------ stage 4: cost per epoch
+
+    def bench_path(self, scope: str) -> Path:
+        return self.state / f"study-bench-{scope}.json"
+
+    def bench(self) -> None:
+        """Each method's training step against the control's, timed round-robin in one run per scope
+        (docs/bench.md): the same architecture, batch size and generator width as the fine-tuning."""
+        from adt_finetune.bench import run_benchmark
+
+        s, b = self.s, self.s.base
+        for scope in s.seeds:
+            def work(scope=scope):
+                result = run_benchmark(
+                    b["arch"], dataset=s.dataset, arch_kwargs=dict(b["arch_kwargs"]),
+                    methods=list(dict.fromkeys(m for m, _ in s.methods)),
+                    losses=sorted({loss for _, loss in s.methods}), attacks=[], batch_size=s.batch_size,
+                    device=s.device, steps=s.bench.get("steps", 5), warmup=s.bench.get("warmup", 1), seed=s.seed,
+                    config_overrides={"gen_width": s.gen_width, "scope": scope}, strict=True)
+                result.save_json(self.bench_path(scope))
+
+            self._stage(f"bench:{scope}", f"[bench] step-time ratios to the control, scope {scope}",
+                        "measured" if self.bench_path(scope).exists() else None, work)
+
+    def bench_ratios(self, scope: str) -> dict[tuple[str, str], float | None]:
+        path = self.bench_path(scope)
+        rows = json.loads(path.read_text())["rows"] if path.exists() else []
+        return {(r["name"], r["loss"]): r["ratio"] for r in rows if r["kind"] == "method"}
+
+    # ------------------------------------------------------------ stage 5: the write-up
 
     def names(self) -> list[str]:
         return [BASE_NAME] + [j.run_name for j in self.s.jobs]
@@ -357,6 +390,9 @@ class Study:
             entries = {kind: [leaderboard.read_entry(self.out / f"{n}_{kind}.json", self.s.dataset, THREAT_MODEL)
                                for n in self.names()]
                        for kind in ("aa", "w")}
+            for scope in self.s.seeds:
+                if self.bench_path(scope).exists():
+                    shutil.copy2(self.bench_path(scope), self.out / f"bench-{scope}.json")
             leaderboard.plot(entries["aa"], self.out / "study.png")
             atomic_write_text(self.out / "README.md", readme_text(self, entries, wall_s))
 
@@ -386,6 +422,48 @@ def comparisons(study: Study, entries: list, scope: str) -> str:
     return "\n".join(out)
 
 
+def summary(study: Study, entries: dict[str, list], scope: str) -> str:
+    """Markdown, one row per method and measure: the control's and the method's accuracy, B − A with
+    its 95% paired bootstrap interval (seed groups), exact McNemar p per seed pair, and the bench's
+    step-time ratio to the control (cost per epoch, the same images per epoch for every method)."""
+    from adt_finetune.leaderboard.compare import compare_entries, format_p
+
+    s = study.s
+    jobs = [j for j in s.jobs if j.scope == scope]
+    at = {n: i for i, n in enumerate(study.names())}
+
+    def side(kind: str, method: tuple[str, str], seed: int | None = None) -> list:
+        return [entries[kind][at[j.run_name]] for j in jobs
+                if (j.method, j.loss) == method and (seed is None or j.seed == seed)]
+
+    ratios = study.bench_ratios(scope)
+    seeds = s.seeds[scope]
+    head = ["method", "measure", f"control ({'/'.join(s.control)})", "method", "B − A (pp)", "95% CI",
+            "McNemar p " + "/".join(f"s{x}" for x in seeds), "step time × control"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in [m for m in s.methods if m != s.control]:
+        first = True
+        for kind in ("aa", "w"):
+            comp = compare_entries(side(kind, s.control) + side(kind, m), group_seeds=len(seeds) > 1,
+                                   workspace=study.ws.root)[0]
+            p_values: dict[str, list[str]] = {}
+            for seed in seeds:
+                for c in compare_entries(side(kind, s.control, seed) + side(kind, m, seed))[0].columns:
+                    p_values.setdefault(c.column, []).append(format_p(c.p_value))
+            for c in comp.columns:
+                # clean and A_rob from the pointwise entry; every Wasserstein column but its clean copy
+                if (kind == "aa" and c.column not in ("clean", "A_rob")) or (kind == "w" and c.column == "clean"):
+                    continue
+                ratio = ratios.get(m)
+                cells = ["/".join(m) if first else "", c.column if kind == "aa" else f"W: {c.column}", c.a.text(),
+                         c.b.text(), f"{c.diff:+.2f}", f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]",
+                         " / ".join(p_values.get(c.column, [])),
+                         (f"{ratio:.2f}" if ratio else "—") if first else ""]
+                lines.append("| " + " | ".join(cells) + " |")
+                first = False
+    return "\n".join(lines)
+
+
 def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
     from adt_finetune import leaderboard
 
@@ -404,6 +482,16 @@ def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
         f"{s.attacks} ({s.mode}) and the Wasserstein suite at budgets {s.w_budgets}.",
         "", f"Wall time of the last invocation: {wall_s / 60:.1f} min; stage time in all: "
         f"{sum(study.times.values()) / 60:.1f} min (device {s.device}).", "",
+    ]
+    for scope in s.seeds:
+        lines += [f"## Summary, scope {scope}: every method against the control", "",
+                  summary(study, entries, scope), ""]
+    lines += [
+        "Accuracy in % (mean ± sd over seeds); B − A and its interval from the seed-averaged per-example "
+        "outcomes; McNemar p per seed pair (exact, two-sided); step time × control from `adt-ft bench` "
+        f"(bench-<scope>.json: same architecture, batch {s.batch_size}, generator width {s.gen_width}, "
+        "timed round-robin in one run).", "",
+        "## All entries", "",
         leaderboard.render(entries["aa"], fmt="markdown", title="AutoAttack + PGD-20 + CW (%)").rstrip(), "",
         leaderboard.render(entries["w"], fmt="markdown", title="Wasserstein suite (%)").rstrip(), "",
     ]
@@ -443,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in s.jobs:
         study.train(job)
     study.evaluate()
+    study.bench()
     study.publish(time.perf_counter() - t0)
     study.log(f"study finished in {(time.perf_counter() - t0) / 60:.1f} min: {out}")
     return 0

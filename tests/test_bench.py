@@ -116,6 +116,24 @@ def test_cost_model(tiny_result):
     assert am.predicted_flops_by_module["generator"] > 0
 
 
+def test_last_layer_scope_benchmarks_the_frozen_body(tiny_result):
+    """--set scope=last-layer times what the trainer does then: no weight gradients for the body."""
+    full, data = tiny_result
+    result = run_benchmark(TINY, dataset="fashion-mnist", methods=["pgd-at", "exp-am"], losses=["ce"], attacks=[],
+                           batch_size=4, steps=1, arch_kwargs=TINY_KWARGS,
+                           config_overrides={**NARROW_GENERATOR, "scope": "last-layer"}, strict=True)
+    assert result.meta["config_overrides"]["scope"] == "last-layer"
+    gf = data["classifier_gflop_per_image"]
+    for name in ("pgd-at", "exp-am"):
+        row, full_row = result.row("method", name, "ce"), full.row("method", name, "ce")
+        assert row.predicted_flops == pytest.approx(row.counted_flops, rel=1e-9)
+        assert row.predicted_flops < full_row.predicted_flops
+    # pgd-at: the 7 attack steps are unchanged; the training pass's backward reaches the head only.
+    pgd = result.row("method", "pgd-at", "ce").predicted_flops_by_module["classifier"]
+    input_step = gf["forward_input_backward"] * 1e9 * 4
+    assert 7 * input_step + gf["forward"] * 1e9 * 4 <= pgd < 7 * input_step + 1.05 * gf["forward"] * 1e9 * 4
+
+
 def test_bf16_channels_last_cli_run(cli, tmp_path):
     out = tmp_path / "b.json"
     code, stdout, stderr = cli("bench", "--arch", TINY, "--arch-kwargs", json.dumps(TINY_KWARGS),

@@ -129,6 +129,17 @@ def test_smoke_run_produces_entries_and_the_table(study, tmp_path, one_thread):
     assert aa["adt_ft"]["n_examples"] == s.n_examples and aa["adt_ft"]["time_per_epoch_s"]
     readme = (out / "README.md").read_text()
     assert "McNemar" in readme and "scope full" in readme and "scope last-layer" in readme
+    for scope in ("full", "last-layer"):
+        bench = json.loads((out / f"bench-{scope}.json").read_text())
+        assert bench["config_overrides"]["scope"] == scope and bench["batch_size"] == s.batch_size
+        ratios = {(r["name"], r["loss"]): r["ratio"] for r in bench["rows"]}
+        assert ratios[("pgd-at", "ce")] == 1.0 and ratios[("exp-am", "ce")] > 0
+        # the summary row of exp-am: its A_rob against the control, and the measured step-time ratio
+        summary = readme.split(f"## Summary, scope {scope}")[1].split("##")[0]
+        rows = summary.strip().splitlines()
+        first = next(i for i, line in enumerate(rows) if line.startswith("| exp-am/ce | clean |"))
+        assert rows[first].endswith(f"| {ratios[('exp-am', 'ce')]:.2f} |")
+        assert rows[first + 1].startswith("|  | A_rob |") and "W: wpgd@" in summary
     assert (out / "study.png").stat().st_size > 0
     hist = json.loads((ws / ".adt-ft" / "study-base.json").read_text())
     assert hist["stopped"] and hist["best"] in {r["run"] for r in hist["rounds"]}

@@ -46,7 +46,7 @@ def method_item(s: BenchSession, cfg) -> Item:
 
         def step():
             net = s.classifier()
-            net.train()
+            s.set_train_mode(net)
             method.zero_grad()
             opt.zero_grad(set_to_none=True)
             with autocast_context(dev, dtype):

@@ -67,6 +67,7 @@ def run_benchmark(
         session = BenchSession(arch, info, arch_kwargs, dev, dtype, int(batch_size), channels_last, compile,
                                int(steps), int(warmup), seed, strict)
         try:
+            session.set_scope(base_cfg.scope)
             meta = {**session.meta(), "config_overrides": overrides}
             rows = _run_methods(session, method_names, losses, base_cfg, rep.message)
             rows += _run_attacks(session, attack_names, rep.message)

@@ -43,11 +43,29 @@ class BenchSession:
         # With --compile the FLOP-counting step runs eagerly (FlopCounterMode does not see
         # inside a compiled graph); this flag picks which module a step calls.
         self.eager_now = False
+        self.scope = "full"
         self.phase = ["step"]
         self.cost = CostModel()
         self.clf_log = PassLog("classifier", self.timed_model, self.phase)
         self.clf_log.module = self.model  # replays run on the eager module
         self.counter = PassCounter(self.timed_model)
+
+    def set_scope(self, scope: str) -> None:
+        """What the trainer trains under `scope`: everything, or (last-layer) the head on a frozen
+        body, whose skipped weight gradients are most of the cost difference."""
+        self.scope = scope
+        for p in self.model.parameters():
+            p.requires_grad_(scope != "last-layer")
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+
+    def set_train_mode(self, net: nn.Module) -> None:
+        """The trainer's modes: under last-layer the body stays in eval mode (BatchNorm frozen too)."""
+        if self.scope == "last-layer":
+            net.eval()
+            self.head.train()
+        else:
+            net.train()
 
     def classifier(self) -> nn.Module:
         return self.model if self.eager_now else self.timed_model

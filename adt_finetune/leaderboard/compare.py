@@ -227,7 +227,7 @@ def compare_entries(entries: Sequence[Entry], *, group_seeds: bool = False, work
 
 # ---------------------------------------------------------------- rendering
 
-def _p_text(p: float | None) -> str:
+def format_p(p: float | None) -> str:
     if p is None:
         return "—"
     return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
@@ -241,7 +241,7 @@ def comparison_section(c: Comparison) -> Section:
     eps = "?" if c.eps is None else format_eps(c.eps)
     title = f"B = {c.other.label} vs A = {c.control.label} (control), ε = {eps}, n = {c.n}"
     body = [[s.column, s.a.text(), s.b.text(), f"{s.diff:+.2f}", f"[{s.ci[0]:+.2f}, {s.ci[1]:+.2f}]",
-             _p_text(s.p_value), _count_text(s.a_only), _count_text(s.b_only)] for s in c.columns]
+             format_p(s.p_value), _count_text(s.a_only), _count_text(s.b_only)] for s in c.columns]
     return Section(title, list(HEADERS), body)
 
 
