@@ -18,11 +18,17 @@
 Resumable by stage: run the same command again. Finished rounds, runs and entries
 are skipped, an unfinished run continues from its checkpoint (train(resume=...)),
 a half-done evaluation continues from its saved batches.
+
+Training a small model leaves one of two cores mostly idle: a second process started
+with --eval-worker (same workspace) evaluates every model as soon as its run has
+finished, beside the one that trains. Each entry is claimed by a lock file, so the
+two never evaluate the same entry.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -177,6 +183,9 @@ class Study:
         t = time.perf_counter()
         value = fn()
         seconds = time.perf_counter() - t
+        # Re-read first: an --eval-worker records its stages in the same file.
+        if self.times_path.exists():
+            self.times = json.loads(self.times_path.read_text())
         self.times[key] = self.times.get(key, 0.0) + seconds  # a resumed stage adds to its earlier part
         atomic_write_json(self.times_path, self.times)
         self.log(f"{text}: done in {seconds:.0f}s")
@@ -305,6 +314,41 @@ class Study:
 
     # ------------------------------------------------------------ stage 3: evaluation
 
+    def _claim(self, entry: str) -> bool:
+        """Take the entry's lock (False: another live process holds it)."""
+        path = self.state / "locks" / f"{entry}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return False
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # its process is gone: a stale lock
+                return self._claim(entry)
+            except PermissionError:
+                return False  # alive, someone else's
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+
+    def _release(self, entry: str) -> None:
+        (self.state / "locks" / f"{entry}.lock").unlink(missing_ok=True)
+
+    def _finished(self, run: str | None) -> bool:
+        """Whether a model is ready to evaluate; never touches a run another process may be training."""
+        from adt_finetune.errors import UserError
+        from adt_finetune.runs import load_run
+
+        if run is None:
+            return self.ws.model_path(self.s.dataset, THREAT_MODEL, BASE_NAME).exists()
+        try:
+            return load_run(self.ws.runs_dir / run, self.ws.root, require_finished=False).finished
+        except (UserError, OSError):
+            return False
+
     def _eval(self, name: str, run: str | None, kind: str) -> None:
         from adt_finetune.cli.report import reporter
         from adt_finetune.evaluation import evaluate_workspace
@@ -334,11 +378,26 @@ class Study:
         self._stage(f"eval:{entry}", f"[eval] {entry}", "entry exists" if self.entry_path(entry).exists() else None,
                     work)
 
-    def evaluate(self) -> None:
-        for kind in ("aa", "w"):
-            self._eval(BASE_NAME, None, kind)
-            for job in self.s.jobs:
-                self._eval(job.run_name, job.run_name, kind)
+    def evaluate(self, poll_s: float = 15.0) -> None:
+        """Every entry, skipping those another process holds, until all exist (waits for them)."""
+        models = [(BASE_NAME, None)] + [(j.run_name, j.run_name) for j in self.s.jobs]
+        while True:
+            pending = 0
+            for kind in ("w", "aa"):  # the cheap suite first: its answers are in early
+                for name, run in models:
+                    entry = f"{name}_{kind}"
+                    if self.entry_path(entry).exists():
+                        continue
+                    if not self._finished(run) or not self._claim(entry):
+                        pending += 1
+                        continue
+                    try:
+                        self._eval(name, run, kind)
+                    finally:
+                        self._release(entry)
+            if not pending:
+                return
+            time.sleep(poll_s)
 
     # ------------------------------------------------------------ stage 4: cost per epoch
 
@@ -515,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny budget, to check the pipeline end to end")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-progress", action="store_true", help="no per-batch progress bars")
+    p.add_argument("--eval-worker", action="store_true",
+                   help="only evaluate, beside a process that runs the study: each model once its run has finished")
     args = p.parse_args(argv)
 
     s = load_settings(args.recipe, smoke=args.smoke)
@@ -527,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{' (smoke)' if args.smoke else ''}")
     study.check_settings()
     t0 = time.perf_counter()
+    if args.eval_worker:
+        study.evaluate()
+        study.log(f"evaluations finished in {(time.perf_counter() - t0) / 60:.1f} min")
+        return 0
     study.base()
     for job in s.jobs:
         study.train(job)

@@ -148,3 +148,24 @@ def test_smoke_run_produces_entries_and_the_table(study, tmp_path, one_thread):
     assert study.main(["--smoke", "--no-progress", "--workspace", str(ws), "--out", str(out)]) == 0
     again = json.loads((ws / ".adt-ft" / "study-times.json").read_text())
     assert {k: v for k, v in again.items() if k != "publish"} == {k: v for k, v in times.items() if k != "publish"}
+
+
+def test_entry_locks_keep_an_eval_worker_and_the_study_apart(study, tmp_path):
+    import os
+    import subprocess
+
+    s = study.load_settings(study.RECIPE, smoke=True)
+    st = study.Study(s, tmp_path / "ws", tmp_path / "out", "cmd", None, progress=False)
+    assert st._claim("e")
+    assert not st._claim("e")  # held by a live process (this one)
+    st._release("e")
+    assert st._claim("e")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock = st.state / "locks" / "e.lock"
+    lock.write_text(str(gone.pid))
+    assert st._claim("e") and lock.read_text() == str(os.getpid())  # a lock whose process is gone is stale
+    # A run another process is still setting up is not finished, and is left alone.
+    (st.ws.runs_dir / "robust-x").mkdir(parents=True)
+    assert not st._finished("robust-x") and (st.ws.runs_dir / "robust-x").is_dir()
+    assert not st._finished(None)  # the base is not registered yet
