@@ -523,6 +523,20 @@ def summary(study: Study, entries: dict[str, list], scope: str) -> str:
     return "\n".join(lines)
 
 
+def baseline_text(entries: dict[str, list]) -> str:
+    """The base model's row: clean, PGD-20 alone (the Wasserstein suite runs it independently at
+    ε = δ; the cascade's PGD-20 only saw what AutoAttack left), AutoAttack, A_rob."""
+    aa, w = entries["aa"][0], entries["w"][0]
+    pgd = next((v for k, v in (w.extra.get("per_attack") or {}).items()
+                if k.startswith("pgd20@") and v is not None and abs(float(k.split("@")[1]) - aa.eps) < 1e-9), None)
+
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{v:.1f}%"
+
+    return (f"Baseline, the base model before fine-tuning ({aa.n} test images, ε = {aa.eps_label}): clean "
+            f"{pct(aa.clean)}, PGD-20 {pct(pgd)}, AutoAttack {pct(aa.autoattack)}, A_rob {pct(aa.a_rob)}.")
+
+
 def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
     from adt_finetune import leaderboard
 
@@ -541,6 +555,7 @@ def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
         f"{s.attacks} ({s.mode}) and the Wasserstein suite at budgets {s.w_budgets}.",
         "", f"Wall time of the last invocation: {wall_s / 60:.1f} min; stage time in all: "
         f"{sum(study.times.values()) / 60:.1f} min (device {s.device}).", "",
+        baseline_text(entries), "",
     ]
     for scope in s.seeds:
         lines += [f"## Summary, scope {scope}: every method against the control", "",

@@ -129,6 +129,10 @@ def test_smoke_run_produces_entries_and_the_table(study, tmp_path, one_thread):
     assert aa["adt_ft"]["n_examples"] == s.n_examples and aa["adt_ft"]["time_per_epoch_s"]
     readme = (out / "README.md").read_text()
     assert "McNemar" in readme and "scope full" in readme and "scope last-layer" in readme
+    base_aa = json.loads((out / f"{study.BASE_NAME}_aa.json").read_text())
+    base_pgd = json.loads((out / f"{study.BASE_NAME}_w.json").read_text())["adt_ft"]["per_attack"]["pgd20@0.1"]
+    assert (f"clean {float(base_aa['clean_acc']):.1f}%, PGD-20 {base_pgd:.1f}%, AutoAttack "
+            f"{float(base_aa['autoattack_acc']):.1f}%") in readme  # the baseline row
     for scope in ("full", "last-layer"):
         bench = json.loads((out / f"bench-{scope}.json").read_text())
         assert bench["config_overrides"]["scope"] == scope and bench["batch_size"] == s.batch_size
