@@ -10,6 +10,10 @@
 2. fine-tune that base with every method × scope × seed of the recipe (same budget);
 3. evaluate the base and every run on the same test images: AutoAttack + PGD-20 + CW
    (one entry, `<name>_aa`) and the Wasserstein suite at the recipe's budgets (`<name>_w`);
+   then the gradient-masking check: every model whose PGD-20 accuracy (alone) is more than
+   `masking.screen_pp` above its A_rob, and the control as a reference, is evaluated with
+   AutoAttack's parts one by one (`<name>_parts`, independent mode), so that the engine's
+   black-box vs white-box check compares gradient-free Square with every white-box attack;
 4. benchmark every method's training step against the control's, side by side in one
    `adt-ft bench` run per scope (cost per epoch as a ratio, not wall clock);
 5. copy the entries and bench results to --out and write the summary and tables (paired
@@ -83,6 +87,7 @@ class StudySettings:
     w_budgets: str
     attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     bench: dict[str, int] = field(default_factory=dict)   # steps, warmup of the cost benchmark
+    masking: dict[str, Any] = field(default_factory=dict)  # screen_pp, n_examples, attacks of the masking check
     description: str = ""
 
     @property
@@ -118,7 +123,8 @@ class StudySettings:
                 "eval": {"attacks": self.attacks, "mode": self.mode, "n_examples": self.n_examples,
                          "wasserstein_budgets": self.w_budgets, "attack_settings": self.attack_settings},
                 "methods": [f"{m}/{loss}" for m, loss in self.methods], "seeds": dict(self.seeds),
-                "control": "/".join(self.control), "seed": self.seed, "device": self.device}
+                "control": "/".join(self.control), "seed": self.seed, "device": self.device,
+                "masking": dict(self.masking)}
 
 
 def _method(item: Any, path: Path) -> tuple[str, str]:
@@ -153,6 +159,7 @@ def load_settings(path: str | Path = RECIPE, smoke: bool = False) -> StudySettin
         w_budgets=str(ev["wasserstein_budgets"]),
         attack_settings={k: dict(v) for k, v in (ev.get("attack_settings") or {}).items()},
         bench={k: int(v) for k, v in (data.get("bench") or {}).items()},
+        masking=dict(data.get("masking") or {}),
         description=" ".join(str(data.get("description", "")).split()))
 
 
@@ -361,6 +368,9 @@ class Study:
             reporter=reporter(self.progress), resume=True, entry=entry)
         if kind == "aa":
             kwargs.update(attacks=s.attacks, mode=s.mode, attack_settings=s.attack_settings)
+        elif kind == "parts":  # each part on every example: the per-example masking check needs all columns
+            kwargs.update(attacks=str(s.masking["attacks"]), mode="independent",
+                          n_examples=int(s.masking["n_examples"]))
         else:
             kwargs.update(suite="wasserstein", budgets=s.w_budgets)
         if run is None:  # the base: by file, so that it works whatever the current model is
@@ -381,23 +391,48 @@ class Study:
     def evaluate(self, poll_s: float = 15.0) -> None:
         """Every entry, skipping those another process holds, until all exist (waits for them)."""
         models = [(BASE_NAME, None)] + [(j.run_name, j.run_name) for j in self.s.jobs]
+        # the cheap suite first: its answers are in early
+        self._evaluate_all([(name, run, kind) for kind in ("w", "aa") for name, run in models], poll_s)
+
+    def _evaluate_all(self, todo: list[tuple[str, str | None, str]], poll_s: float) -> None:
         while True:
             pending = 0
-            for kind in ("w", "aa"):  # the cheap suite first: its answers are in early
-                for name, run in models:
-                    entry = f"{name}_{kind}"
-                    if self.entry_path(entry).exists():
-                        continue
-                    if not self._finished(run) or not self._claim(entry):
-                        pending += 1
-                        continue
-                    try:
-                        self._eval(name, run, kind)
-                    finally:
-                        self._release(entry)
+            for name, run, kind in todo:
+                entry = f"{name}_{kind}"
+                if self.entry_path(entry).exists():
+                    continue
+                if not self._finished(run) or not self._claim(entry):
+                    pending += 1
+                    continue
+                try:
+                    self._eval(name, run, kind)
+                finally:
+                    self._release(entry)
             if not pending:
                 return
             time.sleep(poll_s)
+
+    def reference_run(self) -> str:
+        """The control's first run in the first scope: the masking check's reference model."""
+        return next(j.run_name for j in self.s.jobs if (j.method, j.loss) == self.s.control)
+
+    def masking_rows(self) -> list[dict[str, Any]]:
+        """The screen over every model (needs its `_aa` and `_w` entries)."""
+        from adt_finetune import leaderboard
+
+        def read(name: str, kind: str):
+            return leaderboard.read_entry(self.entry_path(f"{name}_{kind}"), self.s.dataset, THREAT_MODEL)
+
+        return masking_screen([(n, read(n, "aa"), read(n, "w")) for n in self.names()],
+                              float(self.s.masking["screen_pp"]), self.reference_run())
+
+    def check_masking(self, poll_s: float = 15.0) -> None:
+        """AutoAttack's parts one by one on the screened models and the reference (after `evaluate`)."""
+        if not self.s.masking:
+            return
+        runs = {j.run_name: j.run_name for j in self.s.jobs}
+        self._evaluate_all([(r["name"], runs.get(r["name"]), "parts") for r in self.masking_rows() if r["check"]],
+                           poll_s)
 
     # ------------------------------------------------------------ stage 4: cost per epoch
 
@@ -441,7 +476,7 @@ class Study:
             self.out.mkdir(parents=True, exist_ok=True)
             src = self.ws.leaderboard_dir / self.s.dataset / THREAT_MODEL
             for name in self.names():
-                for kind in ("aa", "w"):
+                for kind in ("aa", "w", "parts"):
                     for suffix in (".json", ".per-example.csv"):
                         f = src / f"{name}_{kind}{suffix}"
                         if f.exists():
@@ -523,12 +558,67 @@ def summary(study: Study, entries: dict[str, list], scope: str) -> str:
     return "\n".join(lines)
 
 
+def pgd20_alone(w_entry, eps: float) -> float | None:
+    """PGD-20 accuracy on every example, from the Wasserstein suite's pointwise reference at ε = δ
+    (the pointwise entry's cascade ran PGD-20 only on what AutoAttack left)."""
+    return next((float(v) for k, v in (w_entry.extra.get("per_attack") or {}).items()
+                 if k.startswith("pgd20@") and v is not None and abs(float(k.split("@")[1]) - eps) < 1e-9), None)
+
+
+def masking_screen(models: list[tuple[str, Any, Any]], screen_pp: float, reference: str) -> list[dict[str, Any]]:
+    """Per model (name, pointwise entry, Wasserstein entry): PGD-20 alone, A_rob, and their gap in pp.
+    A gap above `screen_pp` means AutoAttack breaks much that PGD-20 misses: either PGD-20 is simply
+    weaker (APGD's step-size schedule, the DLR loss) or the gradients are masked and only Square gets
+    through. The check (AutoAttack's parts one by one) tells which; it runs on the flagged models and on
+    the `reference` model (the control), whose gap is what an unmasked model of this kind shows."""
+    rows = []
+    for name, aa, w in models:
+        pgd = pgd20_alone(w, aa.eps)
+        gap = None if pgd is None or aa.a_rob is None else pgd - aa.a_rob
+        flagged = gap is not None and gap > screen_pp
+        rows.append({"name": name, "pgd20": pgd, "a_rob": aa.a_rob, "gap": gap, "flagged": flagged,
+                     "check": flagged or name == reference})
+    return rows
+
+
+def masking_text(study: Study, rows: list[dict[str, Any]]) -> str:
+    """Markdown: the screen over every model, then AutoAttack's parts on the checked ones."""
+    from adt_finetune import leaderboard
+
+    m = study.s.masking
+    lines = [f"PGD-20 alone vs A_rob (AutoAttack + PGD-20 + CW) on the {study.s.n_examples} evaluated images; "
+             f"a gap above {float(m['screen_pp']):g} pp is flagged and checked, as is the control "
+             f"(`{study.reference_run()}`) for reference.", "",
+             "| model | PGD-20 alone | A_rob | gap (pp) | checked |", "|---|---:|---:|---:|---|"]
+
+    def pct(v: float | None, fmt: str = ".1f") -> str:
+        return "—" if v is None else format(v, fmt)
+
+    for r in rows:
+        mark = "flagged" if r["flagged"] else "reference" if r["check"] else ""
+        lines.append(f"| {r['name']} | {pct(r['pgd20'])} | {pct(r['a_rob'])} | {pct(r['gap'], '+.1f')} | {mark} |")
+    parts = [r for r in rows if r["check"] and study.entry_path(f"{r['name']}_parts").exists()]
+    if parts:
+        attacks = [a.strip() for a in str(m["attacks"]).split(",") if a.strip()]
+        lines += ["", f"AutoAttack's parts one by one (standard parameters, independent mode, first "
+                  f"{int(m['n_examples'])} test images); the last column is the engine's black-box vs white-box "
+                  "check: examples broken by gradient-free Square that every white-box attack missed.", "",
+                  "| model | clean | " + " | ".join(attacks) + " | broken only by Square |",
+                  "|---|---:|" + "---:|" * len(attacks) + "---|"]
+        for r in parts:
+            e = leaderboard.read_entry(study.entry_path(f"{r['name']}_parts"), study.s.dataset, THREAT_MODEL)
+            check = next((c for c in e.extra.get("sanity") or [] if c["name"] == "black-box vs white-box"), None)
+            verdict = "—" if check is None else ("ok: " if check["ok"] else "**masking**: ") + check["detail"]
+            cells = [pct(e.attack_value(a)[0]) for a in attacks]
+            lines.append(f"| {r['name']} | {pct(e.clean)} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
 def baseline_text(entries: dict[str, list]) -> str:
     """The base model's row: clean, PGD-20 alone (the Wasserstein suite runs it independently at
     ε = δ; the cascade's PGD-20 only saw what AutoAttack left), AutoAttack, A_rob."""
     aa, w = entries["aa"][0], entries["w"][0]
-    pgd = next((v for k, v in (w.extra.get("per_attack") or {}).items()
-                if k.startswith("pgd20@") and v is not None and abs(float(k.split("@")[1]) - aa.eps) < 1e-9), None)
+    pgd = pgd20_alone(w, aa.eps)
 
     def pct(v: float | None) -> str:
         return "—" if v is None else f"{v:.1f}%"
@@ -569,6 +659,8 @@ def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
         leaderboard.render(entries["aa"], fmt="markdown", title="AutoAttack + PGD-20 + CW (%)").rstrip(), "",
         leaderboard.render(entries["w"], fmt="markdown", title="Wasserstein suite (%)").rstrip(), "",
     ]
+    if s.masking:
+        lines += ["## Gradient-masking check", "", masking_text(study, study.masking_rows()), ""]
     for kind, title in (("aa", "pointwise attacks"), ("w", "Wasserstein suite")):
         for scope in s.seeds:
             text = comparisons(study, entries[kind], scope)
@@ -605,12 +697,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.eval_worker:
         study.evaluate()
+        study.check_masking()
         study.log(f"evaluations finished in {(time.perf_counter() - t0) / 60:.1f} min")
         return 0
     study.base()
     for job in s.jobs:
         study.train(job)
     study.evaluate()
+    study.check_masking()
     study.bench()
     study.publish(time.perf_counter() - t0)
     study.log(f"study finished in {(time.perf_counter() - t0) / 60:.1f} min: {out}")

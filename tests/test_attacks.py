@@ -73,6 +73,7 @@ def _settings(name, generator_files):
 def test_registry_has_every_attack():
     assert set(MINE) <= set(ATTACKS)
     assert ATTACKS["spsa"].black_box and not any(ATTACKS[n].black_box for n in MINE if n != "spsa")
+    assert ATTACKS["square"].black_box and not any(ATTACKS[n].black_box for n in ("apgd-ce", "apgd-t", "fab-t"))
     assert make_attack("pgd", 0.1).steps == 20 and make_attack("pgd100", 0.1).steps == 100
     cw = make_attack("cw", 0.1)
     assert (cw.steps, cw.kappa, cw.step_size, cw.random_start) == (30, 50.0, 0.025, True)
@@ -88,7 +89,7 @@ def test_registry_has_every_attack():
     ("spsa", {"samples": 7}), ("spsa", {"delta": 0}), ("autoattack", {"version": "turbo"}),
     ("autoattack", {"attacks": "apgd-ce,nope"}), ("exp-am-cotrained", {}), ("fgsm", {"steps": 3}), ("nope", {}),
     ("exp-am", {"z_dim": 8}), ("imp-am", {"steps": 0}), ("exp-am", {"path": "generator.pt"}),
-    ("feature", {"layer": "logits"}),
+    ("feature", {"layer": "logits"}), ("square", {"version": "plus"}), ("apgd-ce", {"attacks": "square"}),
 ])
 def test_bad_settings_are_user_errors(name, settings):
     with pytest.raises(UserError):
@@ -192,6 +193,61 @@ def test_agrees_with_torchattacks(name, trained_cnn, fmnist_test):
     theirs_acc = _accuracy(trained_cnn, theirs(x, y), y)
     assert _accuracy(trained_cnn, x, y) - ours_acc > 0.1  # the comparison is not between two no-ops
     assert abs(ours_acc - theirs_acc) <= 0.02, f"{name}: ours {ours_acc:.3f}, torchattacks {theirs_acc:.3f}"
+
+
+def test_autoattack_parts_run_alone_with_the_standard_versions_parameters(monkeypatch, trained_cnn, fmnist_test):
+    """Each part is standard AutoAttack's sub-attack alone: pyautoattack's version 'custom' would give
+    APGD-CE 5 restarts and FAB 5 restarts, so a part built that way would be a different attack."""
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+    from pyautoattack.fab_pt import FABAttack_PT
+    from pyautoattack.square import SquareAttack
+
+    seen: list[tuple] = []
+    spied = {APGDAttack: lambda a: ("apgd", a.loss, a.n_restarts, a.n_iter),
+             APGDAttack_targeted: lambda a: ("apgd-t", a.n_target_classes, a.n_restarts, a.n_iter),
+             FABAttack_PT: lambda a: ("fab", a.targeted, a.n_target_classes, a.n_restarts),
+             SquareAttack: lambda a: ("square", a.n_queries, a.p_init)}
+    for cls, fields in spied.items():
+        def perturb(self, x, y, _fields=fields):
+            seen.append(_fields(self))
+            return x.clone()  # records the parameters only: every point stays robust
+        monkeypatch.setattr(cls, "perturb", perturb)
+    x, y = fmnist_test[0][:8], fmnist_test[1][:8]
+    expected = {"apgd-ce": ("apgd", "ce", 1, 100), "apgd-t": ("apgd-t", 9, 1, 100),
+                "fab-t": ("fab", True, 9, 1), "square": ("square", 5000, 0.8)}
+    for name, fields in expected.items():
+        seen.clear()
+        make_attack(name, 0.1, seed=1)(trained_cnn, x, y)
+        assert seen == [fields], name  # this sub-attack once, and no other
+    seen.clear()
+    make_attack("autoattack", 0.1, attacks=["apgd-ce"])(trained_cnn, x, y)
+    assert seen == [("apgd", "ce", 5, 100)]  # what 'custom' gives: why the parts do not use it
+
+
+def test_square_finds_what_masked_gradients_hide_and_the_engine_says_so(trained_cnn, fmnist_test):
+    """A model that rounds its input has zero gradient almost everywhere: white-box attacks lose their
+    way, gradient-free Square does not, and the black-box vs white-box check fails on it (and only on it)."""
+    from torch import nn
+
+    from adt_finetune.evaluation import evaluate
+
+    class Rounded(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(torch.round(x * 2) / 2)
+
+    x, y = fmnist_test[0][:24], fmnist_test[1][:24]
+    attacks = ["clean", "pgd20", "apgd-ce", "square"]
+    masked = evaluate(Rounded(trained_cnn).eval(), x, y, attacks=attacks, eps=0.1)
+    checks = {c.name: c for c in masked.sanity}
+    assert checks["linf"].ok and checks["range"].ok
+    assert masked.per_attack["square"] < min(masked.per_attack["pgd20"], masked.per_attack["apgd-ce"])
+    assert checks["black-box vs white-box"].ok is False and "square" in checks["black-box vs white-box"].detail
+    plain = evaluate(trained_cnn, x, y, attacks=attacks, eps=0.1)
+    assert {c.name: c for c in plain.sanity}["black-box vs white-box"].ok
 
 
 def test_autoattack_matches_pyautoattack_and_keeps_global_rng(trained_cnn, fmnist_test):

@@ -283,7 +283,7 @@ def test_suites_and_attack_lists():
         assert name in ("clean", "wasserstein") or name in ATTACKS
     with pytest.raises(UserError, match="choose from.*fgsm"):
         parse_attack_list("fgsm,nope")
-    with pytest.raises(UserError, match="paper, aa, quick, full, wasserstein"):
+    with pytest.raises(UserError, match="paper, aa, aa-parts, quick, full, wasserstein"):
         suite_attacks("nope")
 
 
@@ -343,7 +343,7 @@ def test_cli_bad_input(cli, workspace, tmp_path):
     assert "nope" in err and "pgd20" in err and "autoattack" in err
     code, _, err = cli("eval", "--suite", "everything", *w)
     _one_line_error(code, err)
-    assert "paper, aa, quick, full, wasserstein" in err
+    assert "paper, aa, aa-parts, quick, full, wasserstein" in err
     code, _, err = cli("eval", "--eps", "eight/255", *w)
     _one_line_error(code, err)
     assert "ε" in err

@@ -47,6 +47,9 @@ def test_recipe_parses_into_the_study_settings(study, smoke):
     assert {"autoattack", "pgd20", "cw"} <= set(parse_attack_list(s.attacks))
     assert len(s.w_budgets.split(",")) == 2 and all(0 < float(b) <= 1 for b in s.w_budgets.split(","))
     assert s.control == ("pgd-at", "ce")
+    # the masking check needs the gradient-free part beside white-box ones
+    masking = parse_attack_list(s.masking["attacks"])
+    assert "square" in masking and {"pgd20", "apgd-ce"} <= set(masking) and float(s.masking["screen_pp"]) > 0
     assert len(s.seeds["full"]) >= 2 and len(s.seeds["last-layer"]) >= 1
     assert len({j.run_name for j in s.jobs}) == len(s.jobs)
     if smoke:
@@ -144,6 +147,15 @@ def test_smoke_run_produces_entries_and_the_table(study, tmp_path, one_thread):
         first = next(i for i, line in enumerate(rows) if line.startswith("| exp-am/ce | clean |"))
         assert rows[first].endswith(f"| {ratios[('exp-am', 'ce')]:.2f} |")
         assert rows[first + 1].startswith("|  | A_rob |") and "W: wpgd@" in summary
+    # the gradient-masking check: the control's first run is always checked, part by part
+    ref = f"{study.Study(s, ws, out, '', None, False).reference_run()}_parts"
+    parts = json.loads((out / f"{ref}.json").read_text())["adt_ft"]
+    assert parts["mode"] == "independent" and parts["n_examples"] == s.masking["n_examples"]
+    assert parts["attacks"] == parse_attack_list(s.masking["attacks"])[1:]
+    assert any(c["name"] == "black-box vs white-box" for c in parts["sanity"])
+    masking = readme.split("## Gradient-masking check")[1].split("\n## ")[0]
+    row = next(line for line in masking.splitlines() if line.startswith(f"| {ref[:-6]} | {parts['clean_acc']:.1f} |"))
+    assert [f"{parts['per_attack'][a]:.1f}" for a in parts["attacks"]] == row.split(" | ")[2:2 + len(parts["attacks"])]
     assert (out / "study.png").stat().st_size > 0
     hist = json.loads((ws / ".adt-ft" / "study-base.json").read_text())
     assert hist["stopped"] and hist["best"] in {r["run"] for r in hist["rounds"]}
@@ -152,6 +164,23 @@ def test_smoke_run_produces_entries_and_the_table(study, tmp_path, one_thread):
     assert study.main(["--smoke", "--no-progress", "--workspace", str(ws), "--out", str(out)]) == 0
     again = json.loads((ws / ".adt-ft" / "study-times.json").read_text())
     assert {k: v for k, v in again.items() if k != "publish"} == {k: v for k, v in times.items() if k != "publish"}
+
+
+def test_masking_screen_flags_a_pgd20_to_a_rob_gap_above_the_threshold(study):
+    from types import SimpleNamespace as NS
+
+    def model(name, pgd20, a_rob):
+        aa = NS(eps=0.1, a_rob=a_rob)
+        w = NS(extra={"per_attack": {"pgd20@0.05": 90.0, "pgd20@0.1": pgd20, "wpgd@0.1": 10.0}})
+        return name, aa, w
+
+    rows = study.masking_screen([model("ctrl", 75.5, 73.0), model("masked", 73.1, 58.2), model("edge", 78.0, 73.0),
+                                 model("fine", 76.0, 74.0)], 5.0, reference="ctrl")
+    by = {r["name"]: r for r in rows}
+    assert by["masked"]["gap"] == pytest.approx(14.9) and by["masked"]["flagged"] and by["masked"]["check"]
+    assert by["ctrl"]["gap"] == pytest.approx(2.5) and not by["ctrl"]["flagged"] and by["ctrl"]["check"]
+    assert not by["edge"]["flagged"]  # exactly 5 pp: not above the threshold
+    assert not by["fine"]["check"] and by["fine"]["pgd20"] == 76.0  # PGD-20 at ε, not at ε/2
 
 
 def test_entry_locks_keep_an_eval_worker_and_the_study_apart(study, tmp_path):

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 import warnings
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -86,6 +86,9 @@ class AutoAttackLinf(Attack):
     """Settings: version (standard | plus | rand; standard = APGD-CE, APGD-T, FAB-T, Square),
     attacks (an explicit list of pyautoattack sub-attacks instead: version 'custom'), verbose."""
 
+    #: one sub-attack of the standard version run alone (the `AutoAttackPart` subclasses)
+    part: ClassVar[str | None] = None
+
     def __init__(self, eps: float, *, seed: int = 0, version: Any = "standard", attacks: Any = None,
                  verbose: Any = False, **settings: Any):
         super().__init__(eps, seed=seed, **settings)
@@ -116,6 +119,10 @@ class AutoAttackLinf(Attack):
         with eval_mode(model), preserved_global_rng(), _pyautoattack_output(self.verbose):
             adversary = AutoAttack(model, attacks=self.attacks, device=device, eps=self.eps, norm="Linf",
                                    seed=self.batch_seed(), version=self.version)
+            if self.part is not None:
+                # After the standard version has set every sub-attack's parameters: the part runs
+                # exactly as it does inside standard AutoAttack, only alone and on every point.
+                adversary.attacks_to_run = [self.part]
             adversary.verbose = self.verbose
             # The whole batch at once: the evaluation layer has already batched.
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
@@ -123,3 +130,46 @@ class AutoAttackLinf(Attack):
         # again only guards the ε-ball guarantee against float round-off. The robust flag
         # is then computed from the model on exactly what is returned.
         return project_linf(x_adv.to(x.device, x.dtype), x, self.eps)
+
+
+class AutoAttackPart(AutoAttackLinf):
+    """One of standard AutoAttack's four sub-attacks alone, with exactly the parameters it has inside
+    the standard version (pyautoattack's version 'custom' would use other restart counts). Run
+    independently beside `pgd20`, the parts show which one breaks what; `square` is gradient-free, so
+    the engine's black-box vs white-box check sees gradient masking that `autoattack` as one cascade
+    hides (docs/evaluation.md, "AutoAttack's parts"). Settings: verbose."""
+
+    def __init__(self, eps: float, *, seed: int = 0, verbose: Any = False, **settings: Any):
+        for key in ("version", "attacks"):  # fixed by what the part is
+            if key in settings:
+                raise UserError(f"attack {self.name!r} has no setting {key!r}: it is standard AutoAttack's "
+                                f"{self.part} alone; use 'autoattack' for other versions")
+        super().__init__(eps, seed=seed, version="standard", verbose=verbose, **settings)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "version": "standard", "part": self.part}
+
+
+@register_attack("apgd-ce")
+class APGDCE(AutoAttackPart):
+    """APGD with the cross-entropy loss, 1 restart, 100 iterations (standard AutoAttack's first part)."""
+    part = "apgd-ce"
+
+
+@register_attack("apgd-t")
+class APGDT(AutoAttackPart):
+    """Targeted APGD with the DLR loss, 9 target classes, 100 iterations each."""
+    part = "apgd-t"
+
+
+@register_attack("fab-t")
+class FABT(AutoAttackPart):
+    """Targeted FAB (minimum-norm), 9 target classes."""
+    part = "fab-t"
+
+
+@register_attack("square")
+class Square(AutoAttackPart):
+    """Square Attack: random search with 5,000 queries, no gradients."""
+    part = "square"
+    black_box = True

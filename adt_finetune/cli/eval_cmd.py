@@ -42,7 +42,7 @@ def eval_cmd(
                                                                           "package.module:Class --arch, e.g. "
                                                                           "'{\"width\": 16}'."),
     run: Optional[str] = typer.Option(None, "--run", help="Run id or run folder (default: the latest run)."),
-    suite: str = typer.Option("paper", "--suite", "-s", help="paper, aa, quick, full or wasserstein."),
+    suite: str = typer.Option("paper", "--suite", "-s", help="paper, aa, aa-parts, quick, full or wasserstein."),
     attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated attacks instead of a suite, "
                                                                   "e.g. fgsm,pgd20,cw."),
     n_examples: Optional[int] = typer.Option(None, "--n-examples", "-n", help="First N test images "

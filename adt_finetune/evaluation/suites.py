@@ -13,6 +13,9 @@ PAPER = ["clean", "fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack
 SUITES: dict[str, list[str]] = {
     "paper": PAPER,
     "aa": ["clean", "autoattack"],
+    # AutoAttack's parts one by one beside PGD-20 (run it in independent mode): the gradient-masking
+    # check compares the gradient-free square with every white-box part on each example
+    "aa-parts": ["clean", "pgd20", "apgd-ce", "apgd-t", "fab-t", "square"],
     "quick": ["clean", "fgsm", "pgd20"],
     # + the run's co-trained generator, see suite_attacks
     "full": PAPER + ["spsa", "exp", "exp-am", "imp-am"],
