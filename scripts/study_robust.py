@@ -558,6 +558,27 @@ def summary(study: Study, entries: dict[str, list], scope: str) -> str:
     return "\n".join(lines)
 
 
+def versus_base(study: Study, entries: dict[str, list]) -> str:
+    """Markdown, one row per run: B − A against the base model (no fine-tuning) with exact McNemar p,
+    for clean, A_rob and W-PGD at δ = ε: does fine-tuning the robust base change it at all?"""
+    from adt_finetune.leaderboard.compare import compare_entries, format_p
+
+    base = {kind: entries[kind][0] for kind in ("aa", "w")}
+    eps = base["aa"].eps
+    wpgd = next((k for k in base["w"].extra.get("per_attack") or {}
+                 if k.startswith("wpgd@") and abs(float(k.split("@")[1]) - eps) < 1e-9), None)
+    head = ["run", "clean", "A_rob", f"W: {wpgd}" if wpgd else "W-PGD"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for i, name in enumerate(study.names()[1:], start=1):
+        cells = {}
+        for kind in ("aa", "w"):
+            for c in compare_entries([base[kind], entries[kind][i]])[0].columns:
+                cells[(kind, c.column)] = f"{c.b.text()} ({c.diff:+.1f}, p {format_p(c.p_value)})"
+        lines.append(f"| {name} | {cells.get(('aa', 'clean'), '—')} | {cells.get(('aa', 'A_rob'), '—')} | "
+                     f"{cells.get(('w', wpgd), '—')} |")
+    return "\n".join(lines)
+
+
 def pgd20_alone(w_entry, eps: float) -> float | None:
     """PGD-20 accuracy on every example, from the Wasserstein suite's pointwise reference at ε = δ
     (the pointwise entry's cascade ran PGD-20 only on what AutoAttack left)."""
@@ -655,6 +676,9 @@ def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
         "outcomes; McNemar p per seed pair (exact, two-sided); step time × control from `adt-ft bench` "
         f"(bench-<scope>.json: same architecture, batch {s.batch_size}, generator width {s.gen_width}, "
         "timed round-robin in one run).", "",
+        "## Against the base model (no fine-tuning)", "",
+        "Each run's accuracy (%), its difference to the base in pp and the exact McNemar p (same images):", "",
+        versus_base(study, entries), "",
         "## All entries", "",
         leaderboard.render(entries["aa"], fmt="markdown", title="AutoAttack + PGD-20 + CW (%)").rstrip(), "",
         leaderboard.render(entries["w"], fmt="markdown", title="Wasserstein suite (%)").rstrip(), "",
