@@ -424,7 +424,8 @@ class Study:
             return leaderboard.read_entry(self.entry_path(f"{name}_{kind}"), self.s.dataset, THREAT_MODEL)
 
         return masking_screen([(n, read(n, "aa"), read(n, "w")) for n in self.names()],
-                              float(self.s.masking["screen_pp"]), self.reference_run())
+                              float(self.s.masking["screen_pp"]), self.reference_run(),
+                              bool(self.s.masking.get("check_all", False)))
 
     def check_masking(self, poll_s: float = 15.0) -> None:
         """AutoAttack's parts one by one on the screened models and the reference (after `evaluate`)."""
@@ -487,7 +488,7 @@ class Study:
             for scope in self.s.seeds:
                 if self.bench_path(scope).exists():
                     shutil.copy2(self.bench_path(scope), self.out / f"bench-{scope}.json")
-            leaderboard.plot(entries["aa"], self.out / "study.png")
+            forest_plot(self, entries, self.out / "study.png")
             atomic_write_text(self.out / "README.md", readme_text(self, entries, wall_s))
 
         self._stage("publish", f"[publish] entries, table and plot into {self.out}", None, work)
@@ -558,6 +559,53 @@ def summary(study: Study, entries: dict[str, list], scope: str) -> str:
     return "\n".join(lines)
 
 
+def forest_plot(study: Study, entries: dict[str, list], path: Path) -> None:
+    """One panel per scope: each method's difference to the control (B − A, pp) with its 95% paired
+    bootstrap interval, for clean accuracy, A_rob and W-PGD at δ = ε; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from adt_finetune.leaderboard.compare import compare_entries
+    from adt_finetune.utils import atomic_path
+
+    s = study.s
+    at = {n: i for i, n in enumerate(study.names())}
+    eps = entries["aa"][0].eps
+    wpgd = next((k for k in entries["w"][0].extra.get("per_attack") or {}
+                 if k.startswith("wpgd@") and abs(float(k.split("@")[1]) - eps) < 1e-9), None)
+    measures = [("aa", "clean", "clean", "tab:gray"), ("aa", "A_rob", "A_rob (AutoAttack + PGD-20 + CW)", "tab:blue"),
+                ("w", wpgd, f"W-PGD, δ = {entries['aa'][0].eps_label}", "tab:orange")]
+    others = [m for m in s.methods if m != s.control]
+    fig, axes = plt.subplots(1, len(s.seeds), figsize=(6 * len(s.seeds), 0.6 * len(others) + 2), sharey=True,
+                             squeeze=False)
+    for ax, (scope, seeds) in zip(axes[0], s.seeds.items()):
+        jobs = [j for j in s.jobs if j.scope == scope]
+        for row, m in enumerate(others):
+            for k, (kind, column, label, colour) in enumerate(measures):
+                side = [entries[kind][at[j.run_name]] for j in jobs if (j.method, j.loss) in (s.control, m)]
+                side.sort(key=lambda e: (e.extra.get("method"), e.extra.get("loss")) != s.control)
+                comp = compare_entries(side, group_seeds=len(seeds) > 1, workspace=study.ws.root)[0]
+                c = next((c for c in comp.columns if c.column == column), None)
+                if c is None:
+                    continue
+                y = row + (k - 1) * 0.22
+                ax.errorbar(c.diff, y, xerr=[[c.diff - c.ci[0]], [c.ci[1] - c.diff]], fmt="o", color=colour,
+                            capsize=3, label=label if row == 0 else None)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_yticks(range(len(others)), ["/".join(m) for m in others])
+        ax.set_xlabel(f"difference to {'/'.join(s.control)} (pp), 95% paired bootstrap interval")
+        ax.set_title(f"scope {scope} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()  # shared: the recipe's order from the top, in every panel
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def versus_base(study: Study, entries: dict[str, list]) -> str:
     """Markdown, one row per run: B − A against the base model (no fine-tuning) with exact McNemar p,
     for clean, A_rob and W-PGD at δ = ε: does fine-tuning the robust base change it at all?"""
@@ -586,52 +634,89 @@ def pgd20_alone(w_entry, eps: float) -> float | None:
                  if k.startswith("pgd20@") and v is not None and abs(float(k.split("@")[1]) - eps) < 1e-9), None)
 
 
-def masking_screen(models: list[tuple[str, Any, Any]], screen_pp: float, reference: str) -> list[dict[str, Any]]:
+def masking_screen(models: list[tuple[str, Any, Any]], screen_pp: float, reference: str,
+                   check_all: bool = False) -> list[dict[str, Any]]:
     """Per model (name, pointwise entry, Wasserstein entry): PGD-20 alone, A_rob, and their gap in pp.
     A gap above `screen_pp` means AutoAttack breaks much that PGD-20 misses: either PGD-20 is simply
     weaker (APGD's step-size schedule, the DLR loss) or the gradients are masked and only Square gets
     through. The check (AutoAttack's parts one by one) tells which; it runs on the flagged models and on
-    the `reference` model (the control), whose gap is what an unmasked model of this kind shows."""
+    the `reference` model (the control), whose gap is what an unmasked model of this kind shows, or on
+    every model with `check_all` (the parts cost about a minute per model at this size)."""
     rows = []
     for name, aa, w in models:
         pgd = pgd20_alone(w, aa.eps)
         gap = None if pgd is None or aa.a_rob is None else pgd - aa.a_rob
         flagged = gap is not None and gap > screen_pp
         rows.append({"name": name, "pgd20": pgd, "a_rob": aa.a_rob, "gap": gap, "flagged": flagged,
-                     "check": flagged or name == reference})
+                     "check": flagged or name == reference or check_all})
     return rows
 
 
+def black_box_only(per_example_csv: Path, attacks: list[str]) -> tuple[int, int]:
+    """(examples broken by a black-box attack that every white-box attack missed, examples) from an
+    independent-mode per-example file: the count the engine's black-box vs white-box check makes."""
+    import csv
+
+    from adt_finetune.attacks import ATTACKS
+
+    black = [a for a in attacks if ATTACKS[a].black_box]
+    white = [a for a in attacks if not ATTACKS[a].black_box]
+    with open(per_example_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    k = sum(1 for r in rows if r["clean"] == "1" and all(r[a] == "1" for a in white)
+            and any(r[a] == "0" for a in black))
+    return k, len(rows)
+
+
 def masking_text(study: Study, rows: list[dict[str, Any]]) -> str:
-    """Markdown: the screen over every model, then AutoAttack's parts on the checked ones."""
+    """Markdown: the screen over every model, then AutoAttack's parts on the checked ones, each model's
+    black-box-only rate tested against the control's."""
     from adt_finetune import leaderboard
+    from adt_finetune.leaderboard.compare import format_p
 
     m = study.s.masking
+    checked = ("every model is checked" if m.get("check_all") else
+               f"flagged models are checked, as is the control (`{study.reference_run()}`) for reference")
     lines = [f"PGD-20 alone vs A_rob (AutoAttack + PGD-20 + CW) on the {study.s.n_examples} evaluated images; "
-             f"a gap above {float(m['screen_pp']):g} pp is flagged and checked, as is the control "
-             f"(`{study.reference_run()}`) for reference.", "",
+             f"a gap above {float(m['screen_pp']):g} pp is flagged; {checked}.", "",
              "| model | PGD-20 alone | A_rob | gap (pp) | checked |", "|---|---:|---:|---:|---|"]
 
     def pct(v: float | None, fmt: str = ".1f") -> str:
         return "—" if v is None else format(v, fmt)
 
     for r in rows:
-        mark = "flagged" if r["flagged"] else "reference" if r["check"] else ""
+        mark = "flagged" if r["flagged"] else ("yes" if r["check"] else "")
         lines.append(f"| {r['name']} | {pct(r['pgd20'])} | {pct(r['a_rob'])} | {pct(r['gap'], '+.1f')} | {mark} |")
-    parts = [r for r in rows if r["check"] and study.entry_path(f"{r['name']}_parts").exists()]
-    if parts:
-        attacks = [a.strip() for a in str(m["attacks"]).split(",") if a.strip()]
-        lines += ["", f"AutoAttack's parts one by one (standard parameters, independent mode, first "
-                  f"{int(m['n_examples'])} test images); the last column is the engine's black-box vs white-box "
-                  "check: examples broken by gradient-free Square that every white-box attack missed.", "",
-                  "| model | clean | " + " | ".join(attacks) + " | broken only by Square |",
-                  "|---|---:|" + "---:|" * len(attacks) + "---|"]
-        for r in parts:
-            e = leaderboard.read_entry(study.entry_path(f"{r['name']}_parts"), study.s.dataset, THREAT_MODEL)
-            check = next((c for c in e.extra.get("sanity") or [] if c["name"] == "black-box vs white-box"), None)
-            verdict = "—" if check is None else ("ok: " if check["ok"] else "**masking**: ") + check["detail"]
-            cells = [pct(e.attack_value(a)[0]) for a in attacks]
-            lines.append(f"| {r['name']} | {pct(e.clean)} | " + " | ".join(cells) + f" | {verdict} |")
+    parts = [r["name"] for r in rows if r["check"] and study.entry_path(f"{r['name']}_parts").exists()]
+    if not parts:
+        return "\n".join(lines)
+    from scipy.stats import fisher_exact
+
+    attacks = [a.strip() for a in str(m["attacks"]).split(",") if a.strip()]
+    found = {n: black_box_only(study.entry_path(f"{n}_parts").with_suffix(".per-example.csv"), attacks)
+             for n in parts}
+    # The control's runs of the first scope, pooled: how often Square alone breaks an unmasked model here.
+    first_scope = next(iter(study.s.seeds))
+    control = [j.run_name for j in study.s.jobs if (j.method, j.loss) == study.s.control and j.scope == first_scope
+               and j.run_name in found]
+    k_c, n_c = sum(found[c][0] for c in control), sum(found[c][1] for c in control)
+    alpha = 0.05 / len(parts)
+    lines += ["", f"AutoAttack's parts one by one (standard parameters, independent mode, first {int(m['n_examples'])} "
+              "test images). *Square only*: examples broken by gradient-free Square that every white-box attack "
+              f"missed. *p*: one-sided Fisher exact test of that rate against the control's runs pooled ({k_c} of "
+              f"{n_c}); *masked* when p < 0.05 / {len(parts)} (Bonferroni over the models checked). The engine's own "
+              "black-box vs white-box check (at most max(2, 1% of n) such examples) is stricter: Square, a strong "
+              "attack, breaks a few such examples of healthy models too, so at n = 200 it also fires on some of them.",
+              "", "| model | clean | " + " | ".join(attacks) + " | Square only | p | verdict |",
+              "|---|---:|" + "---:|" * len(attacks) + "---:|---:|---|"]
+    for n in parts:
+        e = leaderboard.read_entry(study.entry_path(f"{n}_parts"), study.s.dataset, THREAT_MODEL)
+        k, total = found[n]
+        p = float(fisher_exact([[k, total - k], [k_c, n_c - k_c]], alternative="greater").pvalue) if n_c else None
+        verdict = "**masked**" if p is not None and p < alpha else "ok"
+        cells = [pct(e.attack_value(a)[0]) for a in attacks]
+        lines.append(f"| {n} | {pct(e.clean)} | " + " | ".join(cells) +
+                     f" | {k} ({100 * k / total:.1f}%) | {format_p(p)} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -646,6 +731,23 @@ def baseline_text(entries: dict[str, list]) -> str:
 
     return (f"Baseline, the base model before fine-tuning ({aa.n} test images, ε = {aa.eps_label}): clean "
             f"{pct(aa.clean)}, PGD-20 {pct(pgd)}, AutoAttack {pct(aa.autoattack)}, A_rob {pct(aa.a_rob)}.")
+
+
+def stage_totals(times: dict[str, float]) -> str:
+    """'base 21.3, fine-tuning 51.6, ...; in all 400.0' (minutes) from the per-stage seconds."""
+    groups = {"base": 0.0, "fine-tuning": 0.0, "AutoAttack + PGD-20 + CW": 0.0, "Wasserstein suite": 0.0,
+              "masking check": 0.0, "bench": 0.0, "publish": 0.0}
+    for key, seconds in times.items():
+        stage, _, what = key.partition(":")
+        if stage in ("train", "heldout"):
+            group = "base" if what.startswith("base-") else "fine-tuning"
+        elif stage == "eval":
+            group = {"aa": "AutoAttack + PGD-20 + CW", "w": "Wasserstein suite",
+                     "parts": "masking check"}.get(what.rsplit("_", 1)[-1], "publish")
+        else:
+            group = stage if stage in groups else "publish"
+        groups[group] += seconds
+    return ", ".join(f"{k} {v / 60:.1f}" for k, v in groups.items() if v) + f"; in all {sum(times.values()) / 60:.1f}"
 
 
 def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
@@ -664,8 +766,9 @@ def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
         f"{hist.get('best', '—')}. Fine-tuning: {s.epochs} epoch(s) × {s.train_subset or 'all'} images, batch "
         f"{s.batch_size}, SGD, cosine schedule, lr {s.lr}. Evaluation: first {s.n_examples} test images, "
         f"{s.attacks} ({s.mode}) and the Wasserstein suite at budgets {s.w_budgets}.",
-        "", f"Wall time of the last invocation: {wall_s / 60:.1f} min; stage time in all: "
-        f"{sum(study.times.values()) / 60:.1f} min (device {s.device}).", "",
+        "", f"Stage time (minutes of one process each; the trainer and an `--eval-worker` ran side by side, "
+        f"device {s.device}): {stage_totals(study.times)}. Wall time of the last invocation: {wall_s / 60:.1f} min.",
+        "",
         baseline_text(entries), "",
     ]
     for scope in s.seeds:

@@ -155,7 +155,11 @@ def test_smoke_run_produces_entries_and_the_table(study, tmp_path, one_thread):
     assert any(c["name"] == "black-box vs white-box" for c in parts["sanity"])
     masking = readme.split("## Gradient-masking check")[1].split("\n## ")[0]
     row = next(line for line in masking.splitlines() if line.startswith(f"| {ref[:-6]} | {parts['clean_acc']:.1f} |"))
-    assert [f"{parts['per_attack'][a]:.1f}" for a in parts["attacks"]] == row.split(" | ")[2:2 + len(parts["attacks"])]
+    cells = row.split(" | ")
+    assert [f"{parts['per_attack'][a]:.1f}" for a in parts["attacks"]] == cells[2:2 + len(parts["attacks"])]
+    engine = next(c["detail"] for c in parts["sanity"] if c["name"] == "black-box vs white-box")
+    only = int(cells[2 + len(parts["attacks"])].split()[0])
+    assert engine.startswith(f"{only} example(s)") or f"broke {only} example(s)" in engine  # the engine's count
     assert (out / "study.png").stat().st_size > 0
     hist = json.loads((ws / ".adt-ft" / "study-base.json").read_text())
     assert hist["stopped"] and hist["best"] in {r["run"] for r in hist["rounds"]}
@@ -181,6 +185,19 @@ def test_masking_screen_flags_a_pgd20_to_a_rob_gap_above_the_threshold(study):
     assert by["ctrl"]["gap"] == pytest.approx(2.5) and not by["ctrl"]["flagged"] and by["ctrl"]["check"]
     assert not by["edge"]["flagged"]  # exactly 5 pp: not above the threshold
     assert not by["fine"]["check"] and by["fine"]["pgd20"] == 76.0  # PGD-20 at ε, not at ε/2
+    every = study.masking_screen([model("fine", 76.0, 74.0)], 5.0, reference="ctrl", check_all=True)
+    assert every[0]["check"] and not every[0]["flagged"]
+
+
+def test_black_box_only_counts_what_square_alone_broke(study, tmp_path):
+    csv = tmp_path / "x.per-example.csv"
+    csv.write_text("index,label,clean,pgd20,apgd-ce,square,robust,first_broken_by\n"
+                   "0,1,1,1,1,0,0,square\n"      # Square alone: counted
+                   "1,1,1,0,1,0,0,pgd20\n"       # a white-box attack broke it too: not counted
+                   "2,1,1,1,1,1,1,\n"            # robust to all
+                   "3,1,0,0,0,0,0,clean\n"       # wrong on the clean image: never attacked, not counted
+                   "4,1,1,1,1,0,0,square\n")
+    assert study.black_box_only(csv, ["pgd20", "apgd-ce", "square"]) == (2, 5)
 
 
 def test_entry_locks_keep_an_eval_worker_and_the_study_apart(study, tmp_path):
