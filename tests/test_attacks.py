@@ -224,12 +224,21 @@ def test_autoattack_parts_run_alone_with_the_standard_versions_parameters(monkey
     assert seen == [("apgd", "ce", 5, 100)]  # what 'custom' gives: why the parts do not use it
 
 
-def test_square_finds_what_masked_gradients_hide_and_the_engine_says_so(trained_cnn, fmnist_test):
+def test_square_finds_what_masked_gradients_hide_and_the_engine_says_so(monkeypatch, trained_cnn, fmnist_test):
     """A model that rounds its input has zero gradient almost everywhere: white-box attacks lose their
     way, gradient-free Square does not, and the black-box vs white-box check fails on it (and only on it)."""
+    from pyautoattack.autoattack import AutoAttack
     from torch import nn
 
     from adt_finetune.evaluation import evaluate
+
+    standard = AutoAttack._set_version
+
+    def fewer_queries(self, version="standard"):
+        standard(self, version)
+        self.square.n_queries = 300  # 5,000 (checked above) spends ~20 s per robust point here; 300 suffice
+
+    monkeypatch.setattr(AutoAttack, "_set_version", fewer_queries)
 
     class Rounded(nn.Module):
         def __init__(self, net):
