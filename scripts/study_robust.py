@@ -10,10 +10,11 @@
 2. fine-tune that base with every method × scope × seed of the recipe (same budget);
 3. evaluate the base and every run on the same test images: AutoAttack + PGD-20 + CW
    (one entry, `<name>_aa`) and the Wasserstein suite at the recipe's budgets (`<name>_w`);
-   then the gradient-masking check: every model whose PGD-20 accuracy (alone) is more than
-   `masking.screen_pp` above its A_rob, and the control as a reference, is evaluated with
-   AutoAttack's parts one by one (`<name>_parts`, independent mode), so that the engine's
-   black-box vs white-box check compares gradient-free Square with every white-box attack;
+   then the gradient-masking check: every model (`masking.check_all`), or those whose PGD-20
+   accuracy (alone) is more than `masking.screen_pp` above their A_rob and the control as a
+   reference, is evaluated with AutoAttack's parts one by one (`<name>_parts`, independent
+   mode), and each model's rate of examples only gradient-free Square breaks is tested
+   against the control's;
 4. benchmark every method's training step against the control's, side by side in one
    `adt-ft bench` run per scope (cost per epoch as a ratio, not wall clock);
 5. copy the entries and bench results to --out and write the summary and tables (paired
@@ -572,9 +573,7 @@ def forest_plot(study: Study, entries: dict[str, list], path: Path) -> None:
 
     s = study.s
     at = {n: i for i, n in enumerate(study.names())}
-    eps = entries["aa"][0].eps
-    wpgd = next((k for k in entries["w"][0].extra.get("per_attack") or {}
-                 if k.startswith("wpgd@") and abs(float(k.split("@")[1]) - eps) < 1e-9), None)
+    wpgd = column_at(entries["w"][0], "wpgd", entries["aa"][0].eps)
     measures = [("aa", "clean", "clean", "tab:gray"), ("aa", "A_rob", "A_rob (AutoAttack + PGD-20 + CW)", "tab:blue"),
                 ("w", wpgd, f"W-PGD, δ = {entries['aa'][0].eps_label}", "tab:orange")]
     others = [m for m in s.methods if m != s.control]
@@ -583,11 +582,14 @@ def forest_plot(study: Study, entries: dict[str, list], path: Path) -> None:
     for ax, (scope, seeds) in zip(axes[0], s.seeds.items()):
         jobs = [j for j in s.jobs if j.scope == scope]
         for row, m in enumerate(others):
-            for k, (kind, column, label, colour) in enumerate(measures):
-                side = [entries[kind][at[j.run_name]] for j in jobs if (j.method, j.loss) in (s.control, m)]
-                side.sort(key=lambda e: (e.extra.get("method"), e.extra.get("loss")) != s.control)
+            columns = {}  # one comparison per kind of entry, every column of it
+            for kind in ("aa", "w"):
+                side = [entries[kind][at[j.run_name]] for method in (s.control, m) for j in jobs
+                        if (j.method, j.loss) == method]  # the control first
                 comp = compare_entries(side, group_seeds=len(seeds) > 1, workspace=study.ws.root)[0]
-                c = next((c for c in comp.columns if c.column == column), None)
+                columns.update({(kind, c.column): c for c in comp.columns})
+            for k, (kind, column, label, colour) in enumerate(measures):
+                c = columns.get((kind, column))
                 if c is None:
                     continue
                 y = row + (k - 1) * 0.22
@@ -612,9 +614,7 @@ def versus_base(study: Study, entries: dict[str, list]) -> str:
     from adt_finetune.leaderboard.compare import compare_entries, format_p
 
     base = {kind: entries[kind][0] for kind in ("aa", "w")}
-    eps = base["aa"].eps
-    wpgd = next((k for k in base["w"].extra.get("per_attack") or {}
-                 if k.startswith("wpgd@") and abs(float(k.split("@")[1]) - eps) < 1e-9), None)
+    wpgd = column_at(base["w"], "wpgd", base["aa"].eps)
     head = ["run", "clean", "A_rob", f"W: {wpgd}" if wpgd else "W-PGD"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for i, name in enumerate(study.names()[1:], start=1):
@@ -627,11 +627,18 @@ def versus_base(study: Study, entries: dict[str, list]) -> str:
     return "\n".join(lines)
 
 
+def column_at(w_entry, attack: str, budget: float) -> str | None:
+    """The Wasserstein entry's column `<attack>@<budget>` (e.g. wpgd@0.1), matched numerically."""
+    return next((k for k in w_entry.extra.get("per_attack") or {}
+                 if k.startswith(f"{attack}@") and abs(float(k.split("@")[1]) - budget) < 1e-9), None)
+
+
 def pgd20_alone(w_entry, eps: float) -> float | None:
     """PGD-20 accuracy on every example, from the Wasserstein suite's pointwise reference at ε = δ
     (the pointwise entry's cascade ran PGD-20 only on what AutoAttack left)."""
-    return next((float(v) for k, v in (w_entry.extra.get("per_attack") or {}).items()
-                 if k.startswith("pgd20@") and v is not None and abs(float(k.split("@")[1]) - eps) < 1e-9), None)
+    column = column_at(w_entry, "pgd20", eps)
+    value = None if column is None else w_entry.extra["per_attack"][column]
+    return None if value is None else float(value)
 
 
 def masking_screen(models: list[tuple[str, Any, Any]], screen_pp: float, reference: str,
