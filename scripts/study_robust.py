@@ -670,8 +670,8 @@ def black_box_only(per_example_csv: Path, attacks: list[str]) -> tuple[int, int]
     white = [a for a in attacks if not ATTACKS[a].black_box]
     with open(per_example_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    k = sum(1 for r in rows if r["clean"] == "1" and all(r[a] == "1" for a in white)
-            and any(r[a] == "0" for a in black))
+    # a clean error has every flag 0, so it never counts
+    k = sum(1 for r in rows if all(r[a] == "1" for a in white) and any(r[a] == "0" for a in black))
     return k, len(rows)
 
 

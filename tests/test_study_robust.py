@@ -195,7 +195,7 @@ def test_black_box_only_counts_what_square_alone_broke(study, tmp_path):
                    "0,1,1,1,1,0,0,square\n"      # Square alone: counted
                    "1,1,1,0,1,0,0,pgd20\n"       # a white-box attack broke it too: not counted
                    "2,1,1,1,1,1,1,\n"            # robust to all
-                   "3,1,0,0,0,0,0,clean\n"       # wrong on the clean image: never attacked, not counted
+                   "3,1,0,0,0,0,0,clean\n"       # wrong on the clean image: every flag 0, not counted
                    "4,1,1,1,1,0,0,square\n")
     assert study.black_box_only(csv, ["pgd20", "apgd-ce", "square"]) == (2, 5)
 
