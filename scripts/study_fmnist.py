@@ -225,7 +225,7 @@ class Study:
         from adt_finetune.cli.report import reporter
         from adt_finetune.cli.train_cmd import print_summary
         from adt_finetune.errors import UserError
-        from adt_finetune.runs import load_run
+        from adt_finetune.run_folder import load_run
         from adt_finetune.training import train
 
         folder = self.ws.runs_dir / job.run_name

@@ -220,7 +220,7 @@ class Study:
     def _run_state(self, name: str) -> tuple[bool, bool]:
         """(finished, resumable) for a run folder; a folder that never checkpointed is removed."""
         from adt_finetune.errors import UserError
-        from adt_finetune.runs import load_run
+        from adt_finetune.run_folder import load_run
 
         folder = self.ws.runs_dir / name
         if not folder.exists():
@@ -348,7 +348,7 @@ class Study:
     def _finished(self, run: str | None) -> bool:
         """Whether a model is ready to evaluate; never touches a run another process may be training."""
         from adt_finetune.errors import UserError
-        from adt_finetune.runs import load_run
+        from adt_finetune.run_folder import load_run
 
         if run is None:
             return self.ws.model_path(self.s.dataset, THREAT_MODEL, BASE_NAME).exists()

@@ -13,9 +13,9 @@ from adt_finetune.config import TrainConfig
 from adt_finetune.errors import UserError
 from adt_finetune.methods import MethodContext, make_method
 from adt_finetune.perturb import tanh_gaussian as tg
-from adt_finetune.perturb.exp import fit_exp_distribution, sample_exp
-from adt_finetune.perturb.generators import (EntropyNet, ExplicitGenerator, ImplicitGenerator,
-                                             gradient_features, load_generator, save_generator)
+from adt_finetune.perturb.exp_distribution import fit_exp_distribution, sample_exp
+from adt_finetune.perturb.adt_networks import (EntropyNet, ExplicitGenerator, ImplicitGenerator,
+                                               gradient_features, load_generator, save_generator)
 from adt_finetune.models import SmallCNN
 from adt_finetune.nets import PassCounter, eval_mode
 
@@ -394,7 +394,7 @@ def test_generator_gradient_inputs_raw_or_normalised(name):
     --no-gen-normalize-gradients feeds the released code's raw gradients, those of the batch-MEAN
     CE: the per-example gradient divided by the training batch size, a divisor saved with the
     generator so that the attack feeds the same scale at any batch size."""
-    from adt_finetune.perturb.generators import normalize_gradient
+    from adt_finetune.perturb.adt_networks import normalize_gradient
 
     x, _ = saturated_batch(n=4)
     g = torch.Generator().manual_seed(1)

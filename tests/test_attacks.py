@@ -51,7 +51,7 @@ def _run(name, eps, model, x, y, seed=0, train=None, **settings):
 @pytest.fixture(scope="module")
 def generator_files(tmp_path_factory):
     """A randomly initialised generator file of each kind, as an ADT run would save it."""
-    from adt_finetune.perturb.generators import ExplicitGenerator, ImplicitGenerator, save_generator
+    from adt_finetune.perturb.adt_networks import ExplicitGenerator, ImplicitGenerator, save_generator
 
     root = tmp_path_factory.mktemp("gen")
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ def add_run(ws, name="r1", method="exp-am", generator=True):
     """A finished run of `method` whose fine-tuned model is a random SmallCNN(width=16),
     with a (tiny, untrained) co-trained generator when `generator`."""
     from adt_finetune.models import SmallCNN
-    from adt_finetune.perturb.generators import ExplicitGenerator, write_generator_file
+    from adt_finetune.perturb.adt_networks import ExplicitGenerator, write_generator_file
     from adt_finetune.utils import atomic_torch_save
     from adt_finetune.workspace import ModelRef
 
@@ -214,7 +214,7 @@ def test_an_unwritable_workspace_is_found_before_any_attack(cli, workspace, monk
     the check asks the OS: creating a file in the folder."""
     import tempfile
 
-    import adt_finetune.evaluation.run as run_module
+    import adt_finetune.evaluation.workspace_eval as run_module
 
     calls = fake_attack(monkeypatch, "probe")
     workspace.leaderboard_dir.mkdir()

@@ -17,7 +17,7 @@ from adt_finetune.config import TrainConfig
 from adt_finetune.methods import MethodContext, make_method
 from adt_finetune.models import SmallCNN
 from adt_finetune.nets import find_feature_map, find_last_linear
-from adt_finetune.perturb.generators import EntropyNet, save_generator
+from adt_finetune.perturb.adt_networks import EntropyNet, save_generator
 
 EPS = 0.1  # Fashion-MNIST's budget
 
@@ -149,7 +149,7 @@ def test_retrained_generator_is_cached_for_a_resumed_evaluation(trained_cnn, fmn
     """With a cache folder (the engine's, kept beside the partial results) the trained generator
     is saved, and a resumed evaluation reuses it instead of training again; progress goes to the
     reporter. A different model does not reuse it."""
-    import adt_finetune.attacks.generator as generator_attacks
+    import adt_finetune.attacks.generator_attacks as generator_attacks
     from adt_finetune.progress import Reporter
 
     class Recorder(Reporter):

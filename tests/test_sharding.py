@@ -21,7 +21,7 @@ import torch
 
 from adt_finetune.attacks import ATTACKS, Attack, AttackResult, make_attack
 from adt_finetune.attacks.base import keyed_batch
-from adt_finetune.attacks.exp import batch_generator
+from adt_finetune.attacks.exp_attack import batch_generator
 from adt_finetune.errors import UserError
 from adt_finetune.evaluation import combine, evaluate, evaluate_shard, read_per_example_csv
 from adt_finetune.evaluation.shards import chunk_batches, shard_rows

@@ -11,7 +11,7 @@ from adt_finetune.perturb.linf import sign_gradient_ascent
 from adt_finetune.config import TrainConfig, list_recipes
 from adt_finetune.errors import UserError
 from adt_finetune.models import SmallCNN
-from adt_finetune.runs import list_runs, load_run
+from adt_finetune.run_folder import list_runs, load_run
 from adt_finetune.training import _SeededAugmentation, build_config, lr_at, train
 from adt_finetune.workspace import Workspace
 
@@ -377,7 +377,7 @@ def test_pgd_at_finetuning_raises_pgd_accuracy(tmp_path, trained_cnn, fmnist_tes
 def test_method_loss_rule_lives_with_the_registry():
     from adt_finetune.config import TrainConfig as TC
     from adt_finetune.methods import check_method_loss, default_loss
-    from adt_finetune.perturb.exp import DEFAULT_LAMBDA
+    from adt_finetune.perturb.exp_distribution import DEFAULT_LAMBDA
     from adt_finetune.training import resolve_loss
 
     assert default_loss("wdat") == "trades" and default_loss("trades") == "trades" and default_loss("exp-am") == "ce"

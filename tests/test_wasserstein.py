@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adt_finetune.evaluation import wasserstein as WS
-from adt_finetune.perturb import wasserstein as W
+from adt_finetune.evaluation import wasserstein_suite as WS
+from adt_finetune.perturb import distributional as W
 from adt_finetune.attacks import make_attack
 from adt_finetune.perturb.linf import sign_gradient_ascent
 from adt_finetune.config import TrainConfig, read_recipe

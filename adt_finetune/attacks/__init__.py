@@ -2,7 +2,7 @@
 
 Importing this package registers every attack.
 """
-from . import autoattack, exp, feature, generator, gradient, spsa, wpgd  # noqa: F401  (registration)
+from . import autoattack, exp_attack, feature, generator_attacks, gradient, spsa, wpgd  # noqa: F401  (registration)
 from .base import ATTACKS, Attack, AttackResult, list_attacks, make_attack, register_attack, verdict
 
 __all__ = ["ATTACKS", "Attack", "AttackResult", "list_attacks", "make_attack", "register_attack", "verdict"]

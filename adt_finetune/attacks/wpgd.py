@@ -5,7 +5,7 @@ evaluation engine must pass every example in one call (`dataset_level = True`)
 and the result depends on which examples are attacked together. Its x_adv is
 not inside the pointwise ε-ball: single images may move further than the
 budget while others stay put (`linf_bounded = False` tells the engine's
-ε-ball sanity check to skip it). The algorithm lives in `adt_finetune.perturb.wasserstein`.
+ε-ball sanity check to skip it). The algorithm lives in `adt_finetune.perturb.distributional`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..perturb import wasserstein as W
+from ..perturb import distributional as W
 from .base import Attack, AttackResult, register_attack
 
 

@@ -19,9 +19,9 @@ import importlib
 from typing import Any
 
 from .results import BenchResult, BenchRow
-from .settings import (ATTACK_BASELINE, CPU_DEFAULT_ATTACKS, CPU_DEFAULT_OVERRIDES, DEFAULT_ARCH, KNOWN_ATTACKS,
-                       KNOWN_METHODS, LOSSES, METHOD_BASELINE, PAPER_ATTACKS, SCHEMA, default_dataset, parse_list,
-                       parse_overrides)
+from .bench_config import (ATTACK_BASELINE, CPU_DEFAULT_ATTACKS, CPU_DEFAULT_OVERRIDES, DEFAULT_ARCH, KNOWN_ATTACKS,
+                           KNOWN_METHODS, LOSSES, METHOD_BASELINE, PAPER_ATTACKS, SCHEMA, default_dataset, parse_list,
+                           parse_overrides)
 
 _LAZY = {
     "run_benchmark": "runner",

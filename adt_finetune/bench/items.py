@@ -16,8 +16,8 @@ from ..nets import eval_mode
 from ..precision import autocast_context, make_grad_scaler, to_channels_last, torch_dtype
 from .memory import sync
 from .results import BenchRow
-from .session import BenchSession
-from .settings import ATTACK_BASELINE, METHOD_BASELINE
+from .bench_session import BenchSession
+from .bench_config import ATTACK_BASELINE, METHOD_BASELINE
 
 Item = tuple[BenchRow, Callable]
 

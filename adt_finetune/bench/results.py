@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..utils import atomic_write_json
-from .settings import ATTACK_BASELINE, METHOD_BASELINE
+from .bench_config import ATTACK_BASELINE, METHOD_BASELINE
 
 NOT_IMPLEMENTED = "not implemented in this build"
 

@@ -13,9 +13,9 @@ from ..progress import Reporter, as_reporter
 from .items import attack_item, method_item
 from .model import bench_device
 from .results import NOT_IMPLEMENTED, BenchResult, BenchRow, fill_ratios
-from .session import BenchSession
-from .settings import (ATTACK_BASELINE, CPU_DEFAULT_ATTACKS, CPU_DEFAULT_OVERRIDES, KNOWN_ATTACKS, KNOWN_METHODS,
-                       LOSSES, METHOD_BASELINE, PAPER_ATTACKS, pick)
+from .bench_session import BenchSession
+from .bench_config import (ATTACK_BASELINE, CPU_DEFAULT_ATTACKS, CPU_DEFAULT_OVERRIDES, KNOWN_ATTACKS, KNOWN_METHODS,
+                           LOSSES, METHOD_BASELINE, PAPER_ATTACKS, pick)
 from .timing import run_group
 
 

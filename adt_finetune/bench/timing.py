@@ -14,7 +14,7 @@ from .cost import GlobalFlopCounter, Pass, PassLog, top_level_modules
 from .items import Item
 from .memory import PeakMemory, sync
 from .results import NOT_IMPLEMENTED, BenchRow, clear_numbers, join_notes
-from .session import BenchSession
+from .bench_session import BenchSession
 
 
 @dataclass

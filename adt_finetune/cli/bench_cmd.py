@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from ..bench.settings import ATTACK_BASELINE, DEFAULT_ARCH, METHOD_BASELINE, default_dataset, parse_list
+from ..bench.bench_config import ATTACK_BASELINE, DEFAULT_ARCH, METHOD_BASELINE, default_dataset, parse_list
 from ..progress import Reporter
 from .common import DeviceOpt, console, err_console
 

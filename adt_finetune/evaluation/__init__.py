@@ -14,7 +14,7 @@ from .engine import evaluate, evaluate_shard
 from .merge import merge_shards
 from .result import EvalResult, SanityCheck, read_per_example_csv
 from .resume import _ResumeState, fingerprint
-from .run import EvalRecord, ShardRecord, default_entry_name, evaluate_workspace
+from .workspace_eval import EvalRecord, ShardRecord, default_entry_name, evaluate_workspace
 from .sanity import LINF_TOLERANCE, check_finite_weights, sanity_checks
 from .shards import CHUNK_SIZE, ShardPart, combine, parse_shard
 from .suites import (COTRAINED_ATTACKS, GENERATOR_ATTACKS, MODES, PAPER, PSEUDO, SUITES, check_attack_names,

@@ -188,7 +188,7 @@ def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent"
         raise UserError(f"settings given for {unknown[0]!r}, which is not in the attack list")
     budget_list = None
     if "wasserstein" in names and budgets is not None:
-        from ..perturb.wasserstein import parse_budgets
+        from ..perturb.distributional import parse_budgets
 
         budget_list = parse_budgets(budgets)
     device = torch.device(device)
@@ -370,7 +370,7 @@ class _Run:
         """The W-PGD budget grid (the `wasserstein` pseudo-attack): its columns and flags."""
         st = self.state.attack("wasserstein")
         if not st["done"]:
-            from .wasserstein import wasserstein_suite
+            from .wasserstein_suite import wasserstein_suite
 
             t0 = time.perf_counter()
             plan = self.plan

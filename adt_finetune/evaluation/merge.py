@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from .run import EvalRecord, _check_entry_free, _resume_dir, check_writable, write_record
+from .workspace_eval import EvalRecord, _check_entry_free, _resume_dir, check_writable, write_record
 from .shard_files import ShardFile, find_shard_files, read_shard_file
 from .shards import combine
 from .targets import Target

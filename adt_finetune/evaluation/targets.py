@@ -124,7 +124,7 @@ def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws
 
 def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, device, baseline: bool) -> Target:
     """A finished run: its fine-tuned model, its base model (for --baseline) and its generator."""
-    from ..runs import load_run
+    from ..run_folder import load_run
     from ..zoo import model_from_ref
 
     info_run = load_run(run, ws.root)

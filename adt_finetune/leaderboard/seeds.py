@@ -39,7 +39,7 @@ def train_seed(entry: Entry, workspace: str | Path | None = None) -> int | None:
     run_id = entry.extra.get("run_id")
     if workspace is None or not run_id:
         return None
-    from ..runs import load_run
+    from ..run_folder import load_run
 
     try:
         seed = load_run(run_id, workspace, require_finished=False).meta.get("seed")

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..perturb.amortised import IMP_ENTROPY_FORMS, build_adversary, default_lambda
-from ..perturb.generators import diagnostic_rng, gradient_features, modules_in_eval_mode
+from ..perturb.adt_networks import diagnostic_rng, gradient_features, modules_in_eval_mode
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, training_loss
 

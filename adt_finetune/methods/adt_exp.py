@@ -1,7 +1,7 @@
 """ADT-EXP (`--method exp`): a tanh-Gaussian over δ fitted per example, then one
 sample per example for the classifier's update (docs/methods.md, "ADT-EXP"; Dong et al. 2020, §3.2).
 
-The distribution fitting lives in `perturb.exp`, shared with the `exp` attack.
+The distribution fitting lives in `perturb.exp_distribution`, shared with the `exp` attack.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..perturb import tanh_gaussian as tg
-from ..perturb.exp import DEFAULT_LAMBDA, Objective, fit_exp_distribution
+from ..perturb.exp_distribution import DEFAULT_LAMBDA, Objective, fit_exp_distribution
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
 

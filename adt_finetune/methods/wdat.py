@@ -38,7 +38,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..errors import UserError
 from ..nets import eval_mode
-from ..perturb.wasserstein import parse_budgets, wpgd_map
+from ..perturb.distributional import parse_budgets, wpgd_map
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
 

@@ -3,7 +3,7 @@ the variational posterior q_ψ) with the way it draws x' and the entropy regular
 that goes with the draw (docs/methods.md, "ADT-EXP-AM", "ADT-IMP-AM"; Dong et al. 2020).
 
 The training methods (`methods.adt_am`) and the retrained-generator attacks
-(`attacks.generator`, via `perturb.generator_fit`) both draw through these classes,
+(`attacks.generator_attacks`, via `perturb.generator_training`) both draw through these classes,
 so training and evaluation cannot drift apart. The regulariser is written as it
 enters a loss that both the generator and q_ψ *descend*: descending it raises the
 entropy (and trains q_ψ to a tighter bound).
@@ -18,8 +18,8 @@ from torch import nn
 
 from ..errors import UserError
 from . import tanh_gaussian as tg
-from .exp import DEFAULT_LAMBDA
-from .generators import EntropyNet, ExplicitGenerator, ImplicitGenerator, diversity
+from .exp_distribution import DEFAULT_LAMBDA
+from .adt_networks import EntropyNet, ExplicitGenerator, ImplicitGenerator, diversity
 
 #: --imp-entropy: "paper", the variational bound of the extended paper's Eq. 14–15 (default),
 #: or "hinge", the released code's max(neg_ent − τ, 0)

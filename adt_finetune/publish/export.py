@@ -73,7 +73,7 @@ def _weights(e: Entry, ws: Workspace) -> ModelRef:
     """How to rebuild the evaluated model: its run's final weights, or the checkpoint file it was given."""
     x = e.extra
     if x.get("run_id"):
-        from ..runs import load_run
+        from ..run_folder import load_run
 
         try:
             model = load_run(x["run_id"], ws.root).model

@@ -31,16 +31,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import runs
+from .. import run_folder
 from ..config import TrainConfig
 from ..distributed import World, any_rank, barrier, main_first, setup as setup_world, teardown
 from ..errors import UserError
 from ..progress import Reporter, as_reporter
 from ..utils import atomic_torch_save, resolve_device
 from ..workspace import ModelRef, Workspace
-from . import parallel, rundir, start
+from . import parallel, run_writer, start
 from .batches import probe_batch
-from .settings import lr_at, resolve_loss, validate_config
+from .train_config import lr_at, resolve_loss, validate_config
 
 CHECKPOINT_SECONDS = 600          # default mid-epoch checkpoint interval when checkpoint_every is None
 FINITE_CHECK_STEPS = 50           # steps between checks of the weights for nan/inf
@@ -116,7 +116,7 @@ def train(cfg: TrainConfig | None = None, *, workspace: str | Path = ".", report
     size), and only rank 0 writes the run folder and reports (README, "Scaling out").
     """
     ws = Workspace(workspace)
-    runs.check_runs_dir(ws)
+    run_folder.check_runs_dir(ws)
     if resume not in (None, False):
         info, recorded = start.resume_target(cfg, ws, None if resume is True else resume)
         device = resolve_device(recorded.device)
@@ -127,7 +127,7 @@ def train(cfg: TrainConfig | None = None, *, workspace: str | Path = ".", report
         cfg = cfg or TrainConfig()
         validate_config(cfg)
         if cfg.run_name:
-            rundir.check_run_name(cfg.run_name)
+            run_writer.check_run_name(cfg.run_name)
         loss = resolve_loss(cfg)
         device = resolve_device(cfg.device)
         fresh_cfg = cfg
@@ -167,7 +167,7 @@ class _Loop:
         self.on_step = on_step
         self.probe = probe_batch(s.cfg, ws) if s.measures_diagnostics and self.main else None
         self.last_checkpoint = time.monotonic()
-        self.has_checkpoint = (self.run_dir / runs.CHECKPOINT).exists()
+        self.has_checkpoint = (self.run_dir / run_folder.CHECKPOINT).exists()
 
     def run(self) -> RunResult:
         s, cfg, pos = self.s, self.cfg, self.pos
@@ -231,7 +231,7 @@ class _Loop:
         stop, due = any_rank(self.world, [guard.requested, due])
         if stop:
             self._save_checkpoint()
-            self._write(rundir.write_meta, self.meta)
+            self._write(run_writer.write_meta, self.meta)
             launch = f"--nproc {self.world.size} " if self.world.distributed else ""
             self.reporter.message(f"stopped at epoch {self.pos.epoch + 1}, step {self.pos.step_in_epoch} of "
                                   f"{self.s.steps_per_epoch}; checkpoint saved. Continue with: "
@@ -264,13 +264,13 @@ class _Loop:
         pos.history.append(record)
         if not stopped_early:
             pos.next_epoch()
-        self._write(rundir.write_metrics, pos.history)
+        self._write(run_writer.write_metrics, pos.history)
         self.meta["epochs_done"] = pos.epoch
         self.meta["time_per_epoch_s"] = [r["time_s"] for r in pos.history]
         self.meta["diagnostics"] = [r.get("diagnostics", {}) for r in pos.history]
         if not stopped_early:
             self._save_checkpoint()
-        self._write(rundir.write_meta, self.meta)
+        self._write(run_writer.write_meta, self.meta)
 
     def _check_finite(self) -> None:
         bad = self.s.non_finite()
@@ -284,7 +284,7 @@ class _Loop:
     def _save_checkpoint(self) -> None:
         self._check_finite()  # a checkpoint never holds nan/inf: resuming it would only diverge again
         if self.main:  # every rank holds the same state: rank 0's is the run's
-            atomic_torch_save(self.s.checkpoint(self.pos), self.run_dir / runs.CHECKPOINT)
+            atomic_torch_save(self.s.checkpoint(self.pos), self.run_dir / run_folder.CHECKPOINT)
         self.has_checkpoint = True
         self.last_checkpoint = time.monotonic()
 
@@ -293,20 +293,20 @@ class _Loop:
         self._check_finite()
         if s.sync_bn:
             parallel.revert_sync_bn(s.model)  # hand back the architecture as it was built
-        model_path = self.run_dir / runs.MODEL
-        self._write(rundir.save_model, s.model)
-        generator = self._write(rundir.save_method_networks, s.method)
+        model_path = self.run_dir / run_folder.MODEL
+        self._write(run_writer.save_model, s.model)
+        generator = self._write(run_writer.save_method_networks, s.method)
         if generator:
             meta["generator"] = generator
-        ref = rundir.final_ref(self.run_dir, meta, model_path)
+        ref = run_writer.final_ref(self.run_dir, meta, model_path)
         last = pos.history[-1] if pos.history else {}
         final = {k: v for k, v in last.items() if k not in ("epoch", "time_s", "steps", "partial", "diagnostics")}
         final.update({"epochs_done": pos.epoch, "steps": pos.global_step,
                       "train_time_s": sum(r["time_s"] for r in pos.history)})
-        meta.update({"status": "finished", "finished": rundir.now(), "model": runs.stored_ref(ref, self.ws.root),
+        meta.update({"status": "finished", "finished": run_writer.now(), "model": run_folder.stored_ref(ref, self.ws.root),
                      "final_metrics": final, "stopped_early": bool(last.get("partial"))})
         if self.main:
-            rundir.write_meta(self.run_dir, meta)
+            run_writer.write_meta(self.run_dir, meta)
             self.ws.set_latest_run(self.run_dir.name)
         barrier(self.world)  # every rank returns once the run is written
 

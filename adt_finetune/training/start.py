@@ -14,17 +14,17 @@ from typing import Any
 
 import torch
 
-from .. import runs
+from .. import run_folder
 from ..config import TrainConfig
 from ..data import DatasetInfo, dataset_info, is_image_folder
 from ..distributed import World
 from ..errors import UserError
 from ..utils import format_eps, parse_eps, set_seed
 from ..workspace import ModelRef, Workspace
-from . import rundir
+from . import run_writer
 from .batches import train_set
-from .session import Position, Session, first_non_finite
-from .settings import RESUME_OVERRIDABLE, config_from_record, resolved, validate_config, with_method_settings
+from .run_state import Position, Session, first_non_finite
+from .train_config import RESUME_OVERRIDABLE, config_from_record, resolved, validate_config, with_method_settings
 
 
 @dataclass
@@ -62,15 +62,15 @@ def fresh(cfg: TrainConfig, loss: str, ws: Workspace, world: World, shared: Any)
         run_dir, meta = Path(shared[0]), shared[1]
         return Prepared(session, run_dir, meta, Position()), None
 
-    run_dir = rundir.make_run_dir(ws, session.cfg)
+    run_dir = run_writer.make_run_dir(ws, session.cfg)
     if base_ref is None:
-        base_ref = rundir.save_init(run_dir, session.model, session.cfg, info.name)
-    meta = rundir.initial_meta(run_dir, ws, session.cfg, base_ref, eps=eps, eps_str=format_eps(eps),
+        base_ref = run_writer.save_init(run_dir, session.model, session.cfg, info.name)
+    meta = run_writer.initial_meta(run_dir, ws, session.cfg, base_ref, eps=eps, eps_str=format_eps(eps),
                                device=world.device, head=session.head_name, n_examples=session.n_examples,
                                steps_per_epoch=session.steps_per_epoch)
     if world.distributed:  # a single process's run.json stays as it always was
         meta.update(world_meta(world, session.cfg))
-    rundir.write_meta(run_dir, meta)
+    run_writer.write_meta(run_dir, meta)
     ws.set_latest_run(run_dir.name)  # so that a bare --resume finds it even if it never finishes
     return Prepared(session, run_dir, meta, Position()), (str(run_dir), meta)
 
@@ -111,10 +111,10 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
 
 # ---------------------------------------------------------------- resume
 
-def resume_target(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None) -> tuple[runs.RunInfo, TrainConfig]:
+def resume_target(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None) -> tuple[run_folder.RunInfo, TrainConfig]:
     """The unfinished run to continue and its recorded settings (read-only: every rank may call it)."""
     try:
-        info = runs.load_run(run, ws.root, require_finished=False)
+        info = run_folder.load_run(run, ws.root, require_finished=False)
     except UserError as e:
         raise UserError(f"nothing to resume: {e}") from None
     if info.finished:
@@ -122,7 +122,7 @@ def resume_target(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None
     return info, _recorded_config(info, cfg)
 
 
-def resume(info: runs.RunInfo, recorded: TrainConfig, ws: Workspace, world: World,
+def resume(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspace, world: World,
            shared: Any) -> tuple[Prepared, Any]:
     """The session of an unfinished run, restored from its checkpoint (every rank reads the same file)."""
     recorded_world = int(info.meta.get("world_size", 1))
@@ -134,14 +134,14 @@ def resume(info: runs.RunInfo, recorded: TrainConfig, ws: Workspace, world: Worl
                         f"global batch would change; resume it {launch}")
     dinfo = dataset_info(recorded.dataset or info.base_model.dataset)
     if world.is_main:
-        rundir.remove_stale_temporaries(info.path)
-    ckpt_path = info.path / runs.CHECKPOINT
+        run_writer.remove_stale_temporaries(info.path)
+    ckpt_path = info.path / run_folder.CHECKPOINT
     if not ckpt_path.exists():
         # Stopped before its first checkpoint: nothing was learnt yet, so start again from the beginning.
         base_ref = None if recorded.model == "scratch" else info.base_model
         session = start_session(recorded, base_ref, dinfo, ws, world)
         if base_ref is None and world.is_main:
-            rundir.save_init(info.path, session.model, session.cfg, dinfo.name)
+            run_writer.save_init(info.path, session.model, session.cfg, dinfo.name)
         pos = Position()
         note = f"run {info.id} stopped before its first checkpoint: training it from the beginning"
     else:
@@ -157,15 +157,15 @@ def resume(info: runs.RunInfo, recorded: TrainConfig, ws: Workspace, world: Worl
     if not world.is_main:
         return Prepared(session, info.path, shared, pos, note), None
     meta = dict(info.meta)
-    meta["resumed"] = list(meta.get("resumed", [])) + [{"at": rundir.now(), "global_step": pos.global_step,
-                                                        "device": rundir.device_name(world.device)}]
+    meta["resumed"] = list(meta.get("resumed", [])) + [{"at": run_writer.now(), "global_step": pos.global_step,
+                                                        "device": run_writer.device_name(world.device)}]
     meta["config"] = session.cfg.to_dict()
-    rundir.write_meta(info.path, meta)
+    run_writer.write_meta(info.path, meta)
     ws.set_latest_run(info.path.name)
     return Prepared(session, info.path, meta, pos, note), meta
 
 
-def _recorded_config(info: runs.RunInfo, cfg: TrainConfig | None) -> TrainConfig:
+def _recorded_config(info: run_folder.RunInfo, cfg: TrainConfig | None) -> TrainConfig:
     """The run's own settings, with those of RESUME_OVERRIDABLE the caller moved away from their defaults."""
     recorded = config_from_record(info.meta.get("config"), f"run.json of run {info.id}")
     if cfg is not None:

@@ -1,6 +1,6 @@
 """The run folder as training writes it: creation, run.json, metrics.jsonl, the final files.
 
-The layout and what readers may rely on is `adt_finetune.runs`; this module is the
+The layout and what readers may rely on is `adt_finetune.run_folder`; this module is the
 only writer. Every write is atomic, so a kill leaves at most a stale `.<name>.*.tmp`
 file, which the next start or resume of the run removes.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import runs
+from .. import run_folder
 from ..config import TrainConfig
 from ..errors import UserError
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, versions
@@ -53,7 +53,7 @@ def make_run_dir(ws: Workspace, cfg: TrainConfig) -> Path:
     A named folder that exists without a run.json (a start killed before it wrote one)
     is taken over, so the same command works again.
     """
-    runs.check_runs_dir(ws)
+    run_folder.check_runs_dir(ws)
     ws.runs_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run_name:
         check_run_name(cfg.run_name)
@@ -61,7 +61,7 @@ def make_run_dir(ws: Workspace, cfg: TrainConfig) -> Path:
         try:
             folder.mkdir()
         except FileExistsError:
-            if not folder.is_dir() or (folder / runs.RUN_JSON).exists():
+            if not folder.is_dir() or (folder / run_folder.RUN_JSON).exists():
                 raise UserError(f"run {cfg.run_name} already exists: continue it with --resume {cfg.run_name} "
                                 "or choose another --run-name") from None
             remove_stale_temporaries(folder)
@@ -79,7 +79,7 @@ def make_run_dir(ws: Workspace, cfg: TrainConfig) -> Path:
 
 def save_init(run_dir: Path, model: nn.Module, cfg: TrainConfig, dataset: str) -> ModelRef:
     """Record a scratch run's random initial weights (init.pt) as its base model."""
-    init_path = run_dir / runs.INIT
+    init_path = run_dir / run_folder.INIT
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, init_path)
     arch = cfg.arch or ""
     short = re.sub(r"[^A-Za-z0-9_.-]+", "-", arch.split(":")[-1].split(".")[-1])
@@ -92,7 +92,7 @@ def initial_meta(run_dir: Path, ws: Workspace, cfg: TrainConfig, base_ref: Model
     """run.json of a run that has just started."""
     return {
         "id": run_dir.name, "status": "running", "created": now(), "finished": None,
-        "base_model": runs.stored_ref(base_ref, ws.root), "model": None,
+        "base_model": run_folder.stored_ref(base_ref, ws.root), "model": None,
         "dataset": cfg.dataset, "threat_model": base_ref.threat_model, "eps": eps, "eps_str": eps_str,
         "method": cfg.method, "loss": cfg.loss, "scope": cfg.scope, "head_init": cfg.head_init,
         "epochs": cfg.epochs, "epochs_done": 0, "seed": cfg.seed, "config": cfg.to_dict(), "recipe": cfg.recipe,
@@ -103,17 +103,17 @@ def initial_meta(run_dir: Path, ws: Workspace, cfg: TrainConfig, base_ref: Model
 
 
 def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
-    atomic_write_json(run_dir / runs.RUN_JSON, meta)
+    atomic_write_json(run_dir / run_folder.RUN_JSON, meta)
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     # Rewritten whole from the checkpointed history, so a resumed run never duplicates an epoch's line.
-    atomic_write_text(run_dir / runs.METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(run_dir / run_folder.METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def save_model(run_dir: Path, model: nn.Module) -> Path:
     """model.pt: the plain state dict (`model.load_state_dict(torch.load(p))`)."""
-    path = run_dir / runs.MODEL
+    path = run_dir / run_folder.MODEL
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return path
 
@@ -122,10 +122,10 @@ def save_method_networks(run_dir: Path, method: Any) -> str | None:
     """generator.pt for a method with networks of its own (the amortised ADT generators); its name or None."""
     if not method.modules():
         return None
-    from ..perturb.generators import save_generator
+    from ..perturb.adt_networks import save_generator
 
-    save_generator(run_dir / runs.GENERATOR, method)
-    return runs.GENERATOR
+    save_generator(run_dir / run_folder.GENERATOR, method)
+    return run_folder.GENERATOR
 
 
 def final_ref(run_dir: Path, meta: dict[str, Any], model_path: Path) -> ModelRef:

@@ -16,7 +16,7 @@ from ..utils import set_seed, versions
 from .cost import CostModel, PassLog, replay_flops
 from .memory import PEAK_MEM_MEANING, device_name
 from .model import build_model
-from .settings import PREPARE_POOL, SCHEMA
+from .bench_config import PREPARE_POOL, SCHEMA
 
 
 class BenchSession:

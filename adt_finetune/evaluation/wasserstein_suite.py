@@ -1,6 +1,6 @@
 """The `wasserstein` evaluation suite: clean statistics, W-PGD per budget, the
 first-order estimate and the pointwise PGD-20 reference (docs/evaluation.md,
-"Distributional robustness"). The algorithms are in `perturb.wasserstein`.
+"Distributional robustness"). The algorithms are in `perturb.distributional`.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from ..attacks import verdict
 from ..nets import eval_mode
 from ..progress import Reporter, as_reporter
 from ..perturb.linf import sign_gradient_ascent
-from ..perturb.wasserstein import (DEFAULT_LOSS, DEFAULT_RATIO, DEFAULT_STEPS, CleanStats, _check_q, _check_set,
-                                   _device_of, _json_float, clean_statistics, default_budgets, first_order_estimate,
-                                   parse_budgets, resolve_loss, wpgd)
+from ..perturb.distributional import (DEFAULT_LOSS, DEFAULT_RATIO, DEFAULT_STEPS, CleanStats, _check_q, _check_set,
+                                      _device_of, _json_float, clean_statistics, default_budgets, first_order_estimate,
+                                      parse_budgets, resolve_loss, wpgd)
 from ..utils import format_eps
 
 REFERENCE_PGD_STEPS = 20

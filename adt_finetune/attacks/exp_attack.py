@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..perturb.exp import fit_exp_distribution, sample_exp
+from ..perturb.exp_distribution import fit_exp_distribution, sample_exp
 from .base import (Attack, AttackResult, batch_seed, bool_setting, example_seeds, float_setting, int_setting,
                    register_attack, verdict)
 from ..perturb.linf import margin, project_linf

@@ -29,11 +29,11 @@ from torch import nn
 from ..errors import UserError
 from ..nets import eval_mode
 from ..perturb.amortised import default_lambda
-from ..perturb.generator_fit import GeneratorBudget, fit_generator
-from ..perturb.generators import gradient_features, load_generator, read_generator_file, write_generator_file
+from ..perturb.generator_training import GeneratorBudget, fit_generator
+from ..perturb.adt_networks import gradient_features, load_generator, read_generator_file, write_generator_file
 from ..perturb.linf import project_linf
 from .base import Attack, AttackResult, float_setting, int_setting, register_attack
-from .exp import batch_generator, worst_of_samples
+from .exp_attack import batch_generator, worst_of_samples
 
 CACHE_FILE = "generator.pt"
 
@@ -85,7 +85,7 @@ class CotrainedGeneratorAttack(_GeneratorAttack):
 class RetrainedGeneratorAttack(_GeneratorAttack):
     """Settings: steps (100), width (8), batch (64), lr (2e-3), lam (the training method's default λ:
     0.01 exp-am, 10 imp-am), z_dim (64, imp-am), samples (draws per example, 1). Needs training images.
-    The defaults are CPU-sized (`perturb.generator_fit.GeneratorBudget`)."""
+    The defaults are CPU-sized (`perturb.generator_training.GeneratorBudget`)."""
 
     uses_training_data = True
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..nets import eval_mode
 from ..progress import Reporter, as_reporter
 from .amortised import build_adversary
-from .generators import gradient_features
+from .adt_networks import gradient_features
 
 
 @dataclass(frozen=True)
