@@ -3,12 +3,21 @@
 A `Registry` is a read-only mapping name → class, filled by a class decorator.
 Registering a name twice is an error (a silent overwrite would make the second
 import decide which attack a name runs). `names(pattern)` lists names, with
-shell-style wildcards as timm's `list_models('*resnet*')`.
+shell-style wildcards as timm's `list_models('*resnet*')`; iterating gives them in
+registration order.
+
+A new method or attack is one new module in its package: `import_package_modules` imports
+every module of the package (so the decorator runs), and `declared_names` reads the names
+from the modules' source without importing them, for help texts that must not load torch.
 """
 from __future__ import annotations
 
+import ast
 import fnmatch
-from collections.abc import Iterator, Mapping
+import importlib
+import pkgutil
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -48,3 +57,26 @@ class Registry(Mapping, Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def import_package_modules(package: str, path: Iterable[str], first: Iterable[str] = ()) -> None:
+    """Import the modules of `package` (whose `__path__` is `path`): those in `first` in that order,
+    then every other one alphabetically, so a module dropped into the package registers itself
+    without an import line anywhere, after the shipped ones."""
+    found = sorted(m.name for m in pkgutil.iter_modules(list(path)) if not m.ispkg)
+    for name in [*first, *(n for n in found if n not in first)]:
+        importlib.import_module(f"{package}.{name}")
+
+
+def declared_names(package_dir: str | Path, decorator: str) -> list[str]:
+    """Sorted names registered in the modules of `package_dir` with `decorator("name")` (as a
+    decorator or a call), read from the source without importing it. The CLI lists the methods
+    and attacks from this while it starts, before torch loads; a test keeps it equal to the
+    registries that importing the packages fills."""
+    names: set[str] = set()
+    for path in sorted(Path(package_dir).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == decorator
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                names.add(node.args[0].value)
+    return sorted(names)

@@ -5,7 +5,8 @@
         metrics.jsonl   one JSON object per epoch
         checkpoint.pt   latest resumable state (model, optimiser, method, RNG, data position)
         model.pt        final classifier state dict (plain; `model.load_state_dict(torch.load(p))`)
-        generator.pt    the method's own networks (ADT-EXP-AM / IMP-AM generators), when it has any
+        generator.pt    the amortised ADT generator (exp-am, imp-am): an attack for `adt-ft eval`
+        networks.pt     any other method's own networks ({name: state dict}), when it has any
         init.pt         the random initial weights, for `model: scratch` runs only
 
 Model paths in run.json (base model, model, init) are relative to the workspace
@@ -32,6 +33,7 @@ METRICS_JSONL = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 GENERATOR = "generator.pt"
+NETWORKS = "networks.pt"
 INIT = "init.pt"
 
 

@@ -29,10 +29,17 @@ ROW_TYPES = {
 
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory):
-    """pgd-at + exp-am (both losses) + a method missing from the registry, and fgsm, one step each."""
-    from adt_finetune.methods import METHODS
+    """pgd-at + exp-am (both losses) + a method not implemented in this build, and fgsm, one step each."""
+    from adt_finetune.methods import METHODS, TrainMethod
 
-    saved = METHODS._items.pop("wdat")  # stands in for a method not implemented in this build
+    class Unfinished(TrainMethod):  # stands in for a method registered but not implemented in this build
+        accepts_loss = ("trades",)
+
+        def step(self, model, x, y):
+            raise NotImplementedError
+
+    saved = METHODS._items["wdat"]
+    METHODS._items["wdat"] = Unfinished  # the registry refuses overwrites; the test swaps underneath it
     try:
         result = run_benchmark(TINY, dataset="fashion-mnist", methods=["pgd-at", "exp-am", "wdat"],
                                attacks=["fgsm"], batch_size=4, steps=1, warmup=1, arch_kwargs=TINY_KWARGS,
@@ -60,7 +67,7 @@ def test_json_has_documented_fields(tiny_result):
 
     items = [(r["kind"], r["name"], r["loss"], r["status"]) for r in data["rows"]]
     assert items == [("method", "pgd-at", "ce", "ok"), ("method", "exp-am", "ce", "ok"),
-                     ("method", "exp-am", "trades", "ok"), ("method", "wdat", None, "skipped"),
+                     ("method", "exp-am", "trades", "ok"), ("method", "wdat", "trades", "skipped"),
                      ("attack", "pgd20", None, "ok"), ("attack", "fgsm", None, "ok")]
     assert set(data["rows"][0]) == set(BenchRow.__dataclass_fields__)
     for row in data["rows"]:

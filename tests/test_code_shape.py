@@ -77,3 +77,26 @@ def test_the_shape_checks_can_fail(tmp_path):
     bad.write_text(f"def f():\n{body}\n" + "\n" * (MAX_MODULE_LINES - 80))
     assert long_functions([bad]) == {"bad.py:1 f": 81}
     assert long_modules([bad]) == {"bad.py": 501}
+
+
+def shared_base_names(paths: list[Path]) -> dict[str, list[str]]:
+    """Module base names used by more than one module (package `__init__` and `base` aside)."""
+    by_name: dict[str, list[str]] = {}
+    for p in paths:
+        if p.stem not in ("__init__", "base"):
+            by_name.setdefault(p.stem, []).append(str(p.relative_to(p.parents[1])) if len(p.parents) > 1 else p.name)
+    return {name: where for name, where in by_name.items() if len(where) > 1}
+
+
+def test_no_two_modules_share_a_base_name():
+    """`settings.py` in two packages makes every traceback, import and search ambiguous."""
+    assert shared_base_names(_modules()) == {}, "rename one of each pair to say what it holds"
+
+
+def test_the_base_name_check_can_fail(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for stem in ("settings", "__init__", "base", folder):
+            (tmp_path / folder / f"{stem}.py").write_text("")
+    found = shared_base_names(sorted(tmp_path.rglob("*.py")))
+    assert found == {"settings": ["a/settings.py", "b/settings.py"]}

@@ -150,13 +150,31 @@ class AutoAttackPart(AutoAttackLinf):
         return {**super().settings(), "version": "standard", "part": self.part}
 
 
-#: name -> (class name, what the part is); one registered class each, `square` the gradient-free one
-PARTS = {
-    "apgd-ce": ("APGDCE", "APGD with the cross-entropy loss, 1 restart, 100 iterations (the first part)."),
-    "apgd-t": ("APGDT", "Targeted APGD with the DLR loss, 9 target classes, 100 iterations each."),
-    "fab-t": ("FABT", "Targeted FAB (minimum-norm), 9 target classes."),
-    "square": ("Square", "Square Attack: random search with 5,000 queries, no gradients."),
-}
-for _part, (_cls, _doc) in PARTS.items():
-    register_attack(_part)(type(_cls, (AutoAttackPart,), {
-        "part": _part, "black_box": _part == "square", "__doc__": _doc, "__module__": __name__}))
+# One registered class per part, `square` the gradient-free one.
+@register_attack("apgd-ce")
+class APGDCE(AutoAttackPart):
+    """APGD with the cross-entropy loss, 1 restart, 100 iterations (the first part)."""
+
+    part = "apgd-ce"
+
+
+@register_attack("apgd-t")
+class APGDT(AutoAttackPart):
+    """Targeted APGD with the DLR loss, 9 target classes, 100 iterations each."""
+
+    part = "apgd-t"
+
+
+@register_attack("fab-t")
+class FABT(AutoAttackPart):
+    """Targeted FAB (minimum-norm), 9 target classes."""
+
+    part = "fab-t"
+
+
+@register_attack("square")
+class Square(AutoAttackPart):
+    """Square Attack: random search with 5,000 queries, no gradients."""
+
+    part = "square"
+    black_box = True

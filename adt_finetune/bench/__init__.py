@@ -19,9 +19,8 @@ import importlib
 from typing import Any
 
 from .results import BenchResult, BenchRow
-from .bench_config import (ATTACK_BASELINE, CPU_DEFAULT_ATTACKS, CPU_DEFAULT_OVERRIDES, DEFAULT_ARCH, KNOWN_ATTACKS,
-                           KNOWN_METHODS, LOSSES, METHOD_BASELINE, PAPER_ATTACKS, SCHEMA, default_dataset, parse_list,
-                           parse_overrides)
+from .bench_config import (ATTACK_BASELINE, CPU_DEFAULT_ATTACKS, CPU_DEFAULT_OVERRIDES, DEFAULT_ARCH,
+                           METHOD_BASELINE, PAPER_ATTACKS, SCHEMA, default_dataset, parse_list, parse_overrides)
 
 _LAZY = {
     "run_benchmark": "runner",
@@ -32,7 +31,7 @@ _LAZY = {
 }
 
 __all__ = ["ATTACK_BASELINE", "BenchResult", "BenchRow", "CPU_DEFAULT_ATTACKS", "CPU_DEFAULT_OVERRIDES",
-           "DEFAULT_ARCH", "KNOWN_ATTACKS", "KNOWN_METHODS", "LOSSES", "METHOD_BASELINE", "PAPER_ATTACKS", "SCHEMA",
+           "DEFAULT_ARCH", "METHOD_BASELINE", "PAPER_ATTACKS", "SCHEMA",
            "default_dataset", "parse_list", "parse_overrides", *_LAZY]
 
 

@@ -10,14 +10,14 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..errors import UserError
 
 SCHEMA = "adt-ft-bench/1"
-KNOWN_METHODS = ("pgd-at", "trades", "exp", "exp-am", "imp-am", "wdat")
-# exp-am / imp-am as attacks first train a generator on training images (and the -cotrained ones need a
-# run's generator), so their cost is not one batch's: they are not benchmarked here.
-KNOWN_ATTACKS = ("fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack", "spsa", "exp", "wpgd")
+# Which methods and attacks exist is their registries' business (`methods.METHODS`, `attacks.ATTACKS`):
+# by default every registered method is benchmarked, in registration order; the attack defaults below
+# are the benchmark's choice of what is worth timing by default. exp-am / imp-am as attacks first
+# train a generator on training images (and the -cotrained ones need a run's generator), so their cost
+# is not one batch's: they are not in a default list.
 PAPER_ATTACKS = ("fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "autoattack")
 # feature (200 targets × 50 steps), autoattack and spsa take minutes per batch on a CPU (docs/bench.md).
 CPU_DEFAULT_ATTACKS = ("fgsm", "pgd20", "pgd100", "mim", "cw")
-LOSSES = ("ce", "trades")
 # The paper's generator (width 256, residual blocks of 512) costs ~16–21 GFLOP per
 # image forward, far more than a small classifier: at full width the amortised
 # methods alone take minutes per CPU step. The CPU default narrows it (shown in the
@@ -36,10 +36,9 @@ def default_dataset(arch: str) -> str:
     return DEFAULT_ARCH_DATASET if arch == DEFAULT_ARCH else "cifar10"
 
 
-def pick(names: Iterable[str] | None, known: Sequence[str], registry: Mapping, what: str,
-         default: Sequence[str]) -> list[str]:
+def pick(names: Iterable[str] | None, registry: Mapping, what: str, default: Sequence[str]) -> list[str]:
     """The items of one group: `default` for None, none for [] or ["none"], else the
-    named ones in order, each once; an unknown name is a UserError listing the choices."""
+    named ones in order, each once; a name not in `registry` is a UserError listing the choices."""
     if names is None:
         return list(default)
     names = list(names)
@@ -50,9 +49,8 @@ def pick(names: Iterable[str] | None, known: Sequence[str], registry: Mapping, w
         n = n.strip()
         if not n:
             continue
-        if n not in registry and n not in known:
-            choices = sorted(set(known) | set(registry))
-            raise UserError(f"unknown {what} {n!r}: choose from {', '.join(choices)}")
+        if n not in registry:
+            raise UserError(f"unknown {what} {n!r}: choose from {', '.join(sorted(registry))}")
         if n not in out:
             out.append(n)
     return out

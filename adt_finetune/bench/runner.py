@@ -5,17 +5,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..attacks import ATTACKS
 from ..config import TrainConfig, coerce_setting
 from ..data import DatasetInfo, dataset_info
 from ..errors import UserError
+from ..methods import LOSSES, METHODS
 from ..precision import check_dtype
 from ..progress import Reporter, as_reporter
 from .items import attack_item, method_item
 from .model import bench_device
-from .results import NOT_IMPLEMENTED, BenchResult, BenchRow, fill_ratios
+from .results import BenchResult, BenchRow, fill_ratios
 from .bench_session import BenchSession
-from .bench_config import (ATTACK_BASELINE, CPU_DEFAULT_ATTACKS, CPU_DEFAULT_OVERRIDES, KNOWN_ATTACKS, KNOWN_METHODS,
-                           LOSSES, METHOD_BASELINE, PAPER_ATTACKS, pick)
+from .bench_config import (ATTACK_BASELINE, CPU_DEFAULT_ATTACKS, CPU_DEFAULT_OVERRIDES, METHOD_BASELINE,
+                           PAPER_ATTACKS, pick)
 from .timing import run_group
 
 
@@ -48,17 +50,14 @@ def run_benchmark(
     fields for the methods (e.g. `{"gen_width": 64}`), on top of the device's
     defaults (`CPU_DEFAULT_OVERRIDES` on CPU, none on GPU). `warmup` counts the
     untimed steps; the first of them is always run (it is the FLOP-counting step).
-    Items whose method or attack is not implemented in this build are kept as rows
-    with status "skipped"; an item that raises becomes status "error" (or raises,
+    Every registered method and attack can be named; one whose step raises NotImplementedError
+    is kept as a row with status "skipped"; an item that raises otherwise becomes status "error" (or raises,
     with `strict`). `reporter` hears which item is being set up and timed.
     """
-    from ..attacks import ATTACKS
-    from ..methods import METHODS
-
     dev, dtype, info = _check_run(batch_size, steps, warmup, device, dtype, dataset, losses)
-    method_names = _with_baseline(pick(methods, KNOWN_METHODS, METHODS, "method", KNOWN_METHODS), METHOD_BASELINE)
+    method_names = _with_baseline(pick(methods, METHODS, "method", list(METHODS)), METHOD_BASELINE)
     default_attacks = PAPER_ATTACKS if dev.type == "cuda" else CPU_DEFAULT_ATTACKS
-    attack_names = _with_baseline(pick(attacks, KNOWN_ATTACKS, ATTACKS, "attack", default_attacks), ATTACK_BASELINE)
+    attack_names = _with_baseline(pick(attacks, ATTACKS, "attack", default_attacks), ATTACK_BASELINE)
     overrides = _settings(dev, config_overrides)
     base_cfg = TrainConfig().updated({**overrides, "dataset": info.name, "batch_size": int(batch_size),
                                       "seed": seed, "device": str(dev), "amp": dtype != "fp32"})
@@ -115,16 +114,10 @@ def _settings(dev: torch.device, config_overrides: dict[str, Any] | None) -> dic
 
 def _run_methods(s: BenchSession, names: list[str], losses: Sequence[str], base_cfg: TrainConfig,
                  say: Callable[[str], None]) -> list[BenchRow]:
-    from ..methods import METHODS
-
     rows: list[BenchRow] = []
     items = []
     for name in names:
-        if name not in METHODS:
-            rows.append(BenchRow("method", name, None, status="skipped", baseline=METHOD_BASELINE,
-                                 note=NOT_IMPLEMENTED))
-            continue
-        accepted = tuple(getattr(METHODS[name], "accepts_loss", LOSSES))
+        accepted = tuple(METHODS[name].accepts_loss)
         # A method with one intrinsic loss (pgd-at: ce, trades: trades) runs with it even
         # when `losses` names only the other: the baseline must run, and silently dropping
         # the pointwise TRADES row would hide a method the user asked for.
@@ -136,17 +129,11 @@ def _run_methods(s: BenchSession, names: list[str], losses: Sequence[str], base_
 
 
 def _run_attacks(s: BenchSession, names: list[str], say: Callable[[str], None]) -> list[BenchRow]:
-    from ..attacks import ATTACKS
-
     if names:
         s.prepare_attack_inputs()
     rows: list[BenchRow] = []
     items = []
     for name in names:
-        if name not in ATTACKS:
-            rows.append(BenchRow("attack", name, None, status="skipped", baseline=ATTACK_BASELINE,
-                                 note=NOT_IMPLEMENTED))
-            continue
         items.append(attack_item(s, name))
         rows.append(items[-1][0])
     run_group(s, items, say)

@@ -8,7 +8,7 @@ import typer
 
 from ..bench.bench_config import ATTACK_BASELINE, DEFAULT_ARCH, METHOD_BASELINE, default_dataset, parse_list
 from ..progress import Reporter
-from .common import DeviceOpt, console, err_console
+from .common import DeviceOpt, attack_names, console, err_console, method_names
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -79,12 +79,13 @@ def bench(
                                 "default arch, cifar10 otherwise]."),
     arch_kwargs: Optional[str] = typer.Option(
         None, "--arch-kwargs", help='JSON constructor arguments for module:Class, e.g. \'{"width": 64}\'.'),
-    methods: Optional[str] = typer.Option(None, "--methods",
-                                          help="Comma-separated training methods, or none \\[default: all]."),
+    methods: Optional[str] = typer.Option(
+        None, "--methods", help=f"Comma-separated training methods ({', '.join(method_names())}), or none "
+                                "\\[default: all]."),
     losses: str = typer.Option("ce,trades", "--losses", help="Losses for the methods that take one."),
     attacks: Optional[str] = typer.Option(
-        None, "--attacks", help="Comma-separated attacks, or none \\[default: fgsm,pgd20,pgd100,mim,cw on CPU; "
-                                "the paper suite's attacks on GPU]."),
+        None, "--attacks", help=f"Comma-separated attacks ({', '.join(attack_names())}), or none "
+                                "\\[default: fgsm,pgd20,pgd100,mim,cw on CPU; the paper suite's attacks on GPU]."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per step."),
     device: str = DeviceOpt,
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 (autocast) or fp16 (CUDA, GradScaler)."),

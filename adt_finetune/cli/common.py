@@ -8,6 +8,20 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from ..registry import declared_names
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def method_names() -> list[str]:
+    """The registered training methods, read from methods/ without importing it (no torch at start-up)."""
+    return declared_names(_PACKAGE / "methods", "register_method")
+
+
+def attack_names() -> list[str]:
+    """The registered attacks, read from attacks/ without importing it (no torch at start-up)."""
+    return declared_names(_PACKAGE / "attacks", "register_attack")
+
 
 class CliConsole(Console):
     """A rich Console that writes whole lines into a file or pipe.

@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 import typer
 
 from ..errors import UserError
-from .common import DeviceOpt, WorkspaceOpt, console, err_console
+from .common import DeviceOpt, WorkspaceOpt, attack_names, console, err_console
 
 
 def parse_settings(items: List[str] | None) -> dict[str, dict[str, Any]]:
@@ -44,7 +44,7 @@ def eval_cmd(
     run: Optional[str] = typer.Option(None, "--run", help="Run id or run folder (default: the latest run)."),
     suite: str = typer.Option("paper", "--suite", "-s", help="paper, aa, aa-parts, quick, full or wasserstein."),
     attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated attacks instead of a suite, "
-                                                                  "e.g. fgsm,pgd20,cw."),
+                                                                  f"e.g. fgsm,pgd20,cw; any of {', '.join(attack_names())}."),
     n_examples: Optional[int] = typer.Option(None, "--n-examples", "-n", help="First N test images "
                                                                             "(default 1000, or all if fewer)."),
     eps: Optional[str] = typer.Option(None, "--eps", help="L∞ budget, e.g. 8/255 or 0.1 (default: the dataset's)."),

@@ -20,7 +20,7 @@ import typer
 from ..config import TrainConfig, field_kind
 from ..errors import UserError
 from ..progress import Reporter
-from .common import console
+from .common import console, method_names
 
 # (help text, panel) per field; a field missing here still gets an option.
 _HELP: dict[str, tuple[str, str]] = {
@@ -34,7 +34,7 @@ _HELP: dict[str, tuple[str, str]] = {
     "data_dir": ("Folder holding the dataset files. Default: $ADT_FT_DATA, then the workspace's data/.",
                  "Model and data"),
     "train_subset": ("Train on the first N training images only. Default: all of them.", "Model and data"),
-    "method": ("exp | exp-am | imp-am | pgd-at | trades | wdat.", "Method"),
+    "method": (" | ".join(method_names()) + ".", "Method"),  # every registered method, new ones included
     "loss": ("ce | trades. Default: the method's own (ce for ADT and pgd-at, trades for trades and wdat).", "Method"),
     "scope": ("full | last-layer.", "Method"),
     "head_init": ("keep | reinit the final linear layer.", "Method"),

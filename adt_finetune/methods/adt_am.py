@@ -21,12 +21,15 @@ the regulariser depends on the generator (and q_ψ) only. Gradient *descent* on
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from .. import run_folder
 from ..errors import UserError
 from ..perturb.amortised import IMP_ENTROPY_FORMS, build_adversary, default_lambda
-from ..perturb.adt_networks import diagnostic_rng, gradient_features, modules_in_eval_mode
+from ..perturb.adt_networks import diagnostic_rng, gradient_features, modules_in_eval_mode, save_generator
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, training_loss
 
@@ -85,6 +88,11 @@ class _AmortisedADT(TrainMethod):
 
     def resolved_settings(self) -> dict:
         return {"adt_lambda": float(self.lam)}
+
+    def save_networks(self, run_dir: Path) -> str:
+        """generator.pt, which the `<method>-cotrained` attacks of `adt-ft eval` draw from."""
+        save_generator(run_dir / run_folder.GENERATOR, self)
+        return run_folder.GENERATOR
 
     def epoch_diagnostics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """How spread out the adversarial distribution is on a fixed probe batch

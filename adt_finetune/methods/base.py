@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from .. import run_folder
 from ..config import TrainConfig
 from ..errors import UserError
 from ..registry import Registry
+from ..utils import atomic_torch_save
 
 
 @dataclass
@@ -112,6 +115,17 @@ class TrainMethod:
             m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
+
+    def save_networks(self, run_dir: Path) -> str | None:
+        """Write the method's own networks into the folder of a finished run (rank 0 only). The
+        default writes `networks.pt`, {name: state dict} of `modules()`, when there are any, and
+        returns None; a method whose networks are an attack for `adt-ft eval` (the amortised
+        generators) writes its generator file instead and returns its name for run.json."""
+        modules = self.modules()
+        if modules:
+            atomic_torch_save({k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in modules.items()},
+                              run_dir / run_folder.NETWORKS)
+        return None
 
     def resolved_settings(self) -> dict[str, Any]:
         """TrainConfig fields this method filled in itself where the config left them None

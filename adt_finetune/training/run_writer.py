@@ -119,13 +119,9 @@ def save_model(run_dir: Path, model: nn.Module) -> Path:
 
 
 def save_method_networks(run_dir: Path, method: Any) -> str | None:
-    """generator.pt for a method with networks of its own (the amortised ADT generators); its name or None."""
-    if not method.modules():
-        return None
-    from ..perturb.adt_networks import save_generator
-
-    save_generator(run_dir / run_folder.GENERATOR, method)
-    return run_folder.GENERATOR
+    """The method's own networks, written as the method decides (`TrainMethod.save_networks`); the
+    name of a generator file for run.json, or None."""
+    return method.save_networks(run_dir)
 
 
 def final_ref(run_dir: Path, meta: dict[str, Any], model_path: Path) -> ModelRef:
