@@ -45,6 +45,7 @@ class RunInfo:
     model: ModelRef | None            # the fine-tuned weights; None until the run finishes
     generator_path: Path | None       # the method's saved networks (an attack for `adt-ft eval`), if any
     finished: bool
+    given_as_path: bool = False       # named by its folder's path (not by id, not the latest run)
 
     @property
     def id(self) -> str:
@@ -107,19 +108,20 @@ def _unchecked_info(folder: Path, meta: dict[str, Any]) -> RunInfo:
                    model=model, generator_path=gen_path, finished=finished)
 
 
-def _find_folder(run: str | Path | None, ws: Workspace) -> Path:
+def _find_folder(run: str | Path | None, ws: Workspace) -> tuple[Path, bool]:
+    """The run's folder, and whether `run` named it by its path."""
     if run is None:
         latest = ws.latest_run()
         if latest is None:
             raise UserError(f"no runs in workspace {ws.root}: train one with 'adt-ft train' or name a run folder")
-        return latest
+        return latest, False
     check_runs_dir(ws)
     as_path = Path(run).expanduser()
     if (as_path / RUN_JSON).exists():
-        return as_path.resolve()
+        return as_path.resolve(), True
     by_id = ws.runs_dir / str(run)
     if by_id.exists():
-        return by_id
+        return by_id, False
     known = [r.id for r in list_runs(ws.root)][-5:]
     hint = f" (recent: {', '.join(known)})" if known else ""
     raise UserError(f"no run {str(run)!r} in {ws.runs_dir}{hint}: give a run id or a run folder")
@@ -133,12 +135,12 @@ def load_run(run: str | Path | None = None, workspace: str | Path = ".", *,
     a UserError; `--resume` passes False to pick up an unfinished run.
     """
     ws = Workspace(workspace)
-    folder = _find_folder(run, ws)
+    folder, given_as_path = _find_folder(run, ws)
     meta = _read_meta(folder)
     if meta is None:
         raise UserError(f"{folder} is not a complete run folder (no readable {RUN_JSON}): "
                         "it was interrupted before it started; delete it")
-    info = _info(folder, meta)
+    info = replace(_info(folder, meta), given_as_path=given_as_path)
     if require_finished and not info.finished:
         raise UserError(f"run {info.id} has no final model yet (status {info.meta.get('status')!r}): "
                         "finish it with 'adt-ft train --resume' first")

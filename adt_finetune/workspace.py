@@ -9,12 +9,44 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
 from .utils import atomic_write_json
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def is_plain_name(value: Any) -> bool:
+    """Whether `value` can be one folder or file name inside the workspace: letters, digits and
+    . _ + -, starting with a letter or digit (so never '..', a hidden name or a path)."""
+    return isinstance(value, str) and _PLAIN_NAME.fullmatch(value) is not None
+
+
+def check_plain_name(value: Any, what: str) -> str:
+    """`value` when it is a plain name (see `is_plain_name`), else a UserError naming `what`."""
+    if not is_plain_name(value):
+        raise UserError(f"{what} must be a plain name (letters, digits, '.', '_', '+', '-'; no path), "
+                        f"got {value!r}")
+    return value
+
+
+def claim(lock_path: Path, busy: str) -> Any:
+    """Take the lock file `lock_path` for as long as the returned lock is held (`.release()`; the
+    operating system drops it when the process ends, kill -9 included); UserError `busy` at once
+    when another process holds it. How a command owns a run or an entry name for its whole life."""
+    from filelock import FileLock, Timeout
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(busy) from None
+    return lock
 
 
 @dataclass
@@ -47,6 +79,13 @@ class ModelRef:
         for key in ("threat_model", "path", "source"):
             if key in d and not isinstance(d[key], str):
                 raise UserError(f"{source}: {key!r} must be a string, got {d[key]!r}")
+        # Used as folder names (models/, leaderboard/): a path here would write elsewhere.
+        for key in ("dataset", "threat_model"):
+            if key in d and not is_plain_name(d[key]):
+                raise UserError(f"{source}: {key!r} must be a plain name such as cifar10 or Linf, got {d[key]!r}: "
+                                "pull or train the model again")
+        if any(c in d["name"] for c in "/\\\0"):
+            raise UserError(f"{source}: 'name' must not hold a path, got {d['name']!r}: pull or train the model again")
         if "arch_kwargs" in d and not isinstance(d["arch_kwargs"], (dict, type(None))):
             raise UserError(f"{source}: 'arch_kwargs' must be a JSON object, got {d['arch_kwargs']!r}")
         values = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
@@ -83,6 +122,18 @@ class Workspace:
         return self.models_dir / dataset / threat_model / f"{name}.pt"
 
     # -- paths ------------------------------------------------------------
+    def inside(self, path: str | os.PathLike, what: str) -> Path:
+        """`path`, a place adt-ft is about to write, resolved (links followed); UserError when it
+        leaves the workspace, e.g. through a link such as runs/ -> /elsewhere."""
+        path = Path(path)
+        resolved = path.resolve()
+        if resolved == self.root or self.root in resolved.parents:
+            return resolved
+        link = next((p for p in [*reversed(path.parents), path] if p.is_symlink()), None)
+        how = f"{link} is a link to {link.resolve()}" if link is not None else f"{path} is not in it"
+        raise UserError(f"{what} would be written to {resolved}, outside workspace {self.root} ({how}): adt-ft "
+                        "writes only inside its workspace; make it a real folder, or use another --workspace")
+
     def relative(self, path: str | os.PathLike) -> str:
         """`path` as recorded in workspace files: relative to the root when inside it, so that a copied or
         moved workspace uses its own files; absolute otherwise (a checkpoint elsewhere on disk)."""
@@ -133,6 +184,7 @@ class Workspace:
         workspace (or two shells) never lose each other's update."""
         from filelock import FileLock
 
+        self.inside(self.state_path, "adt-ft's state")
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):

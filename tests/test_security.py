@@ -104,3 +104,302 @@ def test_files_that_are_not_checkpoints_are_one_line(tmp_path, cli, content):
         code, out, err = cli(*args, "-w", tmp_path / "ws")
         assert code == 2, (args, out, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------- issue 22: nothing in a file names code
+
+HUB_LOAD = "adt_finetune.models.small:nn.modules.module.torch.hub.load"
+TORCH_SAVE = "adt_finetune.models.small:nn.modules.module.torch.save"
+
+
+def _one_line(code: int, err: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def _nothing_outside(outside: Path) -> None:
+    assert not outside.exists() or not any(outside.iterdir()), sorted(outside.iterdir())
+
+
+@pytest.fixture
+def hostile(tmp_path, trained_cnn):
+    """A workspace whose files someone else wrote: a hubconf.py that would leave a marker when imported,
+    a trained model, and a folder outside the workspace where nothing may appear."""
+    ws = Workspace(tmp_path / "ws")
+    (ws.root / "hub").mkdir(parents=True)
+    marker = tmp_path / "outside" / "PWNED"
+    marker.parent.mkdir()
+    (ws.root / "hub" / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                                "def Net(**kw):\n    return None\n")
+    ckpt = tmp_path / "weights.pt"
+    torch.save(trained_cnn.state_dict(), ckpt)
+    return {"ws": ws, "marker": marker, "outside": marker.parent, "ckpt": ckpt, "tmp": tmp_path}
+
+
+def _attacks(h) -> list[tuple[str, dict]]:
+    return [(HUB_LOAD, {"repo_or_dir": str(h["ws"].root / "hub"), "model": "Net", "source": "local"}),
+            (TORCH_SAVE, {"obj": {"x": 1}, "f": str(h["outside"] / "written.pt")}),
+            ("subprocess:getoutput", {"cmd": f"touch {h['marker']}"})]
+
+
+def test_a_dotted_architecture_in_state_json_runs_nothing(hostile, cli):
+    """`module:a.b.c` used to walk from adt-ft's own module to torch.hub.load (running <ws>/hub/hubconf.py)
+    or torch.save (writing outside): refused before any import, for train and eval."""
+    h = hostile
+    for arch, kwargs in _attacks(h):
+        h["ws"].set_current_model(ModelRef(name="m", arch=arch, dataset="fashion-mnist", path=str(h["ckpt"]),
+                                           source="file", arch_kwargs=kwargs))
+        for args in (["train", "--method", "pgd-at", "--epochs", "1", "--train-subset", "32"],
+                     ["eval", "--attacks", "fgsm", "-n", "8", "--no-progress"]):
+            code, _, err = cli(*args, "-w", h["ws"].root)
+            _one_line(code, err)
+            assert arch in err
+            _nothing_outside(h["outside"])
+
+
+def _finished_run(h, arch: str, kwargs: dict) -> Path:
+    run = h["ws"].runs_dir / "shared"
+    run.mkdir(parents=True, exist_ok=True)
+    torch.save(SmallCNN(width=16).state_dict(), run / "model.pt")
+    ref = {"name": "shared", "arch": arch, "dataset": "fashion-mnist", "threat_model": "Linf",
+           "path": "runs/shared/model.pt", "source": "run", "arch_kwargs": kwargs}
+    (run / "run.json").write_text(json.dumps({"id": "shared", "status": "finished", "base_model": ref, "model": ref,
+                                              "method": "pgd-at", "dataset": "fashion-mnist"}))
+    return run
+
+
+def test_a_dotted_architecture_in_run_json_runs_nothing(hostile, cli):
+    h = hostile
+    for arch, kwargs in _attacks(h):
+        _finished_run(h, arch, kwargs)
+        for args in (["eval", "--run", "shared"], ["eval", "--run", h["ws"].runs_dir / "shared", "--baseline"]):
+            code, _, err = cli(*args, "--attacks", "fgsm", "-n", "8", "-w", h["ws"].root, "--no-progress")
+            _one_line(code, err)
+            assert arch in err and "run.json" in err
+            _nothing_outside(h["outside"])
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(tmp_path_factory):
+    """A real scratch run stopped after its first step (checkpoint written): `train --resume` material."""
+    from adt_finetune import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("unfinished")
+
+    def stop(step: int) -> None:
+        raise KeyboardInterrupt
+
+    cfg = TrainConfig(model="scratch", arch=SMALL_CNN, arch_kwargs={"width": 8}, dataset="fashion-mnist",
+                      method="pgd-at", epochs=1, batch_size=16, train_subset=64, run_name="rr", pgd_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, workspace=root, on_step=stop)
+    return root / "runs" / "rr"
+
+
+def _copy_run(run: Path, ws: Workspace) -> Path:
+    import shutil
+
+    dest = ws.runs_dir / run.name
+    shutil.copytree(run, dest)
+    return dest
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_resume_never_builds_an_architecture_its_run_json_names(hostile, cli, unfinished_run, checkpoint):
+    """run.json's config (and base model) said `subprocess:getoutput` with a command as its argument:
+    `train --resume` ran it. Now the recorded architecture is data: refused unless trusted."""
+    h = hostile
+    for arch, kwargs in _attacks(h):
+        run = _copy_run(unfinished_run, h["ws"])
+        meta = json.loads((run / "run.json").read_text())
+        meta["config"].update(arch=arch, arch_kwargs=kwargs)
+        meta["base_model"].update(arch=arch, arch_kwargs=kwargs)
+        (run / "run.json").write_text(json.dumps(meta))
+        if not checkpoint:
+            (run / "checkpoint.pt").unlink()
+        code, _, err = cli("train", "--resume", "rr", "-w", h["ws"].root, "--no-progress")
+        _one_line(code, err)
+        assert arch in err
+        _nothing_outside(h["outside"])
+        import shutil
+
+        shutil.rmtree(run)
+
+
+def test_the_user_still_resumes_a_run_of_a_trusted_architecture(tmp_path, cli, unfinished_run):
+    ws = Workspace(tmp_path / "ws")
+    _copy_run(unfinished_run, ws)
+    code, out, err = cli("train", "--resume", "rr", "-w", ws.root, "--no-progress")
+    assert code == 0, err
+    assert json.loads((ws.runs_dir / "rr" / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("spec", ["adt_finetune.models.small:nn.Module", "adt_finetune.models:small.SmallCNN",
+                                  "adt_finetune.models.small:SmallCNN.__init__", "adt_finetune.models.small:nn",
+                                  "../evil:Net", "adt_finetune.models.small:"])
+def test_a_named_architecture_is_a_direct_model_class_attribute(spec, tmp_path):
+    """Also on the command line: no dotted path after ':', and adt-ft's own modules offer only their classes."""
+    from adt_finetune.errors import UserError
+    from adt_finetune.zoo import build_architecture
+
+    with pytest.raises(UserError):
+        build_architecture(spec, "fashion-mnist")
+
+
+def test_a_function_is_built_only_when_the_user_named_it(tmp_path):
+    """pyautoattack's ResNet18 is a function: fine when named, refused when a file names it untrusted."""
+    from adt_finetune.errors import UserError
+    from adt_finetune.zoo import build_architecture, trust
+
+    with pytest.raises(UserError, match="never named it"):
+        build_architecture("tests_never_named_module:ResNet18", "cifar10", source="run.json")
+    assert trust.is_trusted(SMALL_CNN) and not trust.is_trusted("tests_never_named_module:ResNet18")
+
+
+# ---------------------------------------------------------------- issue 22: nothing written outside the workspace
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, _trained_cnn_state):
+    """A workspace with the trained CNN as its current model and one leaderboard entry (entry 'e')."""
+    from adt_finetune.evaluation import evaluate_workspace
+    from adt_finetune.zoo import register_model
+
+    root = tmp_path_factory.mktemp("evaluated") / "ws"
+    model = SmallCNN(width=16)
+    model.load_state_dict(_trained_cnn_state)
+    register_model(model, name="cnn", arch=SMALL_CNN, arch_kwargs={"width": 16}, dataset="fashion-mnist",
+                   workspace=root)
+    evaluate_workspace(attacks="fgsm", n_examples=16, entry="e", workspace=root)
+    return root
+
+
+def _copy_ws(src: Path, tmp_path: Path) -> tuple[Workspace, Path]:
+    import shutil
+
+    shutil.copytree(src, tmp_path / "ws", symlinks=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    return Workspace(tmp_path / "ws"), outside
+
+
+def _eval(cli, ws: Workspace, *extra):
+    return cli("eval", "--attacks", "fgsm", "-n", "8", "--entry", "new", "-w", ws.root, "--no-progress", *extra)
+
+
+@pytest.mark.parametrize("field,value", [("threat_model", "../../../outside/x"), ("dataset", "{outside}"),
+                                         ("dataset", "../../outside")])
+def test_path_fields_of_the_current_model_are_plain_names(tmp_path, cli, evaluated, field, value):
+    """current_model.threat_model "../../../outside/x" made eval write its entry outside; a dataset
+    "/abs/folder" wrote into that folder."""
+    ws, outside = _copy_ws(evaluated, tmp_path)
+    st = json.loads(ws.state_path.read_text())
+    st["current_model"][field] = value.format(outside=outside)
+    ws.state_path.write_text(json.dumps(st))
+    code, _, err = _eval(cli, ws)
+    _one_line(code, err)
+    assert field in err and "plain name" in err
+    _nothing_outside(outside)
+
+
+def test_path_fields_of_a_run_are_plain_names(tmp_path, cli, evaluated):
+    ws, outside = _copy_ws(evaluated, tmp_path)
+    run = ws.runs_dir / "r"
+    run.mkdir(parents=True)
+    torch.save(SmallCNN(width=16).state_dict(), run / "model.pt")
+    ref = {"name": "r", "arch": SMALL_CNN, "dataset": "fashion-mnist", "threat_model": "../../../outside/x",
+           "path": "runs/r/model.pt", "source": "run", "arch_kwargs": {"width": 16}}
+    (run / "run.json").write_text(json.dumps({"id": "r", "status": "finished", "base_model": ref, "model": ref,
+                                              "method": "pgd-at", "dataset": "fashion-mnist"}))
+    code, _, err = _eval(cli, ws, "--run", "r")
+    _one_line(code, err)
+    _nothing_outside(outside)
+
+
+@pytest.mark.parametrize("field,value", [("threat_model", "../../../outside/x"), ("dataset", "{outside}")])
+def test_a_shard_file_cannot_send_merge_outside(tmp_path, cli, evaluated, field, value):
+    ws, outside = _copy_ws(evaluated, tmp_path)
+    shards = tmp_path / "shards"
+    for k in range(2):
+        code, _, err = _eval(cli, ws, "--shard", f"{k}/2", "--shard-dir", shards)
+        assert code == 0, err
+    for f in shards.glob("*.json"):
+        data = json.loads(f.read_text())
+        data["meta"][field] = value.format(outside=outside)
+        f.write_text(json.dumps(data))
+    code, _, err = cli("merge", shards, "-w", ws.root)
+    _one_line(code, err)
+    assert field in err
+    _nothing_outside(outside)
+    assert not (ws.leaderboard_dir / "fashion-mnist" / "Linf" / "new.json").exists()
+
+
+@pytest.mark.parametrize("link", ["leaderboard/fashion-mnist/Linf", "leaderboard", ".adt-ft", ".adt-ft/eval"])
+def test_eval_never_writes_through_a_link_out_of_the_workspace(tmp_path, cli, evaluated, link):
+    import shutil
+
+    ws, outside = _copy_ws(evaluated, tmp_path)
+    if link.startswith(".adt-ft"):
+        # state.json stays readable where it points to, so that eval gets as far as writing
+        shutil.copytree(ws.root / link, outside, dirs_exist_ok=True)
+        shutil.rmtree(ws.root / link)
+    else:
+        shutil.rmtree(ws.root / link)
+    before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
+    (ws.root / link).symlink_to(outside, target_is_directory=True)
+    code, _, err = _eval(cli, ws)
+    _one_line(code, err)
+    assert "outside workspace" in err and "link" in err
+    assert sorted(p.relative_to(outside) for p in outside.rglob("*")) == before
+
+
+def test_train_and_pull_never_write_through_a_link_out_of_the_workspace(tmp_path, cli, evaluated):
+    import shutil
+
+    ws, outside = _copy_ws(evaluated, tmp_path)
+    (ws.root / "runs").symlink_to(outside, target_is_directory=True)
+    code, _, err = cli("train", "--method", "pgd-at", "--epochs", "1", "--train-subset", "32", "--run-name", "x",
+                       "-w", ws.root, "--no-progress")
+    _one_line(code, err)
+    assert "outside workspace" in err
+    _nothing_outside(outside)
+
+    state_copy = tmp_path / "state-outside"
+    shutil.copytree(ws.root / ".adt-ft", state_copy)
+    shutil.rmtree(ws.root / ".adt-ft")
+    (ws.root / ".adt-ft").symlink_to(state_copy, target_is_directory=True)
+    before = (state_copy / "state.json").read_text()
+    ckpt = tmp_path / "cnn.pt"
+    torch.save(SmallCNN().state_dict(), ckpt)
+    code, _, err = cli("pull", "--from-file", ckpt, "--arch", SMALL_CNN, "--dataset", "fashion-mnist", "-w", ws.root)
+    _one_line(code, err)
+    assert (state_copy / "state.json").read_text() == before
+
+
+def test_register_model_never_writes_through_a_link(tmp_path):
+    from adt_finetune.errors import UserError
+    from adt_finetune.zoo import register_model
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "models").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match="outside workspace"):
+        register_model(SmallCNN(), name="m", arch=SMALL_CNN, dataset="fashion-mnist", workspace=tmp_path / "ws")
+    _nothing_outside(outside)
+
+
+def test_html_never_publishes_a_file_reached_through_a_link(tmp_path, cli, evaluated):
+    """A per-example CSV replaced by a link to a private file got a checksum warning, and the site held
+    a copy of the private file."""
+    ws, outside = _copy_ws(evaluated, tmp_path)
+    secret = outside / "secret.txt"
+    secret.write_text("PRIVATE-MARKER-1234\n")
+    csv = ws.leaderboard_dir / "fashion-mnist" / "Linf" / "e.per-example.csv"
+    csv.unlink()
+    csv.symlink_to(secret)
+    site = tmp_path / "site"
+    code, out, err = cli("leaderboard", "--html", site, "-w", ws.root)
+    assert code == 0, err
+    files = [p for p in site.rglob("*") if p.is_file()]
+    assert files and not any("PRIVATE-MARKER" in p.read_text(errors="replace") for p in files)
+    assert any(p.name == "e.html" for p in files)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from .workspace_eval import EvalRecord, _check_entry_free, _resume_dir, check_writable, write_record
+from ..workspace import Workspace, check_plain_name
+from .workspace_eval import EvalRecord, _resume_dir, claim_entry, write_record
 from .shard_files import ShardFile, find_shard_files, read_shard_file
 from .shards import combine
 from .targets import Target
@@ -24,8 +25,7 @@ def merge_shards(paths: Sequence[str | Path], *, workspace: str | Path = ".", en
     leaderboard entry of `workspace` (named as the shards say, or `entry`), as one process
     evaluating every example would have written it. Partial flags that the shard jobs left
     in this workspace are removed once the entry is written."""
-    from ..leaderboard import check_entry_name, entry_dir
-    from ..workspace import Workspace
+    from ..leaderboard import check_entry_name
 
     ws = Workspace(workspace)
     files = [read_shard_file(p) for p in find_shard_files(paths)]
@@ -40,11 +40,12 @@ def merge_shards(paths: Sequence[str | Path], *, workspace: str | Path = ".", en
     name = entry or first.entry
     check_entry_name(name)
     target = _target(first)
-    folder = entry_dir(ws.leaderboard_dir, target.dataset, target.threat_model)
-    _check_entry_free(folder / f"{name}.json", overwrite)
-    check_writable(folder, "the leaderboard entry")
-    record = write_record(ws, target, name, first.meta["context"], first.meta["suite"], first.meta["data_source"],
-                          main, base)
+    lock = claim_entry(ws, target.dataset, target.threat_model, name, overwrite)
+    try:
+        record = write_record(ws, target, name, first.meta["context"], first.meta["suite"],
+                              first.meta["data_source"], main, base)
+    finally:
+        lock.release()
     partial = _resume_dir(ws.root, target.dataset, target.threat_model, first.entry).parent
     own = re.compile(rf"^{re.escape(first.entry)}(\.baseline)?\.shard-\d+-of-\d+$")
     if partial.is_dir():
@@ -64,8 +65,12 @@ def _combine_baselines(files: list[ShardFile], names: list[str]):
 
 
 def _target(shard: ShardFile) -> Target:
-    """The model as the shard describes it (no weights: a merge does not need them)."""
+    """The model as the shard describes it (no weights: a merge does not need them); its dataset and
+    threat model become folder names, so they must be plain names."""
     m = shard.meta
+    for block, where in ((m, "meta"), (m.get("base") or {}, "meta.base")):
+        for key in ("dataset", "threat_model") if block else ():
+            check_plain_name(block.get(key), f"shard file {shard.path}: {where}.{key}")
     base = None
     if m.get("base"):
         b = m["base"]

@@ -55,6 +55,12 @@ def read_shard_file(path: Path) -> ShardFile:
         base = ShardPart.from_json(data["baseline"]) if data.get("baseline") else None
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"shard file {path} is damaged ({type(e).__name__}: {e}): run its shard again") from None
+    from ..leaderboard import check_entry_name
+
+    try:
+        check_entry_name(data.get("entry"))  # a file name under the workspace's partial results
+    except UserError as e:
+        raise UserError(f"shard file {path}: {e}") from None
     return ShardFile(Path(path), str(data["entry"]), main, base, dict(data["meta"]))
 
 

@@ -96,7 +96,7 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
         raise UserError(f"the current model {ref.name} is a {ref.dataset} model; --dataset {dataset} is {wanted}")
     from ..zoo import model_from_ref
 
-    net = model_from_ref(ref, device)
+    net = model_from_ref(ref, device, source=f"current_model in {ws.state_path}")
     context = {"base_model": ref.name, "model_source": ref.source}
     return Target(ref.name, net, ref.dataset, ref.threat_model, _ref_info(ref), context, ref.name)
 
@@ -133,7 +133,8 @@ def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, de
     ref, base_ref, meta = info_run.model, info_run.base_model, info_run.meta
     if wanted is not None and wanted != ref.dataset:
         raise UserError(f"run {info_run.id} fine-tuned a {ref.dataset} model; --dataset {dataset} is {wanted}")
-    net = model_from_ref(ref, device)
+    recorded_in = str(info_run.path / "run.json")
+    net = model_from_ref(ref, device, source=recorded_in)
     method = meta.get("method")
     base_info = _ref_info(base_ref)
     info = {k: v for k, v in base_info.items() if k in ("architecture", "additional_data", "number_forward_passes")}
@@ -145,7 +146,7 @@ def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, de
                "model_source": "run"}
     base = None
     if baseline:
-        base_net = model_from_ref(base_ref, device)
+        base_net = model_from_ref(base_ref, device, source=recorded_in)
         base = Target(base_ref.name, base_net, base_ref.dataset, base_ref.threat_model, base_info,
                       {"base_model": base_ref.name}, base_ref.name)
     gen_method = method if method in GENERATOR_ATTACKS and info_run.generator_path is not None else None

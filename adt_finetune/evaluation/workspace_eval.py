@@ -17,6 +17,7 @@ from typing import Any
 from ..distributed import World, env_world, first_error, gather_to_main, setup as setup_world, teardown
 from ..errors import UserError
 from ..progress import Reporter
+from ..workspace import claim
 from .engine import evaluate_shard
 from .result import EvalResult
 from .sanity import check_finite_weights
@@ -89,6 +90,31 @@ def check_writable(folder: Path, what: str) -> None:
                         "--workspace") from None
 
 
+def entry_lock(root: Path, dataset: str, threat_model: str, entry: str) -> Path:
+    """The lock file a command holds while it evaluates or merges into `entry` (beside its partial results)."""
+    return _resume_dir(root, dataset, threat_model, entry).with_name(f"{entry}.lock")
+
+
+def claim_entry(ws, dataset: str, threat_model: str, entry: str, overwrite: bool) -> Any:
+    """Own the leaderboard entry name for this command's life (see `workspace.claim`), once sure that
+    its folder is inside the workspace and that the entry is free (or `overwrite`); returns the lock."""
+    from ..leaderboard import entry_dir
+
+    folder = entry_dir(ws.leaderboard_dir, dataset, threat_model)
+    ws.inside(folder, "the leaderboard entry")
+    lock_path = entry_lock(ws.root, dataset, threat_model, entry)
+    ws.inside(lock_path, "partial results")
+    lock = claim(lock_path, f"leaderboard entry {entry} is being written by another adt-ft command right now: wait "
+                            "for it to end, or give --entry NAME to keep both")
+    try:
+        _check_entry_free(folder / f"{entry}.json", overwrite)
+        check_writable(folder, "the leaderboard entry")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def _check_entry_free(json_path: Path, overwrite: bool) -> None:
     csv_path = json_path.with_name(json_path.stem + ".per-example.csv")
     if not overwrite and (json_path.exists() or csv_path.exists()):
@@ -141,6 +167,7 @@ class _Job:
     shard: tuple[int, int]
     world: World
     shard_dir: Path | None      # --shard jobs: where the shard file goes
+    lock: Any = None            # rank 0 of a whole evaluation: its claim on the entry name (claim_entry)
 
     def partial_dir(self, baseline: bool = False) -> Path:
         t = self.target
@@ -186,12 +213,15 @@ def evaluate_workspace(
                         "drop --shard or run without torchrun")
     owns_group = not _group_initialized()
     world = setup_world(resolve_device(device))
+    job = None
     try:
         job = _prepare_job(ws, world, spec, args)
         if spec is not None:
             return _shard_job(job, overwrite)
         return _evaluate_and_write(job)
     finally:
+        if job is not None and job.lock is not None:
+            job.lock.release()
         if owns_group:
             teardown(world)
 
@@ -228,9 +258,12 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: dict[str, An
                                                   attacks=names if a["attacks"] is not None else None, mode=a["mode"])
     if spec is None:  # the entry is written now (by rank 0), not by a later merge
         folder = entry_dir(ws.leaderboard_dir, target.dataset, target.threat_model)
-        first_error(world, lambda: (_check_entry_free(folder / f"{entry_name}.json", a["overwrite"]),
+        first_error(world, lambda: (ws.inside(folder, "the leaderboard entry"),
+                                    _check_entry_free(folder / f"{entry_name}.json", a["overwrite"]),
                                     check_writable(folder, "the leaderboard entry")))
-    check_writable(_resume_dir(ws.root, target.dataset, target.threat_model, entry_name).parent, "partial results")
+    partial = _resume_dir(ws.root, target.dataset, target.threat_model, entry_name).parent
+    ws.inside(partial, "partial results")
+    check_writable(partial, "partial results")
 
     context = dict(target.context)
     context.update(suite=suite_label, data=data_source)
@@ -240,8 +273,12 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: dict[str, An
                   budgets=a["budgets"], train_data=train_data, chunk_size=a["chunk_size"])
     shard = spec if spec is not None else (world.rank, world.size)
     shard_dir = Path(a["shard_dir"]) if a["shard_dir"] is not None else None
+    # Last, so that nothing after it can fail and leave the name claimed: from here to the end of
+    # the command no other eval or merge can write this entry.
+    lock = None if spec is not None else first_error(
+        world, lambda: claim_entry(ws, target.dataset, target.threat_model, entry_name, a["overwrite"]))
     return _Job(ws, target, x, y, common, entry_name, context, suite_label, data_source, a["resume"], shard, world,
-                shard_dir)
+                shard_dir, lock)
 
 
 def _training_data(names: list[str], dataset: str, seed: int, data_dir, root: Path,
@@ -322,7 +359,8 @@ def _shard_job(job: _Job, overwrite: bool) -> ShardRecord:
     """One independent job of a split evaluation: evaluate its chunks, write its shard file.
     Its partial flags stay until a merge in this workspace, so a rerun with --resume is instant."""
     t = job.target
-    folder = job.shard_dir or default_shard_dir(job.ws, t.dataset, t.threat_model, job.entry)
+    folder = job.shard_dir or job.ws.inside(default_shard_dir(job.ws, t.dataset, t.threat_model, job.entry),
+                                            "shard files")
     path = folder / shard_file_name(job.entry, job.shard)
     if path.exists() and not (job.resume or overwrite):
         raise UserError(f"shard {job.shard[0]}/{job.shard[1]} of {job.entry} is already done ({path}): give --resume "

@@ -26,13 +26,14 @@ from typing import Any
 
 from ..errors import UserError
 from ..utils import atomic_write_json, atomic_write_text, format_eps, versions
+from ..workspace import check_plain_name
 
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _CONTEXT_FIRST = ("base_model", "method", "loss", "scope", "epochs", "recipe", "run_id", "suite")
 
 
 def check_entry_name(entry: str) -> str:
-    if not _ENTRY_NAME.match(entry or "") or entry.endswith(".json"):
+    if not isinstance(entry, str) or not _ENTRY_NAME.match(entry) or entry.endswith(".json"):
         raise UserError(f"entry name {entry!r} must be letters, digits, '.', '_', '+' or '-' (no path, no .json)")
     return entry
 
@@ -158,6 +159,8 @@ def write_entry(
     train_seed, suite, ...). `baseline` is the base model's EvalResult on the same examples.
     """
     check_entry_name(entry)
+    check_plain_name(dataset, "the entry's dataset")  # folder names: never a path out of `root`
+    check_plain_name(threat_model, "the entry's threat model")
     info = dict(info or {})
     context = dict(context or {})
     folder = entry_dir(root, dataset, threat_model)

@@ -62,8 +62,19 @@ def _copy(src: Path, dest: Path) -> None:
     shutil.copyfile(src, dest)
 
 
-def _entry_files(e: Entry, folder: Path, page: str) -> list[dict[str, Any]]:
-    """Copy the entry's JSON and per-example CSV(s) into the board folder; link list for its page."""
+def _reached_through_link(e: Entry, src: Path) -> bool:
+    """Whether `src`, a file of entry `e`, is a link, or lies in a folder reached through one, or outside
+    the entry's folder: such a file may be anything on this machine (/etc/passwd), never published."""
+    chain = [src, e.path, e.path.parent, e.path.parent.parent]
+    return any(p.is_symlink() for p in chain) or src.resolve().parent != e.path.resolve().parent
+
+
+def _entry_files(e: Entry, folder: Path, page: str, site: Site) -> list[dict[str, Any]]:
+    """Copy the entry's JSON and per-example CSV(s) into the board folder; link list for its page.
+    A file reached through a link is not copied (the page and the warnings say so)."""
+    if _reached_through_link(e, e.path):
+        site.warnings.append(f"entry {e.entry} ({e.path}) is reached through a link: its files are not published")
+        return [{"href": "", "label": f"{e.entry}.json", "note": "not published: reached through a link"}]
     files = [{"href": f"{page}.json", "label": f"{e.entry}.json (the entry as written)", "note": ""}]
     _copy(e.path, folder / f"{page}.json")
     for baseline in (False, True):
@@ -76,6 +87,10 @@ def _entry_files(e: Entry, folder: Path, page: str) -> list[dict[str, Any]]:
         what = "base model's per-example results" if baseline else "per-example results"
         if not src.is_file():
             files.append({"href": "", "label": f"{name} ({what})", "note": f"missing: {check.problem}"})
+            continue
+        if _reached_through_link(e, src):
+            site.warnings.append(f"entry {e.entry}: {src} is a link or lies outside the entry's folder: not published")
+            files.append({"href": "", "label": f"{name} ({what})", "note": "not published: reached through a link"})
             continue
         _copy(src, folder / slug(name))
         note = f"sha256 {block.get('per_example_sha256')}" if check.problem is None else f"⚠ {check.problem}"
@@ -120,7 +135,7 @@ def _write_board(env, tmp: Path, ds: str, tm: str, entries: list[Entry], groups,
         warnings=[f"{e.entry}: {e.problem}" for e in entries if e.problem]))
     site.boards.append(board)
     for e in entries:
-        view = entry_view(e, _entry_files(e, folder, pages[e.entry]))
+        view = entry_view(e, _entry_files(e, folder, pages[e.entry], site))
         page = folder / links[e.entry]
         atomic_write_text(page, env.get_template("entry.html.j2").render(
             root="../../", title=f"{e.entry} — {ds} / {tm}", e=view))

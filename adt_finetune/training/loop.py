@@ -137,11 +137,14 @@ def train(cfg: TrainConfig | None = None, *, workspace: str | Path = ".", report
 
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     world = setup_world(device)
+    ready: start.Prepared | None = None
     try:
         ready = main_first(world, lambda shared: prepare(world, shared))
         ready.session.parallelise()
         return _Loop(ready, ws, world, reporter if world.is_main else None, on_step).run()
     finally:
+        if ready is not None:
+            ready.release()  # the run folder is free for a --resume (or another command) again
         if owns_group:
             teardown(world)
 

@@ -20,7 +20,7 @@ from .. import run_folder
 from ..config import TrainConfig
 from ..errors import UserError
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, versions
-from ..workspace import ModelRef, Workspace
+from ..workspace import ModelRef, Workspace, claim
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
@@ -47,33 +47,51 @@ def check_run_name(name: str) -> None:
         raise UserError(f"--run-name {name!r}: use letters, digits and . _ + - only")
 
 
-def make_run_dir(ws: Workspace, cfg: TrainConfig) -> Path:
-    """A new folder under runs/: --run-name, else <time>-<method>-<loss>-<scope> made unique.
+def run_lock(run_dir: Path) -> Path:
+    """The lock file a command holds while it writes the run folder `run_dir` (beside it, hidden)."""
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def claim_run(run_dir: Path) -> Any:
+    """Own the run folder for this command's life (see `workspace.claim`); one line when another
+    command (a train with the same --run-name, or a --resume of the run) holds it."""
+    return claim(run_lock(run_dir), f"run {run_dir.name} is being trained by another adt-ft command right now: "
+                                    "wait for it to end, or choose another --run-name")
+
+
+def make_run_dir(ws: Workspace, cfg: TrainConfig) -> tuple[Path, Any]:
+    """A new folder under runs/ (--run-name, else <time>-<method>-<loss>-<scope> made unique),
+    claimed for this command: returns the folder and the lock to release when the command ends.
 
     A named folder that exists without a run.json (a start killed before it wrote one)
     is taken over, so the same command works again.
     """
     run_folder.check_runs_dir(ws)
+    ws.inside(ws.runs_dir, "the run folder")
     ws.runs_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run_name:
         check_run_name(cfg.run_name)
         folder = ws.runs_dir / cfg.run_name
+        ws.inside(folder, "the run folder")
+        lock = claim_run(folder)  # before looking: a live start holds it, a killed one does not
         try:
             folder.mkdir()
         except FileExistsError:
             if not folder.is_dir() or (folder / run_folder.RUN_JSON).exists():
+                lock.release()
                 raise UserError(f"run {cfg.run_name} already exists: continue it with --resume {cfg.run_name} "
                                 "or choose another --run-name") from None
             remove_stale_temporaries(folder)
-        return folder
+        return folder, lock
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{cfg.loss}-{cfg.scope}"
     for n in range(1, 1000):
         folder = ws.runs_dir / (stem if n == 1 else f"{stem}-{n}")
         try:
             folder.mkdir()  # atomic: two runs started in the same second get different folders
-            return folder
         except FileExistsError:
             continue
+        # No run.json before the lock is held, so a --resume of this run cannot start in between.
+        return folder, claim_run(folder)
     raise RuntimeError(f"could not create a unique run folder for {stem}")
 
 

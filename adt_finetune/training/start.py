@@ -36,6 +36,12 @@ class Prepared:
     meta: dict[str, Any]
     pos: Position
     note: str | None = None           # said after the run's header: where a resumed run continues
+    lock: Any = None                  # rank 0: this command's claim on the run folder; released when it ends
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def world_meta(world: World, cfg: TrainConfig) -> dict[str, Any]:
@@ -62,17 +68,21 @@ def fresh(cfg: TrainConfig, loss: str, ws: Workspace, world: World, shared: Any)
         run_dir, meta = Path(shared[0]), shared[1]
         return Prepared(session, run_dir, meta, Position()), None
 
-    run_dir = run_writer.make_run_dir(ws, session.cfg)
-    if base_ref is None:
-        base_ref = run_writer.save_init(run_dir, session.model, session.cfg, info.name)
-    meta = run_writer.initial_meta(run_dir, ws, session.cfg, base_ref, eps=eps, eps_str=format_eps(eps),
-                               device=world.device, head=session.head_name, n_examples=session.n_examples,
-                               steps_per_epoch=session.steps_per_epoch)
-    if world.distributed:  # a single process's run.json stays as it always was
-        meta.update(world_meta(world, session.cfg))
-    run_writer.write_meta(run_dir, meta)
-    ws.set_latest_run(run_dir.name)  # so that a bare --resume finds it even if it never finishes
-    return Prepared(session, run_dir, meta, Position()), (str(run_dir), meta)
+    run_dir, lock = run_writer.make_run_dir(ws, session.cfg)
+    try:
+        if base_ref is None:
+            base_ref = run_writer.save_init(run_dir, session.model, session.cfg, info.name)
+        meta = run_writer.initial_meta(run_dir, ws, session.cfg, base_ref, eps=eps, eps_str=format_eps(eps),
+                                       device=world.device, head=session.head_name, n_examples=session.n_examples,
+                                       steps_per_epoch=session.steps_per_epoch)
+        if world.distributed:  # a single process's run.json stays as it always was
+            meta.update(world_meta(world, session.cfg))
+        run_writer.write_meta(run_dir, meta)
+        ws.set_latest_run(run_dir.name)  # so that a bare --resume finds it even if it never finishes
+    except BaseException:
+        lock.release()
+        raise
+    return Prepared(session, run_dir, meta, Position(), lock=lock), (str(run_dir), meta)
 
 
 def _base_model(cfg: TrainConfig, ws: Workspace, main: bool) -> ModelRef | None:
@@ -91,19 +101,20 @@ def _base_model(cfg: TrainConfig, ws: Workspace, main: bool) -> ModelRef | None:
 
 
 def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo, ws: Workspace,
-                  world: World) -> Session:
+                  world: World, source: str | None = None) -> Session:
     """The session of a run at its very beginning; the same calls in the same order for a
-    fresh start and a restart, so both draw the same initial weights and head."""
+    fresh start and a restart, so both draw the same initial weights and head. `source`: the
+    file `cfg` was read from (a restart's run.json), None when the user gave it."""
     data = train_set(cfg, ws)
     set_seed(cfg.seed)
     if base_ref is None:
         from ..zoo import build_architecture
 
-        model = build_architecture(cfg.arch or "", info.name, "Linf", cfg.arch_kwargs)
+        model = build_architecture(cfg.arch or "", info.name, "Linf", cfg.arch_kwargs, source=source)
     else:
         from ..zoo import model_from_ref
 
-        model = model_from_ref(base_ref, device=str(world.device))
+        model = model_from_ref(base_ref, device=str(world.device), source=source)
     session = Session(cfg, model, data, info, world.device, reinit_head=cfg.head_init == "reinit", world=world)
     session.cfg = with_method_settings(cfg, session.method)  # record the method's own defaults (λ, step size)
     return session
@@ -132,14 +143,39 @@ def resume(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspace, world
                   f"(or torchrun with {recorded_world} processes in all)")
         raise UserError(f"run {info.id} was trained by {recorded_world} process(es), this is {world.size}: the "
                         f"global batch would change; resume it {launch}")
+    lock = _claim_for_resume(info, ws) if world.is_main else None
+    try:
+        return _resume_claimed(info, recorded, ws, world, shared, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _claim_for_resume(info: run_folder.RunInfo, ws: Workspace) -> Any:
+    """Own the run folder for this command (one line when another train or resume does), having
+    checked that the folder is in the workspace unless the user named it by its path."""
+    if not info.given_as_path:
+        ws.inside(info.path, f"run {info.id}")
+    lock = run_writer.claim_run(info.path)
+    again = run_folder.load_run(info.path, ws.root, require_finished=False)  # it may have ended meanwhile
+    if again.finished:
+        lock.release()
+        raise UserError(f"run {info.id} already finished: nothing to resume (start a new run without --resume)")
+    return lock
+
+
+def _resume_claimed(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspace, world: World, shared: Any,
+                    lock: Any) -> tuple[Prepared, Any]:
     dinfo = dataset_info(recorded.dataset or info.base_model.dataset)
     if world.is_main:
         run_writer.remove_stale_temporaries(info.path)
     ckpt_path = info.path / run_folder.CHECKPOINT
+    recorded_in = str(info.path / run_folder.RUN_JSON)  # the settings are data from that file, never code
     if not ckpt_path.exists():
         # Stopped before its first checkpoint: nothing was learnt yet, so start again from the beginning.
         base_ref = None if recorded.model == "scratch" else info.base_model
-        session = start_session(recorded, base_ref, dinfo, ws, world)
+        session = start_session(recorded, base_ref, dinfo, ws, world, source=recorded_in)
         if base_ref is None and world.is_main:
             run_writer.save_init(info.path, session.model, session.cfg, dinfo.name)
         pos = Position()
@@ -149,7 +185,7 @@ def resume(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspace, world
         set_seed(recorded.seed)
         from ..zoo import model_from_ref
 
-        model = model_from_ref(info.base_model, device=str(world.device))
+        model = model_from_ref(info.base_model, device=str(world.device), source=recorded_in)
         session = Session(recorded, model, train_set(recorded, ws), dinfo, world.device, reinit_head=False,
                           world=world)
         pos = _restore(session, ckpt, ckpt_path, info.id)
@@ -162,7 +198,7 @@ def resume(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspace, world
     meta["config"] = session.cfg.to_dict()
     run_writer.write_meta(info.path, meta)
     ws.set_latest_run(info.path.name)
-    return Prepared(session, info.path, meta, pos, note), meta
+    return Prepared(session, info.path, meta, pos, note, lock=lock), meta
 
 
 def _recorded_config(info: run_folder.RunInfo, cfg: TrainConfig | None) -> TrainConfig:

@@ -1,7 +1,7 @@
 """Architectures: a RobustBench zoo entry's, or a `package.module:Class` one, built with random weights.
 
 Importing a `module:Class` architecture runs that module's code, so one read from a file is only
-built when `zoo.trust` allows it (see `loader.model_from_ref`).
+imported when `zoo.trust` allows it (`source` names the file; see `loader.model_from_ref`).
 """
 from __future__ import annotations
 
@@ -14,37 +14,46 @@ from torch import nn
 from ..errors import UserError
 from . import robustbench_compat as rb
 from .catalog import ZooEntry, resolve_name
-from .trust import trust
+from .trust import check_trusted, is_builtin, split_arch, trust
 
 _DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 
-def _import_class(spec: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"--arch {spec!r} is neither a zoo name nor package.module:Class")
+def _import_class(spec: str, source: str | None = None):
+    """The class (or, for an architecture the user named, the function) `spec` names.
+
+    `source` is None when the user names `spec` (a flag, an argument); otherwise the file it
+    was read from, and then nothing is imported unless `trust` allows it. The name after ':'
+    is a direct attribute of the module, and what it names is checked before anything is called.
+    """
+    module_name, attr = split_arch(spec)
+    if source is not None:
+        check_trusted(spec, source)
+    what = f"--arch {spec}" if source is None else f"{source}: architecture {spec}"
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"--arch {spec}: cannot import module {module_name!r} ({e}); "
+        raise UserError(f"{what}: cannot import module {module_name!r} ({e}); "
                         "check the spelling and that its package is installed") from None
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise UserError(f"--arch {spec}: module {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
+    target: Any = getattr(module, attr, None)
+    if target is None:
+        raise UserError(f"{what}: module {module_name!r} has no attribute {attr!r}")
     # Refused before anything is called: a builtin (os:system) or a class that is not a model
-    # (subprocess:Popen) named as an architecture would otherwise run. A plain Python function is a
-    # model factory (pyautoattack's ResNet18); what it returns is checked after the call.
+    # (subprocess:Popen) named as an architecture would otherwise run. A plain Python function
+    # is a model factory (pyautoattack's ResNet18) only in a module the user trusts; what it
+    # returns is checked after the call. Built-in modules offer their own model classes only.
     is_model_class = isinstance(target, type) and issubclass(target, nn.Module)
-    if not (is_model_class or inspect.isfunction(target)):
-        raise UserError(f"--arch {spec}: {attr!r} is not a torch.nn.Module class or a function that builds one")
+    if is_builtin(spec):
+        if not (is_model_class and is_builtin(f"{target.__module__}:")):
+            raise UserError(f"{what}: {attr!r} is not a torch.nn.Module class of {module_name}")
+    elif not (is_model_class or inspect.isfunction(target)):
+        raise UserError(f"{what}: {attr!r} is not a torch.nn.Module class or a function that builds one")
     return target
 
 
 def check_arch(arch: str, dataset: str, threat_model: str = "Linf") -> str:
-    """Validate an architecture spec without building it; returns its canonical form
-    (a zoo alias or prefix becomes the full zoo name)."""
+    """Validate an architecture the user names, without building it; returns its canonical form
+    (a zoo alias or prefix becomes the full zoo name). A `module:Class` one becomes trusted."""
     if ":" in arch:
         _import_class(arch)
         trust(arch)
@@ -73,25 +82,30 @@ def _build_zoo(entry: ZooEntry) -> nn.Module:
     return rb.zoo_record(entry.name, entry.dataset, entry.threat_model)["model"]()
 
 
-def build_architecture(arch: str, dataset: str, threat_model: str = "Linf",
-                       arch_kwargs: dict | None = None) -> nn.Module:
-    """A freshly initialised model of an architecture the caller names (see `_build`); the name is
-    remembered as one this user trusts (`zoo.trust`)."""
-    model = _build(arch, dataset, threat_model, arch_kwargs)
-    if ":" in arch:
+def build_architecture(arch: str, dataset: str, threat_model: str = "Linf", arch_kwargs: dict | None = None, *,
+                       source: str | None = None) -> nn.Module:
+    """A freshly initialised model of an architecture (see `_build`).
+
+    With `source` None the caller names `arch` (a flag, a notebook argument), and a
+    `module:Class` one is remembered as one this user trusts (`zoo.trust`); otherwise
+    `source` is the file it was read from, and only a trusted architecture is built.
+    """
+    model = _build(arch, dataset, threat_model, arch_kwargs, source=source)
+    if ":" in arch and source is None:
         trust(arch)
     return model
 
 
-def _build(arch: str, dataset: str, threat_model: str = "Linf", arch_kwargs: dict | None = None) -> nn.Module:
+def _build(arch: str, dataset: str, threat_model: str = "Linf", arch_kwargs: dict | None = None, *,
+           source: str | None = None) -> nn.Module:
     """A freshly initialised model (random weights, nothing downloaded).
 
     `arch` is a RobustBench zoo name (aliases and unique prefixes work; the entry's
     architecture for `dataset`/`threat_model` is built) or `package.module:Class`
-    (called with `arch_kwargs`, or with no arguments).
+    (called with `arch_kwargs`, or with no arguments); `source` as for `build_architecture`.
     """
     if ":" in arch:
-        ctor = _import_class(arch)
+        ctor = _import_class(arch, source)
         kwargs = dict(arch_kwargs or {})
         try:
             model = ctor(**kwargs)

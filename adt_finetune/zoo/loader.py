@@ -123,6 +123,7 @@ def _missing_checkpoint(entry: ZooEntry, path: Path, why: str) -> UserError:
 def _download(entry: ZooEntry, ws: Workspace, progress: bool) -> nn.Module:
     """Fetch through RobustBench's loader; on any failure remove what it left and raise a UserError."""
     path = ws.model_path(entry.dataset, entry.threat_model, entry.name)
+    ws.inside(path, f"the checkpoint of {entry.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     before = set(path.parent.iterdir())
     rb_utils = rb.robustbench_utils()
@@ -261,7 +262,8 @@ def model_from_ref(ref: ModelRef, device: str | torch.device = "cpu", *, source:
     A ModelRef usually comes from a file (state.json, run.json: `source` names it), so its
     architecture is only imported when `trust.check_trusted` allows it.
     """
-    check_trusted(ref.arch, source or f"the record of model {ref.name!r}")
+    source = source or f"the record of model {ref.name!r}"
+    check_trusted(ref.arch, source)
     path = Path(ref.path)
     if ref.source == "zoo" and ":" not in ref.arch:
         entry = resolve_name(ref.arch, ref.dataset, ref.threat_model)
@@ -273,7 +275,7 @@ def model_from_ref(ref: ModelRef, device: str | torch.device = "cpu", *, source:
         if not path.is_file():
             raise UserError(f"the checkpoint of model {ref.name!r} is missing at {path}: pull or train it again")
         state_dict = read_state_dict(path)
-        model = _build(ref.arch, ref.dataset, ref.threat_model, ref.arch_kwargs or None)
+        model = _build(ref.arch, ref.dataset, ref.threat_model, ref.arch_kwargs or None, source=source)
         load_weights(model, state_dict, str(path))
     return model.to(device).eval()
 
@@ -312,7 +314,7 @@ def register_model(model: nn.Module, *, name: str, arch: str, arch_kwargs: dict 
     arch = check_arch(arch, dataset, threat_model)
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise UserError(f"model name {name!r} must be a plain file name (no slashes, not starting with a dot)")
-    path = ws.model_path(dataset, threat_model, name)
+    path = ws.inside(ws.model_path(dataset, threat_model, name), f"model {name}")
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     ref = ModelRef(name=name, arch=arch, dataset=dataset, threat_model=threat_model, path=str(path), source=source,
                    arch_kwargs=dict(arch_kwargs or {}))
