@@ -1,10 +1,10 @@
 """Generic helpers over any classifier: eval-mode scopes, the final linear layer,
-feature taps (penultimate features, the last feature map before pooling) and
-forward-pass counting."""
+feature taps (penultimate features, the last feature map before pooling),
+forward-pass counting and the check for weights no usable model holds."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -178,3 +178,31 @@ class PassCounter:
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def unusable_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """What makes a set of weights unusable, one "<name> holds ..." phrase per bad tensor: a
+    floating-point tensor with a NaN or an infinity, or a BatchNorm running variance
+    (`*.running_var`) with an entry below zero. A negative variance is finite, but eval-mode
+    BatchNorm divides by the square root of it (+ a tiny ε), so every prediction is NaN or
+    meaningless. One device synchronisation per device."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append((name, t))
+    bad: list[str] = []
+    for items in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in items])
+        negative = torch.stack([(t < 0).any() if name.rsplit(".", 1)[-1] == "running_var"
+                                else torch.zeros((), dtype=torch.bool, device=t.device) for name, t in items])
+        for (name, _), ok, neg in zip(items, finite.tolist(), negative.tolist()):
+            if not ok:
+                bad.append(f"{name} holds nan/inf values")
+            elif neg:
+                bad.append(f"{name} holds a negative variance")
+    return bad
+
+
+def unusable_weights(model: nn.Module) -> list[str]:
+    """`unusable_tensors` over a model's parameters and buffers."""
+    return unusable_tensors([*model.named_parameters(), *model.named_buffers()])

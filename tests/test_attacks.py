@@ -355,6 +355,44 @@ def test_result_does_not_depend_on_batch(name, settings, trained_cnn, fmnist_tes
     assert not torch.equal(other_seed(trained_cnn, x, y).x_adv, whole.x_adv)
 
 
+@pytest.mark.parametrize("name", ["exp", "exp-am", "imp-am", "exp-am-cotrained", "imp-am-cotrained"])
+def test_randomised_attacks_draw_per_example(name, trained_cnn, fmnist_test, fmnist_train, generator_files):
+    """exp's samples and the generators' draws come from each example's own generator: the same
+    examples in a smaller batch, in another order, get the same noise and the same verdict."""
+    x, y = fmnist_test[0][:12], fmnist_test[1][:12]
+    train = (fmnist_train[0][:64], fmnist_train[1][:64])
+
+    def built(seed=0):
+        attack = make_attack(name, 0.1, seed=seed, **_settings(name, generator_files))
+        if attack.uses_training_data:
+            attack.set_training_data(*train)
+        attack.prepare(trained_cnn, x, y)
+        return attack
+
+    attack = built()
+    whole = attack(trained_cnn, x, y)
+    order = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0])
+    part = attack(trained_cnn, x[order], y[order])
+    moved = ((part.x_adv - whole.x_adv[order]).abs() > 1e-6).float().mean().item()
+    assert moved < 1e-3  # batch-keyed noise would move nearly every pixel
+    assert torch.equal(part.robust, whole.robust[order])
+    assert not torch.equal(built(seed=1)(trained_cnn, x, y).x_adv, whole.x_adv)
+
+
+def test_imp_am_noise_is_drawn_per_example(generator_files):
+    """imp-am's z: the attack hands one generator per example, so an example's z is the same
+    in any batch (an untrained imp-am generator barely reads z, so the test above cannot see it)."""
+    from adt_finetune.attacks.base import example_generators
+    from adt_finetune.perturb.adt_networks import load_generator
+
+    gen, _ = load_generator(generator_files["imp-am-cotrained"])
+    x = torch.rand(6, 1, 28, 28)
+    whole = gen.sample_z(6, "cpu", example_generators(x, "imp-am:0"))
+    part = gen.sample_z(3, "cpu", example_generators(x[[4, 1, 2]], "imp-am:0"))
+    assert torch.equal(part, whole[[4, 1, 2]])
+    assert not torch.equal(whole[0], whole[1]) and whole.abs().max() <= 1
+
+
 def test_attacks_run_in_eval_mode_and_restore_it(trained_cnn, fmnist_test):
     x, y = fmnist_test[0][:16], fmnist_test[1][:16]
     model = copy.deepcopy(trained_cnn).train()

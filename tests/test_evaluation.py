@@ -289,6 +289,17 @@ def test_suites_and_attack_lists():
 
 # ---------------------------------------------------------------- real attacks
 
+def test_exp_flags_do_not_depend_on_the_batch_size(trained_cnn, fmnist_test):
+    """`eval --attacks exp -b 16` and `-b 100` on the same images: the same per-example flags
+    (its noise is drawn per example; keyed to the batch, 6 of these 100 flags flipped)."""
+    x, y = fmnist_test[0][:100], fmnist_test[1][:100]
+    settings = {"exp": {"steps": 3, "samples": 2}}
+    small = evaluate(trained_cnn, x, y, attacks=["exp"], eps=EPS, batch_size=16, attack_settings=settings)
+    whole = evaluate(trained_cnn, x, y, attacks=["exp"], eps=EPS, batch_size=100, attack_settings=settings)
+    assert small.csv_text() == whole.csv_text()
+    assert 0 < small.per_attack["exp"] < small.clean_acc
+
+
 def test_real_fgsm_pgd20_cascade_equals_independent(trained_cnn, fmnist_test):
     x, y = fmnist_test[0][:64], fmnist_test[1][:64]
     ind = evaluate(trained_cnn, x, y, attacks=["fgsm", "pgd20"], eps=EPS, batch_size=32)

@@ -484,6 +484,32 @@ def test_non_finite_weights_stop_the_run_and_keep_the_last_finite_checkpoint(tmp
     assert not (run / "model.pt").exists() and load_run("blowup", ws, require_finished=False).meta["status"] == "running"
 
 
+def test_a_negative_batchnorm_variance_at_the_end_is_refused(tmp_path, cli, monkeypatch):
+    """running_var = -1 is finite, and train-mode steps use batch statistics, so the epoch's
+    accuracies look healthy; the finished model predicts NaN. The run must not report final
+    numbers nor hand the model back: one line, exit 2, no model.pt."""
+    from adt_finetune.training.run_state import Session
+
+    original = Session.step
+
+    def tampering(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        with torch.no_grad():
+            self.model.features[1].running_var.fill_(-1.0)
+        return out
+
+    monkeypatch.setattr(Session, "step", tampering)
+    ws = _workspace(tmp_path)
+    with pytest.raises(UserError, match=r"features\.1\.running_var holds a negative variance"):
+        train(_small(run_name="neg"), workspace=ws)
+    assert not (tmp_path / "runs" / "neg" / "model.pt").exists()
+    code, out, err = cli("train", "--method", "pgd-at", "--pgd-steps", "1", "--train-subset", "64", "--epochs", "1",
+                         "--device", "cpu", "--run-name", "neg-cli", "--workspace", ws)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "negative variance" in err and "adv acc" not in out
+    assert not (tmp_path / "runs" / "neg-cli" / "model.pt").exists()
+
+
 def test_cli_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, cli):
     ws = _workspace(tmp_path)
     with pytest.raises(KeyboardInterrupt):

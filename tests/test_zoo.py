@@ -475,6 +475,31 @@ def test_pull_from_file_hostile_pickle(cli, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("damage", ["nan", "negative running_var"])
+def test_pull_refuses_unusable_weights(cli, tmp_path, damage):
+    """NaN weights (or a negative BatchNorm variance) are refused at pull, not later by training
+    ("diverged: lower --lr") or evaluation; the model does not become current."""
+    state = SmallCNN().state_dict()
+    key = "fc.weight" if damage == "nan" else next(k for k in state if k.endswith("running_var"))
+    state[key][0] = float("nan") if damage == "nan" else -1.0
+    torch.save(state, tmp_path / "bad.pt")
+    needle = "holds nan/inf values" if damage == "nan" else "holds a negative variance"
+    assert_user_error(cli("pull", "--from-file", tmp_path / "bad.pt", "--arch", SMALL_CNN, "--dataset",
+                          "fashion-mnist", "-w", tmp_path), "unusable", key, needle)
+    assert Workspace(tmp_path).current_model() is None
+
+
+def test_pull_refuses_a_zoo_checkpoint_with_nan_weights(cli, tmp_path):
+    rn18 = build_architecture(RN18_ENTRY, "cifar10")
+    state = rn18.state_dict()
+    state["linear.bias"][3] = float("inf")
+    path = Workspace(tmp_path).model_path("cifar10", "Linf", RN18_ENTRY)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    assert_user_error(cli("pull", RN18_ENTRY, "-w", tmp_path), "unusable", "linear.bias holds nan/inf values")
+    assert Workspace(tmp_path).current_model() is None
+
+
 def test_pull_from_file_arch_not_importable(cli, tmp_path, small_ckpt):
     path, _ = small_ckpt
     assert_user_error(cli("pull", "--from-file", path, "--arch", "nonexistent_pkg.nets:Net", "--dataset", "cifar10",

@@ -172,8 +172,8 @@ _BATCH_KEY: ContextVar[str | None] = ContextVar("adt_ft_batch_key", default=None
 
 @contextlib.contextmanager
 def keyed_batch(key: str) -> Iterator[None]:
-    """Attacks called inside the block draw their batch-level randomness (AutoAttack's restarts,
-    EXP's samples) from `key`, which the evaluation engine builds from the batch's fixed chunk of
+    """Attacks called inside the block draw their batch-level randomness (AutoAttack's restarts)
+    from `key`, which the evaluation engine builds from the batch's fixed chunk of
     the evaluated set (docs/evaluation.md, "Sharded evaluation"): the same numbers whichever
     process, shard or resumed run attacks that chunk."""
     token = _BATCH_KEY.set(str(key))

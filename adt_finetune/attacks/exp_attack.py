@@ -2,34 +2,23 @@
 over δ against the fixed model (T steps, k samples per step), then draw k samples;
 an example is broken if any of them is misclassified.
 
-The fitting is the training method's own (`methods.adt_exp.fit_exp_distribution`),
-so attack and training cannot drift apart. Its noise is drawn per batch, so unlike
-the pointwise attacks an example's result can depend on its batch.
+The fitting is the training method's own (`perturb.exp_distribution.fit_exp_distribution`),
+so attack and training cannot drift apart. Every example draws its noise from its own
+generator (`example_generators`: attack name, seed and the example's pixels), and the
+fitting is per example, so an example's result does not depend on the batch size or on
+which other examples share its batch, as for the pointwise attacks.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..perturb.exp_distribution import fit_exp_distribution, sample_exp
-from .base import (Attack, AttackResult, batch_seed, bool_setting, example_seeds, float_setting, int_setting,
+from .base import (Attack, AttackResult, bool_setting, example_generators, float_setting, int_setting,
                    register_attack, verdict)
 from ..perturb.linf import margin, project_linf
-
-
-def batch_generator(x: torch.Tensor, key: str) -> torch.Generator:
-    """A generator for a batch's noise, seeded by the key and the batch's chunk of the evaluated
-    set when the engine names it (`keyed_batch`: the same noise however the evaluation is split
-    across processes), else by the key and the batch's pixels. Either way reproducible, and two
-    batches of the same shape do not share their noise."""
-    seed = batch_seed(key)
-    if seed is None:
-        digest = hashlib.blake2b(b"".join(s.to_bytes(8, "little") for s in example_seeds(x, key)), digest_size=8)
-        seed = int.from_bytes(digest.digest(), "little") >> 1
-    return torch.Generator(device=x.device).manual_seed(seed)
 
 
 def worst_of_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -63,7 +52,7 @@ class EXPAttack(Attack):
         self.accumulate = bool_setting(self.name, "accumulate", accumulate)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        generator = batch_generator(x, f"{self.name}:{self.seed}")
+        generator = example_generators(x, f"{self.name}:{self.seed}")
         mu, v = fit_exp_distribution(model, x, y, eps=self.eps, steps=self.steps, samples=self.samples,
                                      lr=self.lr, lam=self.lam, accumulate=self.accumulate, generator=generator)
         deltas = sample_exp(mu, v, self.eps, self.samples, generator=generator)

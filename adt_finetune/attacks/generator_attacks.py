@@ -14,8 +14,8 @@ That generator was trained against the classifier as it was during training, so 
 a weaker attack on any other model (e.g. the run's base model with `--baseline`).
 
 Both feed the generator the evaluated model's gradients g1, g2. With samples > 1 an
-example is broken if any draw is misclassified. The draws' noise comes from one
-generator per batch, so an example's result can depend on its batch (as for `exp`).
+example is broken if any draw is misclassified. Each example's draws come from its own
+generator (`example_generators`), so its result does not depend on its batch (as for `exp`).
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from ..perturb.amortised import default_lambda
 from ..perturb.generator_training import GeneratorBudget, fit_generator
 from ..perturb.adt_networks import gradient_features, load_generator, read_generator_file, write_generator_file
 from ..perturb.linf import project_linf
-from .base import Attack, AttackResult, float_setting, int_setting, register_attack
-from .exp_attack import batch_generator, worst_of_samples
+from .base import Attack, AttackResult, example_generators, float_setting, int_setting, register_attack
+from .exp_attack import worst_of_samples
 
 CACHE_FILE = "generator.pt"
 
@@ -52,11 +52,11 @@ class _GeneratorAttack(Attack):
         if self._gen is None:
             raise RuntimeError(f"attack {self.name!r}: prepare(model, x, y) must run first")
         gen = self._gen.to(x.device)
-        generator = batch_generator(x, f"{self.name}:{self.seed}")
+        generators = example_generators(x, f"{self.name}:{self.seed}")
         # g1, g2 once for all draws
         g1, g2, _ = gradient_features(model, x, y, self.eps)
         with torch.no_grad(), eval_mode(gen):
-            deltas = torch.stack([gen.sample_delta(x, g1, g2, self.eps, generator=generator)
+            deltas = torch.stack([gen.sample_delta(x, g1, g2, self.eps, generator=generators)
                                   for _ in range(self.samples)])
             x_samples = project_linf(x.unsqueeze(0) + deltas.to(x.dtype), x.unsqueeze(0), self.eps)
         return worst_of_samples(model, x, y, x_samples)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import UserError
+from ..nets import unusable_weights
 from .result import EvalResult, SanityCheck
 
 LINF_TOLERANCE = 1e-6
@@ -74,19 +74,20 @@ def sanity_checks(result: EvalResult, ranges: dict[str, tuple[float, float]],
 
 
 def non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers holding a NaN or an infinity."""
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """What makes the model's weights unusable (`nets.unusable_weights`): NaN/inf anywhere, or a
+    BatchNorm running variance below zero."""
+    return unusable_weights(model)
 
 
 def check_finite_weights(model: nn.Module, label: str = "the model") -> None:
-    """Refuse a model with non-finite weights or buffers (e.g. BatchNorm's running_var after a diverged run)."""
+    """Refuse a model with non-finite weights or buffers (e.g. BatchNorm's running_var after a diverged
+    run) or a negative BatchNorm variance."""
     bad = non_finite_tensors(model)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise UserError(f"{label} has non-finite weights or buffers ({shown}), so its predictions mean nothing "
-                        "and no number was computed: evaluate a checkpoint from before training diverged, or train "
-                        "again with a smaller --lr")
+        raise UserError(f"{label} has non-finite or invalid weights or buffers ({shown}), so its predictions mean "
+                        "nothing and no number was computed: evaluate a checkpoint from before training diverged, or "
+                        "train again with a smaller --lr")
 
 
 def check_finite_logits(n_bad: int, n: int, label: str = "the model") -> SanityCheck:

@@ -8,8 +8,8 @@ result). Shard k of n takes the chunks c with c mod n = k. The engine
 - never puts examples of two chunks in one attack batch, and cuts each chunk's
   examples into batches the same way in every process (`chunk_batches`);
 - keys every batch's randomness to its chunk and its place in the chunk (the
-  global RNG it reseeds, `attacks.base.keyed_batch` for AutoAttack's and EXP's
-  batch-level draws); attacks seeded per example stay so.
+  global RNG it reseeds, `attacks.base.keyed_batch` for AutoAttack's batch-level
+  draws); attacks seeded per example (exp and the generators too) stay so.
 
 So an example's flags do not depend on how many processes shared the work, on
 which one took its chunk, or on a resume in between: a world of 2, `--shard 0/2` +

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import run_folder
 from ..errors import UserError
+from ..perturb.linf import accuracy
 from ..perturb.amortised import IMP_ENTROPY_FORMS, build_adversary, default_lambda
 from ..perturb.adt_networks import diagnostic_rng, gradient_features, modules_in_eval_mode, save_generator
 from .base import MethodContext, StepOutput, TrainMethod, register_method
@@ -123,8 +124,8 @@ class _AmortisedADT(TrainMethod):
             adv_term = trades_kl(logits_clean, logits_adv).mean() if trades else loss
             metrics.update(
                 loss=loss.item(),
-                clean_acc=(logits_eval.argmax(1) == y).float().mean().item(),
-                adv_acc=(logits_adv.argmax(1) == y).float().mean().item(),
+                clean_acc=accuracy(logits_eval, y),
+                adv_acc=accuracy(logits_adv, y),
                 # what the generator maximises: its loss term minus the regulariser
                 adv_objective=(adv_term - regulariser).item(),
             )

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..perturb import tanh_gaussian as tg
+from ..perturb.linf import accuracy
 from ..perturb.exp_distribution import DEFAULT_LAMBDA, Objective, fit_exp_distribution
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
@@ -55,7 +56,7 @@ class ADTExp(TrainMethod):
         logits_clean = None
         if trades:
             logits_clean, target_logits = trades_target(model, x)
-            metrics["clean_acc"] = (target_logits.argmax(1) == y).float().mean().item()
+            metrics["clean_acc"] = accuracy(target_logits, y)
             target_rep = target_logits.repeat(k, 1)
 
             def objective(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ class ADTExp(TrainMethod):
         logits_adv = model(x_adv)
         loss = training_loss(cfg.loss, logits_adv, y, logits_clean=logits_clean, beta=cfg.beta)
         metrics["loss"] = loss.item()
-        metrics["adv_acc"] = (logits_adv.argmax(1) == y).float().mean().item()
+        metrics["adv_acc"] = accuracy(logits_adv, y)
         if trades:
             metrics["kl"] = trades_kl(logits_clean.detach(), logits_adv.detach()).mean().item()
         return StepOutput(loss, metrics, x_adv)

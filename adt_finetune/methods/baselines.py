@@ -17,15 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..perturb.linf import sign_gradient_ascent
+from ..perturb.linf import accuracy, sign_gradient_ascent
 from ..config import TrainConfig
 from ..nets import eval_mode
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
-
-
-def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.detach().argmax(1) == y).float().mean().item()
 
 
 class _PointwiseBaseline(TrainMethod):
@@ -56,7 +52,7 @@ class PGDAT(_PointwiseBaseline):
         logits_adv = model(x_adv)
         loss = training_loss("ce", logits_adv, y)
         # No clean_acc: it would cost one more forward pass per step that training does not need.
-        return StepOutput(loss, {"adv_acc": _accuracy(logits_adv, y)}, x_adv)
+        return StepOutput(loss, {"adv_acc": accuracy(logits_adv, y)}, x_adv)
 
 
 @register_method("trades")
@@ -88,5 +84,5 @@ class TRADES(_PointwiseBaseline):
         loss = training_loss("trades", logits_adv, y, logits_clean=logits_clean, beta=self.beta)
         with torch.no_grad():
             kl = trades_kl(logits_clean, logits_adv).mean().item()
-        return StepOutput(loss, {"clean_acc": _accuracy(logits_clean, y), "adv_acc": _accuracy(logits_adv, y),
+        return StepOutput(loss, {"clean_acc": accuracy(logits_clean, y), "adv_acc": accuracy(logits_adv, y),
                                  "kl": kl}, x_adv)

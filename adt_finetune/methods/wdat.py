@@ -38,6 +38,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..errors import UserError
 from ..nets import eval_mode
+from ..perturb.linf import accuracy
 from ..perturb.distributional import parse_budgets, wpgd_map
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
@@ -139,10 +140,10 @@ class WDAT(TrainMethod):
             loss = training_loss("trades", logits_adv, y, logits_clean=logits_clean, beta=self.cfg.beta)
             with torch.no_grad():
                 metrics["kl"] = float(trades_kl(logits_clean, logits_adv).mean())
-                metrics["clean_acc"] = float((logits_clean.argmax(1) == y).float().mean())
+                metrics["clean_acc"] = accuracy(logits_clean, y)
         else:
             loss = training_loss("ce", logits_adv, y)
-        metrics["adv_acc"] = float((logits_adv.detach().argmax(1) == y).float().mean())
+        metrics["adv_acc"] = accuracy(logits_adv, y)
         return StepOutput(loss=loss, metrics=metrics, x_adv=x_adv)
 
     # -------------------------------------------------------------- resume

@@ -126,7 +126,7 @@ class ExplicitGenerator(nn.Module):
         mu, v = out[:, :self.in_channels], out[:, self.in_channels:]
         return mu, F.softplus(v)
 
-    def sample_delta(self, x, g1, g2, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_delta(self, x, g1, g2, eps: float, generator: tg.Rng = None) -> torch.Tensor:
         mu, sigma = self(x, g1, g2)
         return tg.sample(mu, sigma, eps, generator)[0].to(x.dtype)
 
@@ -160,8 +160,8 @@ class ImplicitGenerator(nn.Module):
         self.backbone = ResidualBackbone(3 * in_channels + 1, in_channels, width)
         _init_gan_weights(self)
 
-    def sample_z(self, n: int, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.rand(n, self.z_dim, generator=generator, device=device) * 2 - 1
+    def sample_z(self, n: int, device: torch.device | str, generator: tg.Rng = None) -> torch.Tensor:
+        return tg.noise("uniform", (n, self.z_dim), device=device, generator=generator) * 2 - 1
 
     def forward(self, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The pre-tanh output (B, C, H, W); δ/ε = tanh of it."""
@@ -175,7 +175,7 @@ class ImplicitGenerator(nn.Module):
             gradient_input(g2, self.normalize_gradients, self.gradient_divisor)
         return self.backbone(torch.cat([x, g1, g2, z_map.to(x.dtype)], 1)).float()
 
-    def sample_delta(self, x, g1, g2, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_delta(self, x, g1, g2, eps: float, generator: tg.Rng = None) -> torch.Tensor:
         z = self.sample_z(x.shape[0], x.device, generator)
         return (eps * torch.tanh(self(x, g1, g2, z))).to(x.dtype)
 

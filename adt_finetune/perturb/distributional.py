@@ -68,7 +68,7 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def redlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """DLR on correctly classified points, 0 (and no gradient) on the others."""
-    correct = logits.argmax(1) == y
+    correct = verdict(logits, y)
     return torch.where(correct, dlr_loss(logits, y), torch.zeros((), dtype=logits.dtype, device=logits.device))
 
 
@@ -280,7 +280,7 @@ def clean_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss
             per_example = loss_fn(logits, yb)
             (grad,) = torch.autograd.grad(per_example.sum(), xb)
             losses.append(per_example.detach().double())
-            correct.append(logits.detach().argmax(1) == yb)
+            correct.append(verdict(logits.detach(), yb))
             norms.append(grad.flatten(1).abs().sum(1).double())
     j, ok, n1 = torch.cat(losses), torch.cat(correct), torch.cat(norms)
     wrong = ~ok

@@ -28,7 +28,7 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def fit_exp_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, samples: int,
                          lr: float, lam: float, accumulate: bool = True, objective: Objective | None = None,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: tg.Rng = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example (μ, v) of the tanh-Gaussian δ = ε·tanh(μ + softplus(v)·r) maximising
     E[objective(f(clip(x + δ)), y)] + lam·H.
 
@@ -41,6 +41,9 @@ def fit_exp_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     accumulate=True (default) reproduces the released code, which never zeroes the
     (μ, v) gradients between steps: every step follows the sign of the running SUM of
     all gradients so far, not of the latest one. accumulate=False uses the latest only.
+
+    `generator`: the noise's source (`tanh_gaussian.Rng`); a list of one generator per
+    example makes each example's samples independent of its batch (the `exp` attack).
 
     The objective is summed over examples and averaged over samples, with H the
     all-element mean (`tanh_gaussian.entropy_estimate`) times the batch size: per
@@ -62,7 +65,7 @@ def fit_exp_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     with eval_mode(model), torch.enable_grad():
         for _ in range(steps):
             sigma = F.softplus(v)
-            delta, u, r = tg.sample(mu.expand_as(x_rep), sigma.expand_as(x_rep), eps, generator)
+            delta, u, r = tg.sample(mu.expand_as(x_rep), sigma.expand_as(x_rep), eps, generator, batch_dim=1)
             x_adv = tg.apply_perturbation(x_rep, delta.to(x.dtype)).flatten(0, 1)
             loss = objective(model(x_adv), y_rep).float().mean()
             gain = batch * (loss + lam * tg.entropy_estimate(sigma.expand_as(x_rep), u, r))
@@ -77,11 +80,11 @@ def fit_exp_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
 
 
 def sample_exp(mu: torch.Tensor, v: torch.Tensor, eps: float, k: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: tg.Rng = None) -> torch.Tensor:
     """k perturbations per example from a fitted (μ, v): shape (k, *μ.shape), |δ| < ε.
 
     Add to x and clip with `tanh_gaussian.apply_perturbation(x.unsqueeze(0), δ)`.
     """
     shape = (k, *mu.shape)
     with torch.no_grad():
-        return tg.sample(mu.expand(shape), F.softplus(v).expand(shape), eps, generator)[0]
+        return tg.sample(mu.expand(shape), F.softplus(v).expand(shape), eps, generator, batch_dim=1)[0]

@@ -103,6 +103,33 @@ def uniform_start(x: torch.Tensor, eps: float, generators: list[torch.Generator]
 
 
 def verdict(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: classified correctly. A row with a NaN or infinite logit is never correct:
-    argmax over NaN picks an arbitrary class, which must not count as robust."""
-    return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
+    """(B,) bool: classified correctly, the one rule every accuracy and robust flag in adt-ft uses.
+
+    Correct means the true logit is strictly above every other one and every logit is
+    finite. A tie is not correct: argmax breaks it towards the lowest class index, so an
+    all-zero (or constant) model would otherwise score that class's share of the data.
+    A row with a NaN or infinite logit is never correct either: argmax over NaN picks an
+    arbitrary class. For real-valued logits of a trained model exact ties do not occur,
+    so this agrees with `argmax == y` there.
+    """
+    k = logits.shape[1]
+    label = y.clamp(0, k - 1)[:, None]  # a label the model has no logit for is never correct
+    others = logits.scatter(1, label, float("-inf")).max(1).values
+    return (y >= 0) & (y < k) & (logits.gather(1, label).squeeze(1) > others) & torch.isfinite(logits).all(1)
+
+
+def predicted_class(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) long: the class whose logit is strictly above every other one, −1 where there is
+    none (a tie at the top, or a non-finite logit): what `verdict` counts as a prediction."""
+    top2 = logits.topk(min(2, logits.shape[1]), dim=1)
+    pred = top2.indices[:, 0].clone()
+    no_winner = ~torch.isfinite(logits).all(1)
+    if logits.shape[1] > 1:
+        no_winner |= ~(top2.values[:, 0] > top2.values[:, 1])
+    pred[no_winner] = -1
+    return pred
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The share of rows `verdict` counts as correct (training's clean/adv accuracy metrics)."""
+    return verdict(logits.detach(), y).float().mean().item()

@@ -9,6 +9,7 @@ is the wrong thing inside PGD.
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,32 @@ _LOG_2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def sample(mu: torch.Tensor, sigma: torch.Tensor, eps: float,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+#: where a draw's randomness comes from: the global RNG (None), one generator for the whole draw,
+#: or one generator per example (each example's noise is then the same whatever batch it sits in)
+Rng = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def noise(kind: str, shape: Sequence[int], *, device: torch.device | str, dtype: torch.dtype = torch.float32,
+          generator: Rng = None, batch_dim: int = 0) -> torch.Tensor:
+    """N(0, 1) (`kind="normal"`) or U(0, 1) (`"uniform"`) noise of `shape`. With a list of
+    generators, example i's slice along `batch_dim` is drawn from generator i alone."""
+    draw = torch.randn if kind == "normal" else torch.rand
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw(shape, generator=generator, device=device, dtype=dtype)
+    generators = list(generator)
+    if len(generators) != shape[batch_dim]:
+        raise ValueError(f"{len(generators)} generators for {shape[batch_dim]} examples")
+    one = shape[:batch_dim] + shape[batch_dim + 1:]
+    return torch.stack([draw(one, generator=g, device=device, dtype=dtype) for g in generators], dim=batch_dim)
+
+
+def sample(mu: torch.Tensor, sigma: torch.Tensor, eps: float, generator: Rng = None,
+           batch_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One reparameterised draw: returns (δ, u, r) so the caller can form the entropy
-    estimate from the same noise. Gradients reach μ and σ through u."""
-    r = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    estimate from the same noise. Gradients reach μ and σ through u. `batch_dim` is the
+    examples' dimension, for per-example generators (`noise`)."""
+    r = noise("normal", mu.shape, device=mu.device, dtype=mu.dtype, generator=generator, batch_dim=batch_dim)
     u = mu + sigma * r
     return eps * torch.tanh(u), u, r
 

@@ -10,9 +10,10 @@ Learning-rate schedules are evaluated per optimisation step (`settings.lr_at`); 
 Resume is exact (see `session` and `batches`). A checkpoint is written at the end of
 each epoch, every `checkpoint_every` steps (default: every 10 minutes), and at the
 first Ctrl-C, which finishes the current step before stopping. A checkpoint never
-holds nan or inf: weights, buffers and optimiser state are checked every
-`FINITE_CHECK_STEPS` steps and before every write, and a diverged run stops with
-one line, keeping its last finite checkpoint. A run stopped before its first
+holds nan or inf (nor a negative BatchNorm variance), and neither does a finished
+run's model: weights, buffers and optimiser state are checked every
+`FINITE_CHECK_STEPS` steps, before every write and before the run finishes, and a
+diverged run stops with one line, keeping its last finite checkpoint. A run stopped before its first
 checkpoint restarts from the beginning on --resume.
 
 Under torchrun (`start` prepares the run on rank 0 first, `parallel` holds what DDP
@@ -281,8 +282,8 @@ class _Loop:
             return
         kept = (f"its last finite checkpoint is kept in {self.run_dir}" if self.has_checkpoint
                 else f"no checkpoint had been written yet ({self.run_dir})")
-        raise UserError(f"training diverged at epoch {self.pos.epoch + 1}, step {self.pos.step_in_epoch}: {bad} "
-                        f"holds nan/inf values; {kept}. Start a new run with a lower --lr (or without --amp)")
+        raise UserError(f"training diverged at epoch {self.pos.epoch + 1}, step {self.pos.step_in_epoch}: {bad}; "
+                        f"{kept}. Start a new run with a lower --lr (or without --amp)")
 
     def _save_checkpoint(self) -> None:
         self._check_finite()  # a checkpoint never holds nan/inf: resuming it would only diverge again

@@ -33,7 +33,7 @@ from ..config import TrainConfig
 from ..data import DatasetInfo
 from ..distributed import World, all_reduce_sum_
 from ..errors import UserError
-from ..nets import eval_mode, find_last_linear
+from ..nets import eval_mode, find_last_linear, unusable_tensors
 from ..utils import parse_eps
 from . import parallel
 from .batches import _SeededAugmentation, epoch_batches
@@ -283,9 +283,15 @@ class Session:
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(), "rng": rng_state()}
 
     def non_finite(self) -> str | None:
-        """Which weight, buffer or optimiser/method state holds nan or inf, if any."""
-        return first_non_finite({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                 "method": self.method.state_dict()})
+        """What makes the run's state unusable, if anything: "<name> holds nan/inf values" (a weight,
+        buffer or optimiser/method state) or "<name> holds a negative variance" (a BatchNorm running
+        variance: finite, yet every eval-mode prediction through it is NaN)."""
+        bad = first_non_finite({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                "method": self.method.state_dict()})
+        if bad is not None:
+            return f"{bad} holds nan/inf values"
+        invalid = unusable_tensors(self.model.named_buffers())
+        return invalid[0] if invalid else None
 
     def restore(self, ckpt: dict[str, Any]) -> Position:
         self.model.load_state_dict(ckpt["model"])

@@ -19,6 +19,7 @@ from ..config import TrainConfig
 from ..data import DatasetInfo, dataset_info, is_image_folder
 from ..distributed import World
 from ..errors import UserError
+from ..nets import unusable_tensors, unusable_weights
 from ..utils import format_eps, parse_eps, set_seed
 from ..workspace import ModelRef, Workspace
 from . import run_writer
@@ -115,6 +116,10 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
         from ..zoo import model_from_ref
 
         model = model_from_ref(base_ref, device=str(world.device), source=source)
+        bad = unusable_weights(model)
+        if bad:  # training it would only report "diverged" at the first step
+            raise UserError(f"the base model {base_ref.name} is unusable ({bad[0]}): pull or train a model whose "
+                            "weights are finite")
     session = Session(cfg, model, data, info, world.device, reinit_head=cfg.head_init == "reinit", world=world)
     session.cfg = with_method_settings(cfg, session.method)  # record the method's own defaults (λ, step size)
     return session
@@ -228,6 +233,9 @@ def _read_checkpoint(path: Path, run_id: str) -> dict[str, Any]:
     bad = first_non_finite({k: ckpt[k] for k in ("model", "optimizer", "method")})
     if bad is not None:
         raise _damaged(path, run_id, f"holds nan/inf values ({bad})")
+    invalid = unusable_tensors(ckpt["model"].items()) if isinstance(ckpt["model"], dict) else []
+    if invalid:
+        raise _damaged(path, run_id, f"is unusable ({invalid[0]})")
     return ckpt
 
 

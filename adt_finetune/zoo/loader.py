@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..nets import unusable_weights
 from ..utils import atomic_torch_save
 from ..workspace import ModelRef, Workspace
 from . import robustbench_compat as rb
@@ -185,6 +186,15 @@ def _obtain(entry: ZooEntry, ws: Workspace, download: bool, progress: bool) -> n
     return _download(entry, ws, progress)
 
 
+def check_usable(model: nn.Module, source: str) -> None:
+    """Refuse (UserError) weights no model can predict with: NaN/inf, or a negative BatchNorm variance."""
+    bad = unusable_weights(model)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"the weights in {source} are unusable ({bad[0]}{more}): every prediction of this model "
+                        "would be NaN or meaningless, so it was not pulled; use an undamaged checkpoint")
+
+
 def _zoo_ref(entry: ZooEntry, ws: Workspace) -> ModelRef:
     return ModelRef(name=entry.name, arch=entry.name, dataset=entry.dataset, threat_model=entry.threat_model,
                     path=str(ws.model_path(entry.dataset, entry.threat_model, entry.name)), source="zoo")
@@ -198,6 +208,7 @@ def pull_model(name: str, *, dataset: str = "cifar10", threat_model: str = "Linf
     entry = resolve_name(name, dataset, threat_model)
     model = _obtain(entry, ws, download, progress).eval()
     ref = _zoo_ref(entry, ws)
+    check_usable(model, ref.path)
     ws.set_current_model(ref)
     return ref, model, entry
 
@@ -243,6 +254,7 @@ def pull_file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_
     ws = _as_workspace(workspace)
     ref, model = _file_model(path, arch, dataset=dataset, threat_model=threat_model, name=name,
                              arch_kwargs=arch_kwargs)
+    check_usable(model, ref.path)
     ws.set_current_model(ref)
     return ref, model
 
