@@ -166,9 +166,13 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise UserError(f"recipe {p} does not exist: 'adt-ft recipes' lists the shipped ones")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {p} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"recipe {p} cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe {p} must be a mapping of setting: value")
     data.pop("description", None)
@@ -208,9 +212,13 @@ def list_recipes(workspace: str | Path = ".") -> list[tuple[str, str, Path]]:
     for folder in recipe_dirs(workspace):
         for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
             try:
-                data = yaml.safe_load(path.read_text()) or {}
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError:
                 data = {"description": "(not valid YAML)"}
+            except UnicodeDecodeError:
+                data = {"description": "(not UTF-8 text)"}
+            except OSError as e:
+                data = {"description": f"(cannot be read: {e.strerror or e})"}
             text = str(data.get("description", "")) if isinstance(data, dict) else ""
             found[path.stem] = (path.stem, " ".join(text.split()), path)
     return sorted(found.values())

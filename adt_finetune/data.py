@@ -1,15 +1,15 @@
 """Datasets: the four named ones (torchvision formats) and image folders.
 
 Images are float tensors in [0, 1] with no normalisation: RobustBench models carry
-their own. Files are looked for, in order, in --data-dir, $ADT_FT_DATA, the
-workspace's data/, well-known system locations (Debian's dataset packages), and
-only then downloaded through torchvision.
+their own. Files are looked for in --data-dir when it is given (and only there);
+otherwise in $ADT_FT_DATA, the workspace's data/ and well-known system locations
+(Debian's dataset packages); only then downloaded through torchvision. Every file of
+a named dataset is checked against its published checksum before it is used.
 """
 from __future__ import annotations
 
 import gzip
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,7 +18,6 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .errors import UserError
-from .utils import atomic_path
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -70,17 +69,20 @@ def dataset_info(name_or_path: str | os.PathLike) -> DatasetInfo:
 
 
 def _search_roots(data_dir: str | os.PathLike | None, workspace: str | os.PathLike | None) -> list[Path]:
-    roots = []
+    """Where to look: a given data_dir alone (it means that data, never something found elsewhere),
+    else $ADT_FT_DATA and the workspace's data/ (the system locations come after these)."""
     if data_dir:
-        roots.append(Path(data_dir))
+        return [Path(data_dir).expanduser()]
+    roots = []
     if os.environ.get("ADT_FT_DATA"):
-        roots.append(Path(os.environ["ADT_FT_DATA"]))
+        roots.append(Path(os.environ["ADT_FT_DATA"]).expanduser())
     if workspace is not None:
         roots.append(Path(workspace) / "data")
     return roots
 
 
 def _cache_dir() -> Path:
+    """Where a download goes when no folder was given (only downloads: nothing found elsewhere is copied here)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "adt-ft"
 
@@ -93,35 +95,96 @@ def _train_transform(info: DatasetInfo):
     return T.ToTensor()
 
 
-# ---------------------------------------------------------------- named datasets
+# ---------------------------------------------------------------- Fashion-MNIST: IDX files, read here
+#
+# Read without torchvision: importing it (its models, ops and torch._dynamo) costs every process more
+# than reading the files. CIFAR and SVHN stay with torchvision's readers, which check torchvision's MD5s
+# of every file before reading it (CIFAR's python batches are pickles: only files whose MD5 is the
+# published one are ever unpickled).
 
-_FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte")
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# MD5 of each decompressed IDX file. Zalando's archives, whose own MD5s torchvision lists in
+# torchvision.datasets.FashionMNIST.resources (train-images 8d4fb7e6c68d591d4c3dfef9ec88bf0d, train-labels
+# 25c81989df183df01b3e8a0aad5dffbe, t10k-images bef4ecab320f06d8554ea6380940ec79, t10k-labels
+# bb300cfdad3c16e7a12a480ee83cd310), decompress to exactly these bytes; so do Debian's recompressed
+# archives (package dataset-fashion-mnist), whose .gz bytes differ. Checking the content accepts every
+# faithful copy, gzipped or unpacked, and refuses a truncated, relabelled or foreign one.
+FMNIST_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
 
 
-def _fmnist_root(roots: Sequence[Path]) -> Path | None:
-    """A root that torchvision's FashionMNIST reads (root/FashionMNIST/raw/<files>).
-
-    Debian ships the gzipped originals; torchvision reads only the unpacked files,
-    so we unpack them once into the user cache (atomically).
-    """
+def _fmnist_folder(roots: Sequence[Path], split: str) -> Path | None:
+    """The first folder holding the split's two files (each plain or .gz): each root itself, its
+    fashion-mnist/ and its FashionMNIST/raw/ (torchvision's layout)."""
     for root in roots:
-        if all((root / "FashionMNIST" / "raw" / f).exists() for f in _FMNIST_FILES):
-            return root
-    candidates = [r for r in roots] + [r for r in SYSTEM_LOCATIONS["fashion-mnist"]]
-    for folder in candidates:
-        for sub in (folder, folder / "fashion-mnist", folder / "FashionMNIST" / "raw"):
-            if all((sub / f"{f}.gz").exists() for f in _FMNIST_FILES):
-                cache = _cache_dir()
-                raw = cache / "FashionMNIST" / "raw"
-                for f in _FMNIST_FILES:
-                    if not (raw / f).exists():
-                        with atomic_path(raw / f) as tmp, gzip.open(sub / f"{f}.gz", "rb") as src, \
-                                open(tmp, "wb") as dst:
-                            shutil.copyfileobj(src, dst)
-                return cache
+        for folder in (root, root / "fashion-mnist", root / "FashionMNIST" / "raw"):
+            if all(_idx_file(folder, f) is not None for f in FMNIST_FILES[split]):
+                return folder
     return None
 
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_verified(path: Path, name: str) -> bytes:
+    """The decompressed bytes of `path`, refused (one line) unless they are Fashion-MNIST's own."""
+    import hashlib
+    import zlib
+
+    def refuse(why: str) -> UserError:
+        return UserError(f"{path} {why}: it is not Fashion-MNIST's original {name}; replace it with the original "
+                         "file (Debian's dataset-fashion-mnist package, or zalando's download)")
+
+    try:
+        raw = path.read_bytes()
+        content = gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        raise refuse("is truncated or not gzip data") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}): check its permissions") from None
+    if hashlib.md5(content, usedforsecurity=False).hexdigest() != FMNIST_MD5[name]:
+        raise refuse("has other content (MD5 mismatch)")
+    return content
+
+
+def _idx_array(content: bytes, dims: int) -> torch.Tensor:
+    """An IDX file's unsigned-byte array: a 4-byte magic (0, 0, 0x08, dims), dims big-endian sizes, data."""
+    header = 4 + 4 * dims
+    shape = [int.from_bytes(content[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    return torch.frombuffer(bytearray(content[header:]), dtype=torch.uint8).reshape(shape)
+
+
+class ImageTensors(Dataset):
+    """Images held as one uint8 tensor (N, H, W), served as (1, H, W) floats in [0, 1]: exactly what
+    torchvision's ToTensor makes of them."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
+        self.data, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.data[i].unsqueeze(0).float().div(255), int(self.targets[i])
+
+
+def _load_fmnist(folder: Path, split: str) -> ImageTensors:
+    images_name, labels_name = FMNIST_FILES[split]
+    images = _idx_array(_read_verified(_idx_file(folder, images_name), images_name), 3)  # type: ignore[arg-type]
+    labels = _idx_array(_read_verified(_idx_file(folder, labels_name), labels_name), 1)  # type: ignore[arg-type]
+    return ImageTensors(images, labels.long())
+
+
+# ---------------------------------------------------------------- named datasets
 
 def _missing(name: str, roots: Sequence[Path], hint: str) -> UserError:
     where = roots[0] if roots else Path("data")
@@ -129,24 +192,36 @@ def _missing(name: str, roots: Sequence[Path], hint: str) -> UserError:
                      f"(searched {', '.join(str(r) for r in roots) or 'nothing'}; e.g. place it under {where})")
 
 
-def _load_named(name: str, split: str, roots: list[Path], augment: bool, download: bool) -> Dataset:
+# What each torchvision-read dataset looks like on disk (to tell a corrupted copy from a missing one).
+_ON_DISK = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "svhn": "{split}_32x32.mat"}
+
+
+def _load_named(name: str, split: str, roots: list[Path], augment: bool, download: bool,
+                given: bool = False) -> Dataset:
+    """`given`: `roots` is the folder the user named, the only place to look."""
+    train = split == "train"
+    dl_root = roots[0] if roots else _cache_dir()
+
+    if name == "fashion-mnist":
+        folder = _fmnist_folder(roots if given else [*roots, *SYSTEM_LOCATIONS[name]], split)
+        if folder is not None:
+            return _load_fmnist(folder, split)
+        hint = ("install Debian's package (apt-get install dataset-fashion-mnist) or put the four "
+                "*-ubyte.gz files in a folder given by --data-dir")
+
+        def fetch() -> Dataset:
+            from torchvision import datasets as D
+
+            D.FashionMNIST(str(dl_root), train=train, download=True)  # checks torchvision's MD5s of the archives
+            return _load_fmnist(dl_root / "FashionMNIST" / "raw", split)
+
+        return _try_download(fetch, name, roots, hint, download)
+
     from torchvision import datasets as D
     from torchvision import transforms as T
 
     info = DATASETS[name]
-    train = split == "train"
     transform = _train_transform(info) if (train and augment) else T.ToTensor()
-    dl_root = roots[0] if roots else _cache_dir()
-
-    if name == "fashion-mnist":
-        root = _fmnist_root(roots)
-        if root is not None:
-            return D.FashionMNIST(str(root), train=train, transform=transform, download=False)
-        hint = ("install Debian's package (apt-get install dataset-fashion-mnist) or put the four "
-                "*-ubyte.gz files in a folder given by --data-dir")
-        return _try_download(lambda: D.FashionMNIST(str(dl_root), train=train, transform=transform,
-                                                    download=True), name, roots, hint, download)
-
     makers: dict[str, Callable[[Path, bool], Dataset]] = {
         "cifar10": lambda r, dl: D.CIFAR10(str(r), train=train, transform=transform, download=dl),
         "cifar100": lambda r, dl: D.CIFAR100(str(r), train=train, transform=transform, download=dl),
@@ -158,8 +233,11 @@ def _load_named(name: str, split: str, roots: list[Path], augment: bool, downloa
     for root in roots:
         try:
             return makers[name](root, False)
-        except RuntimeError:
-            continue
+        except RuntimeError:  # torchvision: "not found or corrupted" (a file whose MD5 is not the published one)
+            present = root / _ON_DISK[name].format(split=split)
+            if present.exists():
+                raise UserError(f"{present} does not match {name}'s published checksums (torchvision's MD5s): it "
+                                "is truncated or altered; replace it with the original files") from None
     return _try_download(lambda: makers[name](dl_root, True), name, roots, hints[name], download)
 
 
@@ -168,6 +246,8 @@ def _try_download(make: Callable[[], Dataset], name: str, roots: list[Path], hin
         raise _missing(name, roots, hint)
     try:
         return make()
+    except UserError:
+        raise
     except Exception:  # torchvision raises URLError, RuntimeError, OSError... when offline
         raise _missing(name, roots, hint) from None
 
@@ -258,7 +338,7 @@ def load_dataset(name_or_path: str | os.PathLike, split: str = "test", *, data_d
         ds: Dataset = _RemappedFolder(path, _folder_info(path, expect))
     else:
         name = canonical_name(str(name_or_path))
-        ds = _load_named(name, split, _search_roots(data_dir, workspace), augment, download)
+        ds = _load_named(name, split, _search_roots(data_dir, workspace), augment, download, given=bool(data_dir))
     if n_examples is not None:
         if n_examples <= 0:
             raise UserError(f"--n-examples must be positive, got {n_examples}")

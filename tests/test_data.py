@@ -61,7 +61,11 @@ def test_missing_dataset_offline_is_one_line(tmp_path, monkeypatch):
         load_dataset("cifar10", "test", data_dir=empty, workspace=tmp_path / "ws")
     msg = str(missing.value)
     assert "\n" not in msg
-    assert "cifar-10-batches-py" in msg and str(empty) in msg and str(tmp_path / "ws" / "data") in msg
+    # A given --data-dir is the only place looked in: it means that data.
+    assert "cifar-10-batches-py" in msg and str(empty) in msg and str(tmp_path / "ws" / "data") not in msg
+    with pytest.raises(UserError) as missing:
+        load_dataset("cifar10", "test", workspace=tmp_path / "ws")
+    assert str(tmp_path / "ws" / "data") in str(missing.value)
     # Without Debian's package (and nothing under the search roots), Fashion-MNIST is missing too.
     monkeypatch.setitem(data.SYSTEM_LOCATIONS, "fashion-mnist", [tmp_path / "nowhere"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -114,3 +118,86 @@ def test_image_folder_with_wrong_class_names(tmp_path, image_folder):
     empty.mkdir()
     with pytest.raises(UserError, match="no class subfolders"):
         load_dataset(empty)
+
+
+def _copy_of_the_test_split(folder: Path, *, labels: bytes | None = None, images: bytes | None = None) -> Path:
+    """Fashion-MNIST's two test files in `folder` (gzipped), with altered bytes where given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, new in (("t10k-labels-idx1-ubyte", labels), ("t10k-images-idx3-ubyte", images)):
+        original = (FMNIST_DIR / f"{name}.gz").read_bytes()
+        (folder / f"{name}.gz").write_bytes(original if new is None else new)
+    return folder
+
+
+def _relabelled() -> bytes:
+    content = bytearray(gzip.decompress((FMNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    content[8] = (content[8] + 1) % 10  # the first test image's label, one class on
+    return gzip.compress(bytes(content))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "relabelled", "garbage-raw"])
+def test_a_copy_that_is_not_the_original_is_refused(kind, tmp_path, monkeypatch):
+    """Fashion-MNIST's files are checked against their published checksums: a truncated or relabelled
+    copy would otherwise give wrong numbers (or a traceback from deep inside a reader)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mine = tmp_path / "mine"
+    if kind == "truncated":
+        whole = (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes()
+        _copy_of_the_test_split(mine, images=whole[:len(whole) // 2])
+        bad, words = mine / "t10k-images-idx3-ubyte.gz", "is truncated or not gzip data"
+    elif kind == "relabelled":
+        _copy_of_the_test_split(mine, labels=_relabelled())
+        bad, words = mine / "t10k-labels-idx1-ubyte.gz", "has other content (MD5 mismatch)"
+    else:
+        raw = mine / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name in data.FMNIST_MD5:
+            (raw / name).write_bytes(b"garbage" * 10)
+        bad, words = raw / "t10k-images-idx3-ubyte", "has other content (MD5 mismatch)"
+    with pytest.raises(UserError) as refused:
+        load_dataset("fashion-mnist", "test", data_dir=mine)
+    msg = str(refused.value)
+    assert str(bad) in msg and words in msg and "not Fashion-MNIST's original" in msg and "\n" not in msg
+    # Nothing was copied anywhere: a later command cannot pick up a poisoned copy.
+    assert not (tmp_path / "cache").exists()
+    # The same folder with the original files reads, and gives the original labels.
+    for f in mine.rglob("*"):
+        if f.is_file():
+            f.unlink()
+    _copy_of_the_test_split(mine)
+    y = as_tensors(load_dataset("fashion-mnist", "test", data_dir=mine), 3)[1]
+    assert y.tolist() == _idx(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz", 8)[:3].tolist()
+
+
+def test_data_dir_always_means_that_data(tmp_path, monkeypatch):
+    """A relabelled copy read once used to be unpacked into ~/.cache and read from there by every later
+    command, whatever --data-dir said (and a good copy was ignored once the cache existed)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    good = _copy_of_the_test_split(tmp_path / "good")
+    y_good = as_tensors(load_dataset("fashion-mnist", "test", data_dir=good), 1)[1]
+    with pytest.raises(UserError, match="MD5 mismatch"):
+        load_dataset("fashion-mnist", "test", data_dir=_copy_of_the_test_split(tmp_path / "bad",
+                                                                                labels=_relabelled()))
+    assert torch.equal(as_tensors(load_dataset("fashion-mnist", "test", data_dir=good), 1)[1], y_good)
+    # A folder without the data is not quietly replaced by Debian's copy.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="not on this machine"):
+        load_dataset("fashion-mnist", "test", data_dir=empty)
+    assert len(load_dataset("fashion-mnist", "test")) == 10000  # without --data-dir: Debian's
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unpacked_files_in_torchvisions_layout_read_the_same(tmp_path, fmnist_test):
+    raw = tmp_path / "d" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.FMNIST_MD5:  # torchvision's reader wants all four
+        (raw / name).write_bytes(gzip.decompress((FMNIST_DIR / f"{name}.gz").read_bytes()))
+    x, y = as_tensors(load_dataset("fashion-mnist", "test", data_dir=tmp_path / "d"), 500)
+    assert torch.equal(x, fmnist_test[0]) and torch.equal(y, fmnist_test[1])
+    # Bit for bit what torchvision's reader and ToTensor made of the same files (adt-ft's reader before).
+    from torchvision import datasets, transforms
+
+    theirs = datasets.FashionMNIST(str(tmp_path / "d"), train=False, transform=transforms.ToTensor())
+    tx, ty = as_tensors(theirs, 500)
+    assert torch.equal(x, tx) and torch.equal(y, ty)

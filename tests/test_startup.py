@@ -94,3 +94,20 @@ def test_terminal_output_still_fits_the_window():
     console = CliConsole(file=out, width=40, force_terminal=True, color_system=None)
     console.print("word " * 20, highlight=False)
     assert max(len(line) for line in out.getvalue().splitlines()) <= 40
+
+
+def test_fashion_mnist_work_does_not_import_torchvision(tmp_path):
+    """Reading Fashion-MNIST's IDX files needs no torchvision: importing it (its models, ops and
+    torch._dynamo) cost every eval and train process, and every torchrun rank, more than the work.
+    The check is the whole `eval` command on a Fashion-MNIST model, which loads the data."""
+    setup = ("import torch, sys; from adt_finetune.models import SmallCNN; from adt_finetune.utils import "
+             "atomic_torch_save; from adt_finetune.workspace import ModelRef, Workspace; ws = Workspace(sys.argv[1]); "
+             "p = ws.model_path('fashion-mnist', 'Linf', 'tiny'); atomic_torch_save(SmallCNN(width=4).state_dict(), p);"
+             " ws.set_current_model(ModelRef(name='tiny', arch='adt_finetune.models.small:SmallCNN', "
+             "dataset='fashion-mnist', path=str(p), source='file', arch_kwargs={'width': 4}))")
+    subprocess.run([sys.executable, "-c", setup, str(tmp_path / "ws")], check=True, timeout=120)
+    proc, imported = run_cli("eval", "--attacks", "fgsm", "-n", "4", "--no-progress", "-w", str(tmp_path / "ws"),
+                             cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tiny_fgsm" in proc.stdout and "torch" in heavy(imported)  # it did the work
+    assert not [m for m in imported if m.split(".")[0] == "torchvision"], "eval imported torchvision"

@@ -42,7 +42,9 @@ def eval_cmd(
                                                                           "package.module:Class --arch, e.g. "
                                                                           "'{\"width\": 16}'."),
     run: Optional[str] = typer.Option(None, "--run", help="Run id or run folder (default: the latest run)."),
-    suite: str = typer.Option("paper", "--suite", "-s", help="paper, aa, aa-parts, quick, full or wasserstein."),
+    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="paper, aa, aa-parts, quick, full or "
+                                                                    "wasserstein (default paper).",
+                                        show_default=False),
     attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated attacks instead of a suite, "
                                                                   f"e.g. fgsm,pgd20,cw; any of {', '.join(attack_names())}."),
     n_examples: Optional[int] = typer.Option(None, "--n-examples", "-n", help="First N test images "
@@ -88,6 +90,8 @@ def eval_cmd(
     from .report import reporter
 
     main_rank = is_main_process()
+    if suite is not None and attacks is not None:
+        raise UserError(f"give --suite {suite} or --attacks {attacks}, not both: a suite is a list of attacks")
     kwargs = dict(model=model, arch=arch, arch_kwargs=parse_json_object(arch_kwargs), run=run, suite=suite,
                   attacks=attacks, n_examples=n_examples, eps=eps, mode=mode, batch_size=batch_size, seed=seed,
                   device=device, baseline=baseline, dataset=dataset, data_dir=data_dir, budgets=budgets, entry=entry,

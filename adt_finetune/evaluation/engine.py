@@ -201,6 +201,12 @@ def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent"
     idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     if idx.shape != (n,):
         raise ValueError(f"indices must have one entry per example ({n}), got shape {idx.shape}")
+    for a in attack_names:
+        # One ε and one seed for every attack of an evaluation: per-attack ones would make columns incomparable.
+        for key in ("eps", "seed"):
+            if key in settings.get(a, {}):
+                raise UserError(f"attack setting {a}.{key}: {key} is the evaluation's, the same for every attack; "
+                                f"set the evaluation's {key} instead")
     objs = {a: make_attack(a, eps, seed=seed, **settings.get(a, {})) for a in attack_names}
     learners = [a for a, o in objs.items() if o.uses_training_data]
     required = [a for a in learners if not objs[a].training_data_optional]

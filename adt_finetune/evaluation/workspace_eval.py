@@ -80,6 +80,9 @@ def check_writable(folder: Path, what: str) -> None:
     blocker = _blocking_file(folder)
     if blocker is not None:
         raise UserError(f"cannot write {what} under {folder}: {blocker} is a file, not a folder; move it away")
+    # Folders made only to test are removed again: an evaluation refused later leaves no empty folders
+    # (the writers make their own).
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
@@ -88,6 +91,12 @@ def check_writable(folder: Path, what: str) -> None:
     except OSError as e:
         raise UserError(f"cannot write {what} in {folder} ({e.strerror or e}): make it writable or give another "
                         "--workspace") from None
+    finally:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not made after all, or another command wrote into it meanwhile
+                pass
 
 
 def entry_lock(root: Path, dataset: str, threat_model: str, entry: str) -> Path:
@@ -178,7 +187,7 @@ class _Job:
 
 def evaluate_workspace(
     *, model: str | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
-    run: str | None = None, suite: str = "paper",
+    run: str | None = None, suite: str | None = None,
     attacks: str | None = None, n_examples: int | None = None, eps: str | float | None = None,
     mode: str = "independent", batch_size: int = 256, seed: int = 0, device: str = "auto",
     baseline: bool = False, dataset: str | None = None, data_dir: str | Path | None = None,
@@ -188,7 +197,8 @@ def evaluate_workspace(
     chunk_size: int = CHUNK_SIZE,
 ) -> EvalRecord | ShardRecord | None:
     """`adt-ft eval` as a function: resolve the model and examples, evaluate (and
-    the run's base model with `baseline`), write the leaderboard entry.
+    the run's base model with `baseline`), write the leaderboard entry. `suite` (default
+    paper) and `attacks` (a comma-separated list) are two ways to say what to run: give one.
 
     Partial results go to `<workspace>/.adt-ft/eval/...` after every batch;
     `resume=True` continues from there, otherwise a new evaluation starts. An
@@ -204,6 +214,10 @@ def evaluate_workspace(
     from ..workspace import Workspace
 
     ws = Workspace(workspace)
+    if suite is not None and attacks is not None:
+        raise UserError(f"give a suite ({suite!r}) or a list of attacks ({attacks!r}), not both")
+    if attacks is None and suite is None:
+        args["suite"] = "paper"
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: choose independent or cascade")
     check_chunk_size(chunk_size)

@@ -42,6 +42,9 @@ HEADERS = ["column", "A (control)", "B", "B − A", "95% CI", "McNemar p", "A on
 
 # ---------------------------------------------------------------- statistics
 
+MAX_RESAMPLES = 1_000_000
+
+
 def mcnemar_exact(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar p-value from the discordant counts (1.0 when there are none)."""
     from scipy.stats import binomtest
@@ -211,6 +214,13 @@ def compare_entries(entries: Sequence[Entry], *, group_seeds: bool = False, work
         raise UserError("compare needs at least two entries: the control first, then the entries to compare")
     if n_resamples < 100:
         raise UserError(f"--resamples {n_resamples} is too few for a 95% interval: give at least 100")
+    if n_resamples > MAX_RESAMPLES:
+        # Each resample is a row of counts in memory; past a million the interval's own Monte Carlo
+        # error (~1/sqrt(resamples) of its width) is far below the last digit printed.
+        raise UserError(f"resamples {n_resamples} is more than the {MAX_RESAMPLES:,} that memory allows and a "
+                        "95% interval needs: give at most that")
+    if seed < 0:
+        raise UserError(f"the bootstrap seed must be 0 or more, got {seed}")
     outcomes = [load_outcomes(e) for e in entries]
     check_same_images(outcomes)
     by_path = {id(o.entry): o for o in outcomes}

@@ -119,6 +119,38 @@ def validate_config(cfg: TrainConfig) -> None:
         parse_eps(cfg.eps)
     if cfg.model == "scratch" and not cfg.arch:
         raise UserError("--model scratch needs --arch (a zoo name or package.module:Class) to build")
+    _check_ranges(cfg)
+    if (cfg.arch or cfg.arch_kwargs) and cfg.model is None:
+        # Without a model the workspace's current model trains, and it knows its own architecture.
+        raise UserError(f"{'arch' if cfg.arch else 'arch_kwargs'} applies to model 'scratch' or a checkpoint file: "
+                        "give model too, or drop it to train the workspace's current model")
+    if cfg.arch_kwargs and not cfg.arch:
+        raise UserError("arch_kwargs are constructor arguments for arch (package.module:Class): give arch too, "
+                        "or drop arch_kwargs")
+
+
+# Seeds reach numpy, whose seeds are 32-bit, and torch generators as seed × a constant in 64 bits.
+SEED_LIMIT = 2**32
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Settings whose type is right but whose value the optimiser or method cannot use: refused here,
+    before anything loads, rather than by torch mid-start (a traceback) or never (a silently wrong run)."""
+    if not 0 <= cfg.momentum < 1:
+        raise UserError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.weight_decay < 0:
+        raise UserError(f"weight_decay must be 0 or more, got {cfg.weight_decay}")
+    if not all(0 <= b < 1 for b in cfg.gen_betas):
+        raise UserError(f"gen_betas must both be in [0, 1), got {','.join(f'{b:g}' for b in cfg.gen_betas)}")
+    if cfg.gamma <= 0:
+        raise UserError(f"gamma must be positive (it multiplies the learning rate), got {cfg.gamma}")
+    if cfg.beta < 0:
+        raise UserError(f"beta must be 0 or more (TRADES weight), got {cfg.beta}")
+    if any(m < 1 for m in cfg.milestones):
+        raise UserError(f"milestones are 1-based epoch numbers, so each must be at least 1, got "
+                        f"{','.join(map(str, cfg.milestones))}")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise UserError(f"seed must be a whole number in [0, {SEED_LIMIT - 1}], got {cfg.seed}")
 
 
 def default_loss(method: str) -> str:

@@ -109,8 +109,9 @@ def _build(arch: str, dataset: str, threat_model: str = "Linf", arch_kwargs: dic
         kwargs = dict(arch_kwargs or {})
         try:
             model = ctor(**kwargs)
-        except TypeError as e:
-            raise UserError(f"--arch {arch}: cannot construct it with arguments {kwargs} ({e})") from None
+        except (TypeError, ValueError, RuntimeError) as e:  # a wrong argument name, or a value torch refuses
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"--arch {arch}: cannot construct it with arguments {kwargs} ({first})") from None
         if not isinstance(model, nn.Module):
             raise UserError(f"--arch {arch} returned a {type(model).__name__}, not a torch.nn.Module")
         return model
