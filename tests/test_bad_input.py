@@ -19,8 +19,8 @@ def one_line_error(code, err) -> str:
 
 
 def runs_left(ws: Path) -> list[Path]:
-    runs = ws / "runs"
-    return sorted(runs.iterdir()) if runs.is_dir() else []
+    runs = ws / "runs"  # a run's name is claimed with a hidden .<id>.lock beside its folder
+    return sorted(p for p in runs.iterdir() if not p.name.startswith(".")) if runs.is_dir() else []
 
 
 # ---------------------------------------------------------------- training settings
