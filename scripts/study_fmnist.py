@@ -343,7 +343,7 @@ def readme_text(s: StudySettings, entries, command: str, times: dict[str, float]
         f"Wall time: {wall_s / 60:.1f} min for the last invocation; {compute / 60:.1f} min of stage time in all "
         f"(device {s.device}).",
         "",
-        leaderboard.render(entries, fmt="markdown", title="Robust accuracy (%), best A_rob first").rstrip(),
+        leaderboard.render(entries, fmt="markdown", title="Robust accuracy (%), best AutoAttack first").rstrip(),
         "",
         "### Training cost",
         "",

@@ -138,39 +138,75 @@ def test_robustbench_code_reads_our_folder(tmp_path, monkeypatch):
     assert latex.index("better") < latex.index("worse")
 
 
-def test_render_sorts_by_robust_accuracy(tmp_path):
-    root = tmp_path / "leaderboard"
-    mid = result(["fgsm"], [[1], [1], [0], [0]], CLEAN)                                   # A_rob 50
-    top = result(["fgsm", "pgd20"], [[1, 1], [1, 1], [1, 1], [0, 0]], CLEAN)               # A_rob 75
-    low = result(["fgsm", "pgd20"], [[0, -1], [1, 0], [1, 1], [0, 0]], CLEAN, mode="cascade")  # A_rob 25
-    for name, res in (("mid", mid), ("top", top), ("low", low)):
+def mixed_workspace(root):
+    """Entries on the same 4 images at ε = 8/255: two with AutoAttack standard (AA 50 and 25), and two
+    weaker evaluations with a higher A_rob (FGSM + PGD-20 only; AutoAttack `plus` is not standard); and
+    two RobustBench files of their own (no n), ranked by their AutoAttack accuracy among their own kind."""
+    fast = result(["fgsm", "pgd20"], [[1, 1], [1, 1], [1, 1], [0, 0]], CLEAN)                 # A_rob 75, no AA
+    top = result(["autoattack"], [[1], [1], [0], [0]], CLEAN)                                  # AA 50
+    low = result(["fgsm", "autoattack"], [[1, 1], [0, 0], [1, 0], [0, 0]], CLEAN)              # AA 25
+    cascade = result(["fgsm", "pgd20"], [[1, 1], [1, 0], [1, -1], [0, 0]], CLEAN, mode="cascade")  # A_rob 25
+    plus = result(["autoattack"], [[1], [1], [1], [0]], CLEAN)                                 # AA 75, but plus
+    for name, res in (("fast", fast), ("top", top), ("low", low), ("cascade", cascade), ("plus", plus)):
         lb.write_entry(res, root=root, dataset="fashion-mnist", entry=name, context={"method": "exp", "base_model": "b"})
-    # A RobustBench file of its own (no adt_ft block) ranks by its AutoAttack accuracy, after `external`
-    # (RobustBench's order); it records no number of examples, so it ranks among its own kind only.
-    rb_file = root / "fashion-mnist" / "Linf" / "Someone2020.json"
-    rb_file.write_text(json.dumps({"name": "x", "eps": "8/255", "clean_acc": "90.00", "autoattack_acc": "60.00"}))
+    path = root / "fashion-mnist" / "Linf" / "plus.json"
+    data = json.loads(path.read_text())
+    data["adt_ft"]["attack_settings"] = {"autoattack": {"version": "plus", "attacks": None}}
+    path.write_text(json.dumps(data))
+    (root / "fashion-mnist" / "Linf" / "Someone2020.json").write_text(json.dumps(
+        {"name": "x", "eps": "8/255", "clean_acc": "90.00", "autoattack_acc": "60.00"}))
     (root / "fashion-mnist" / "Linf" / "Other2019.json").write_text(json.dumps(
         {"name": "y", "eps": "8/255", "clean_acc": "80.00", "autoattack_acc": "70.00", "external": "65.00"}))
+    return lb.read_entries(root, "fashion-mnist", "Linf")
 
-    entries = lb.read_entries(root, "fashion-mnist", "Linf")
-    assert [e.entry for e in lb.sort_entries(entries)] == ["top", "mid", "low", "Other2019", "Someone2020"]
+
+MIXED_ORDER = ["top", "low", "fast", "plus", "cascade", "Other2019", "Someone2020"]
+
+
+def test_only_autoattack_standard_entries_are_ranked_in_every_format(tmp_path):
+    entries = mixed_workspace(tmp_path / "leaderboard")
+    assert [e.entry for e in lb.sort_entries(entries)] == MIXED_ORDER
+    groups = lb.comparable_groups(entries)
+    assert [([e.entry for e in g.entries], g.ranked) for g in groups] == \
+        [(["top", "low"], True), (["fast", "plus", "cascade"], False), (["Other2019", "Someone2020"], True)]
 
     text = lb.render(entries, "table")
-    names = ("top", "mid", "low", "Other2019", "Someone2020")
-    assert [text.index(n) for n in names] == sorted(text.index(n) for n in names)
-    assert "ε = 8/255, n = 4: 3 entries" in text and "ε = 8/255, n = ?: 2 entries" in text
-    md = lb.render(entries, "markdown").splitlines()
-    assert md[0] == "### fashion-mnist / Linf, ε = 8/255, n = 4: 3 entries"
-    assert md[2].startswith("| entry | base model | method | ε | n | clean | AutoAttack | A_rob | fgsm | pgd20 |")
-    assert md[4].startswith("| top | b | exp | 8/255 | 4 | 75.00 | — | 75.00 | 75.00 | 75.00 |")
-    assert "50.00*" in md[6]  # cascade columns are cumulative and say so
-    assert any("never ranked together" in line for line in md)
-    rows = json.loads(lb.render(entries, "json"))
-    assert [r["entry"] for r in rows] == ["top", "mid", "low", "Other2019", "Someone2020"]
-    assert rows[0]["a_rob"] == 75.0 and rows[4]["autoattack"] == 60.0 and rows[3]["robust"] == 65.0
-    assert [(r["eps"], r["n"], r["rank_in_group"]) for r in rows] == \
-        [("8/255", 4, 1), ("8/255", 4, 2), ("8/255", 4, 3), ("8/255", None, 1), ("8/255", None, 2)]
+    assert [text.index(n) for n in MIXED_ORDER] == sorted(text.index(n) for n in MIXED_ORDER)
+    assert "ε = 8/255, n = 4: 2 entries\n" in text and "ε = 8/255, n = ?: 2 entries" in text
+    weaker = "ε = 8/255, n = 4: 3 entries, not ranked, weaker evaluations (no AutoAttack standard)"
+    assert weaker in text
+    assert text.index("top") < text.index(weaker) < text.index("fast")
+    assert text.rstrip().endswith(lb.RANKING_NOTE) and "ranked by AutoAttack (standard)" in lb.RANKING_NOTE
 
+    md = lb.render(entries, "markdown").splitlines()
+    assert md[0] == "### fashion-mnist / Linf, ε = 8/255, n = 4: 2 entries"
+    assert md[2].startswith("| entry | base model | method | ε | n | clean | AutoAttack | A_rob | fgsm | pgd20 |")
+    assert md[4].startswith("| top | b | exp | 8/255 | 4 | 75.00 | 50.00 | 50.00 |")
+    assert f"### fashion-mnist / Linf, {weaker}" in md
+    fast_row = md.index(f"### fashion-mnist / Linf, {weaker}") + 4
+    assert md[fast_row].startswith("| fast | b | exp | 8/255 | 4 | 75.00 | — | 75.00 | 75.00 | 75.00 |")
+    assert any("25.00*" in line for line in md)  # cascade columns are cumulative and say so
+    assert md[-1] == lb.RANKING_NOTE
+
+    rows = json.loads(lb.render(entries, "json"))
+    assert [r["entry"] for r in rows] == MIXED_ORDER
+    assert [(r["ranked"], r["rank_in_group"]) for r in rows] == \
+        [(True, 1), (True, 2), (False, None), (False, None), (False, None), (True, 1), (True, 2)]
+    assert rows[0]["group"] == "fashion-mnist / Linf, ε = 8/255, n = 4"
+    assert rows[0]["autoattack"] == 50.0 and rows[2]["a_rob"] == 75.0 and rows[5]["robust"] == 65.0
+
+    # Seed groups follow the same rule; only the same evaluation (attack set) makes a group.
+    groups_json = json.loads(lb.render_groups(lb.group_by_seed(entries), "json"))
+    assert [(g["members"], g["rank_in_group"]) for g in groups_json] == \
+        [(["top"], 1), (["low"], 2), (["plus"], None), (["cascade", "fast"], None),
+         (["Other2019"], 1), (["Someone2020"], 2)]
+    grouped = lb.render_groups(lb.group_by_seed(entries), "markdown")
+    assert "n = 4: 2 groups, not ranked, weaker evaluations" in grouped and lb.RANKING_NOTE in grouped
+
+
+def test_render_reads_robustbench_files(tmp_path):
+    root = tmp_path / "leaderboard"
+    entries = mixed_workspace(root)
     assert lb.read_entries(root, "cifar10") == []
     with pytest.raises(UserError, match="choose from"):
         lb.render(entries, "html")
@@ -182,10 +218,10 @@ def test_render_sorts_by_robust_accuracy(tmp_path):
 def test_entries_at_different_eps_or_n_are_never_ranked_together(tmp_path):
     """An ε = 8/255 entry on 4 images must not top ε = 0.1 entries on 8 (or 4) images."""
     root = tmp_path / "leaderboard"
-    all_robust = result(["fgsm"], [[1], [1], [1], [1]], [1, 1, 1, 1], eps=8 / 255)          # A_rob 100, n 4
-    half = result(["fgsm"], [[1], [1], [0], [0]] * 2, [1] * 8, eps=0.1)                    # A_rob 50, n 8
-    quarter = result(["fgsm"], [[1], [0], [0], [0]] * 2, [1] * 8, eps=0.1)                 # A_rob 25, n 8
-    small = result(["fgsm"], [[1], [1], [1], [0]], [1, 1, 1, 1], eps=0.1)                  # A_rob 75, n 4
+    all_robust = result(["autoattack"], [[1], [1], [1], [1]], [1, 1, 1, 1], eps=8 / 255)          # A_rob 100, n 4
+    half = result(["autoattack"], [[1], [1], [0], [0]] * 2, [1] * 8, eps=0.1)                    # A_rob 50, n 8
+    quarter = result(["autoattack"], [[1], [0], [0], [0]] * 2, [1] * 8, eps=0.1)                 # A_rob 25, n 8
+    small = result(["autoattack"], [[1], [1], [1], [0]], [1, 1, 1, 1], eps=0.1)                  # A_rob 75, n 4
     for name, res in (("tiny-eps", all_robust), ("half", half), ("quarter", quarter), ("small-n", small)):
         lb.write_entry(res, root=root, dataset="fashion-mnist", entry=name)
     entries = lb.read_entries(root)
@@ -336,7 +372,7 @@ def test_plot_with_unknown_type_and_leaderboard_file_are_one_line(tmp_path, cli)
 def test_group_seeds_shows_mean_and_sd(tmp_path, cli):
     ws = tmp_path / "ws"
     ctx = {"base_model": "b", "method": "exp", "loss": "ce", "scope": "full", "epochs": 2, "suite": "paper"}
-    a_rob_50 = result(["fgsm"], [[1], [1], [0], [0]], CLEAN)
+    a_rob_50 = result(["fgsm", "autoattack"], [[1, 1], [1, 1], [0, 0], [0, 0]], CLEAN)
     for name, res, seed in (("exp-s0", a_rob_50, 0), ("exp-s1", PAPERISH, 1)):
         write(ws, res, name, context={**ctx, "train_seed": seed})
     write(ws, SECOND, "pgd", context={**ctx, "method": "pgd-at"})
@@ -350,5 +386,5 @@ def test_group_seeds_shows_mean_and_sd(tmp_path, cli):
     assert "37.50 ± 17.68" in out and "2 (0,1)" in out and "1 (?)" in out
     code, out, _ = cli("leaderboard", "-w", ws, "--group-seeds", "--format", "json")
     rows = json.loads(out)
-    assert [r["members"] for r in rows] == [["pgd"], ["exp-s0", "exp-s1"]]  # pgd's A_rob 50 ranks first
+    assert [r["members"] for r in rows] == [["pgd"], ["exp-s0", "exp-s1"]]  # pgd's AutoAttack 50 ranks first
     assert rows[1]["a_rob"]["values"] == [50.0, 25.0]

@@ -157,12 +157,12 @@ def test_site_board_has_every_study_entry_best_first(published):
     # Sorted by A_rob, as the JSON files say, with the columns the issue asks for.
     a_rob = {d["adt_ft"]["per_example_file"].replace(".per-example.csv", ""): d["adt_ft"]["a_rob"] for d in study}
     assert [a_rob[n] for n in names] == sorted(a_rob.values(), reverse=True)
-    for header in ("clean", "A_rob", "AutoAttack", "fgsm", "pgd20", "feature", "ε", "n", "method", "scope",
+    for header in ("#", "clean", "A_rob", "AutoAttack", "fgsm", "pgd20", "feature", "method", "scope",
                    "base model", "s / epoch"):
         assert header in board.headers[table], header
+    assert "ε = 0.1, n = 1000: 13 entries" in (site / "fashion-mnist" / "Linf" / "index.html").read_text()
     row = dict(zip(board.headers[table], (c[0] for c in board.tables[table][names.index("study-exp-ce-full_paper")])))
-    assert (row["clean"], row["A_rob"], row["AutoAttack"], row["ε"], row["n"]) == ("71.90", "37.50", "37.50", "0.1",
-                                                                                  "1000")
+    assert (row["clean"], row["A_rob"], row["AutoAttack"]) == ("71.90", "37.50", "37.50")
     assert row["method"] == "exp" and row["scope"] == "full" and row["s / epoch"] == "27.3"
     # The clean-vs-robust scatter is inline SVG whose points link to the entry pages.
     text = (site / "fashion-mnist" / "Linf" / "index.html").read_text()
@@ -213,6 +213,7 @@ def test_entry_page_before_after_and_checks(published):
     assert after["versions"]["torch"] in text and "git_commit" in text
     assert "tiny-r18.baseline.per-example.csv" in page.links and "tiny-r18.per-example.csv" in page.links
     assert text.count("<svg") == 1                   # the per-attack bars
+    assert "hatched" not in text                     # no cascade column, no hatched bar to explain
 
 
 def test_seed_groups_show_mean_and_std(tmp_path):
@@ -238,6 +239,34 @@ def test_seed_groups_show_mean_and_std(tmp_path):
     sd = statistics.stdev([37.5, 39.5])
     assert cells["A_rob"].startswith(f"38.50 ± {sd:.2f}") and cells["clean"].startswith("72.50 ± 0.85")
     assert cells["seeds"].startswith("2 (0,1)")
+
+
+def test_site_ranks_only_autoattack_standard_entries(tmp_path):
+    """A PGD-only entry with a higher A_rob never tops AutoAttack entries: on the board it sits in a table of
+    weaker evaluations with no rank, and the index names the best AutoAttack entry."""
+    from test_leaderboard import mixed_workspace
+
+    from adt_finetune.leaderboard import RANKING_NOTE
+    from adt_finetune.publish import build_site
+
+    site = build_site(mixed_workspace(tmp_path / "lb"), tmp_path / "site")
+    board = Page(site.boards[0])
+    tables = [t for t in board.tables if t.startswith("entries-")]
+    assert [board.column(t, "entry") for t in tables] == [["top", "low"], ["fast", "plus", "cascade"],
+                                                          ["Other2019", "Someone2020"]]
+    assert [board.column(t, "#") for t in tables] == [["1", "2"], ["—", "—", "—"], ["1", "2"]]
+    text = site.boards[0].read_text()
+    assert text.count('<tr class="weaker">') == 3 + 1    # and the seed group of cascade and fast
+    assert "n = 4: 3 entries, not ranked, weaker evaluations (no AutoAttack standard)</h3>" in text
+    (groups,) = [t for t in board.tables if t.startswith("groups-")]
+    assert board.column(groups, "#") == ["—"]
+    assert text.count(RANKING_NOTE) == 3                 # the rule under every entry table
+    index = Page(site.index)
+    (best,) = index.column("boards", "best AutoAttack (ε, n)")
+    assert best.startswith("50.00 (ε = 8/255, n = 4): top") and "fast" not in best
+    pages = {p.stem: p.read_text() for p in site.pages}
+    assert "Not ranked on the board" in pages["fast"] and "Not ranked on the board" not in pages["top"]
+    assert "hatched bars are cumulative" in pages["cascade"] and "hatched" not in pages["fast"]
 
 
 def test_an_edited_per_example_file_is_marked_not_dropped(tmp_path):
@@ -371,6 +400,24 @@ def test_site_in_a_real_browser(published, tmp_path):
         assert driver.find_element(By.TAG_NAME, "h1").text == "study-exp-ce-full_paper"
         assert driver.current_url.endswith("/study-exp-ce-full_paper.html")
         assert _errors(driver) == []
+
+        # 1400 px wide: the whole board fits, no table scrolls sideways.
+        driver.get(board.as_uri())
+        driver.set_window_size(1400, 900)
+        driver.set_window_size(2800 - driver.execute_script("return window.innerWidth"), 900)
+        assert driver.execute_script("return window.innerWidth") == 1400
+        assert driver.execute_script("return [...document.querySelectorAll('.table-wrap')]"
+                                     ".every(w => w.scrollWidth <= w.clientWidth + 1)")
+        # The scatter's point labels lie inside the plot frame and never on each other.
+        frame = driver.execute_script("const r = document.getElementById('plot-frame').getBoundingClientRect();"
+                                      "return [r.left, r.top, r.right, r.bottom]")
+        labels = driver.execute_script("return [...document.querySelectorAll('[id^=point-label-]')].map(e => {"
+                                       "const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]})")
+        assert len(labels) >= 10
+        for i, (x0, y0, x1, y1) in enumerate(labels):
+            assert frame[0] - 1 <= x0 and x1 <= frame[2] + 1 and frame[1] - 1 <= y0 and y1 <= frame[3] + 1
+            for (a0, b0, a1, b1) in labels[:i]:
+                assert x1 <= a0 or a1 <= x0 or y1 <= b0 or b1 <= y0, "two scatter labels overlap"
 
         # A phone: nothing wider than the screen but the tables, which scroll inside their frame.
         driver.set_window_size(390, 844)

@@ -71,8 +71,9 @@ def leaderboard_cmd(
                                         file_okay=False),
     workspace: Path = WorkspaceOpt,
 ) -> None:
-    """Show the workspace's leaderboard entries, best robust accuracy (A_rob) first within each group of
-    equal ε and number of evaluated examples (n)."""
+    """Show the workspace's leaderboard entries: within each group of equal ε and number of evaluated
+    examples (n), the entries evaluated with AutoAttack (standard) ranked by it, best first; the weaker
+    evaluations apart, not ranked."""
     from .. import leaderboard as lb
     from ..workspace import Workspace
     from .eval_tables import print_wide

@@ -4,6 +4,12 @@ Entries rank against each other only within a comparability group: same dataset,
 threat model, ε and number of evaluated examples. An ε = 8/255 result on 20
 images and an ε = 0.1 result on 1,000 are different measurements, so they go in
 different groups (sections of the table), each ranked on its own.
+
+Within a group only entries evaluated with AutoAttack (standard) on every
+clean-correct example are ranked, by that accuracy, as RobustBench ranks: an
+entry that ran only FGSM and PGD-20 would otherwise top entries that faced a
+much stronger attack. The others are weaker (or different) evaluations: they
+form a group of their own, listed by their robust accuracy but never ranked.
 The CLI draws the same rows as rich tables (`adt_finetune.cli.leaderboard_cmd`).
 """
 from __future__ import annotations
@@ -22,8 +28,12 @@ HEADERS = ["entry", "base model", "method", "ε", "n", "clean", "AutoAttack", "A
 #: how many leading columns hold text (left-aligned); the rest are numbers
 TEXT_COLUMNS = 3
 CUMULATIVE_NOTE = "* cumulative (cascade mode): robust to this attack and every earlier one"
-RANKING_NOTE = ("ranked by robust accuracy (A_rob, else AutoAttack) within each group of equal dataset, threat "
-                "model, ε and n; entries at different ε or n are not comparable and are never ranked together")
+RANKING_NOTE = ("ranked by AutoAttack (standard) accuracy, as RobustBench ranks, within each group of equal dataset, "
+                "threat model, ε and n; entries without AutoAttack (standard) on every clean-correct example are "
+                "weaker evaluations: listed apart by A_rob, never ranked; entries at different ε or n are not "
+                "comparable and are never ranked together")
+UNRANKED_TITLE = "not ranked, weaker evaluations (no AutoAttack standard)"
+AUTOATTACK = "autoattack"
 UNVERIFIED_NOTE = "! per-example file does not match its entry (see the warning)"
 
 
@@ -35,34 +45,62 @@ class Group:
     eps: float | None
     n: int | None
     entries: list[Any]
+    #: False for the weaker evaluations of a comparability group: listed, never ranked
+    ranked: bool = True
 
     @property
-    def title(self) -> str:
+    def where(self) -> str:
+        """Dataset, threat model, ε and n."""
         eps = "?" if self.eps is None else format_eps(self.eps)
         n = "?" if self.n is None else str(self.n)
         return f"{self.dataset} / {self.threat_model}, ε = {eps}, n = {n}"
 
+    @property
+    def title(self) -> str:
+        return self.where if self.ranked else f"{self.where}, {UNRANKED_TITLE}"
+
+    def rank(self, i: int) -> int | None:
+        """The rank of the i-th member (0-based), None in a group that is not ranked."""
+        return i + 1 if self.ranked else None
+
+
+def autoattack_standard(e: Entry) -> bool:
+    """Did AutoAttack (standard, all four parts) run on every clean-correct example? Only then is
+    `autoattack_acc` written; a RobustBench file of its own (no "adt_ft" block) is taken at its word."""
+    if e.autoattack is None:
+        return False
+    settings = (e.extra.get("attack_settings") or {}).get(AUTOATTACK) or {}
+    return settings.get("version", "standard") == "standard" and not settings.get("attacks")
+
+
+def _num(v: float | None) -> float:
+    return v if v is not None else -math.inf
+
 
 def _rank_key(e: Entry) -> tuple:
-    return (-(e.robust if e.robust is not None else -math.inf), e.entry)
+    """AutoAttack first (the ranked groups), then A_rob; the name breaks ties."""
+    return (-_num(e.autoattack) if autoattack_standard(e) else 0.0, -_num(e.robust), e.entry)
 
 
 def _group_order(key: tuple) -> tuple:
-    ds, tm, eps, n = key
-    return (ds, tm, eps is None, eps if eps is not None else 0.0, n is None, -(n or 0))
+    ds, tm, eps, n, ranked = key
+    return (ds, tm, eps is None, eps if eps is not None else 0.0, n is None, -(n or 0), not ranked)
 
 
-def comparable_groups(items: Iterable[Any], key=lambda e: e.comparable_key, rank=_rank_key) -> list[Group]:
-    """Split into comparability groups (dataset, threat model, ε, n), each sorted by `rank`."""
+def comparable_groups(items: Iterable[Any], key=lambda e: e.comparable_key, rank=_rank_key,
+                      ranked=autoattack_standard) -> list[Group]:
+    """Split into comparability groups (dataset, threat model, ε, n), each sorted by `rank`; the members
+    for which `ranked` is false form a group of their own after it (listed, not ranked)."""
     by_key: dict[tuple, list[Any]] = {}
     for item in items:
-        by_key.setdefault(key(item), []).append(item)
-    return [Group(*k, sorted(members, key=rank)) for k, members in sorted(by_key.items(),
-                                                                          key=lambda kv: _group_order(kv[0]))]
+        by_key.setdefault((*key(item), bool(ranked(item))), []).append(item)
+    return [Group(*k[:4], sorted(members, key=rank), k[4])
+            for k, members in sorted(by_key.items(), key=lambda kv: _group_order(kv[0]))]
 
 
 def sort_entries(entries: Iterable[Entry]) -> list[Entry]:
-    """Best robust accuracy first within each comparability group; the groups one after another."""
+    """Within each comparability group the ranked entries, best AutoAttack first, then the weaker
+    evaluations by robust accuracy; the groups one after another."""
     return [e for g in comparable_groups(entries) for e in g.entries]
 
 
@@ -73,7 +111,7 @@ def attack_columns(entries: Sequence[Entry]) -> list[str]:
     return cols
 
 
-def _row(e: Entry, group: Group, rank: int, attack_cols: list[str]) -> dict[str, Any]:
+def _row(e: Entry, group: Group, rank: int | None, attack_cols: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "entry": e.entry,
         "dataset": e.dataset,
@@ -86,7 +124,8 @@ def _row(e: Entry, group: Group, rank: int, attack_cols: list[str]) -> dict[str,
         "autoattack": e.autoattack,
         "a_rob": e.a_rob,
         "robust": e.robust,
-        "group": group.title,
+        "group": group.where,
+        "ranked": group.ranked,
         "rank_in_group": rank,
         "per_example_ok": e.verified,
         "per_attack": {},
@@ -100,10 +139,10 @@ def _row(e: Entry, group: Group, rank: int, attack_cols: list[str]) -> dict[str,
 
 def rows(entries: Iterable[Entry]) -> tuple[list[str], list[dict[str, Any]]]:
     """Rows as plain values, group by group, best first in each: (attack columns, [row dict]).
-    Each row says its comparability group and its rank within it."""
+    Each row says its comparability group, whether it is ranked and its rank (null when not)."""
     groups = comparable_groups(entries)
     attack_cols = attack_columns([e for g in groups for e in g.entries])
-    return attack_cols, [_row(e, g, i + 1, attack_cols) for g in groups for i, e in enumerate(g.entries)]
+    return attack_cols, [_row(e, g, g.rank(i), attack_cols) for g in groups for i, e in enumerate(g.entries)]
 
 
 def cells(row: dict[str, Any], attack_cols: list[str]) -> list[str]:
@@ -133,12 +172,17 @@ def sections(entries: Iterable[Entry]) -> tuple[list[Section], list[str]]:
     attack_cols = attack_columns([e for g in groups for e in g.entries])
     out, all_rows = [], []
     for g in groups:
-        group_rows = [_row(e, g, i + 1, attack_cols) for i, e in enumerate(g.entries)]
+        group_rows = [_row(e, g, g.rank(i), attack_cols) for i, e in enumerate(g.entries)]
         all_rows += group_rows
         n = len(group_rows)
-        out.append(Section(f"{g.title}: {n} entr{'y' if n == 1 else 'ies'}", HEADERS + attack_cols,
+        out.append(Section(section_title(g, n, "entr" + ("y" if n == 1 else "ies")), HEADERS + attack_cols,
                            [cells(r, attack_cols) for r in group_rows]))
     return out, notes(all_rows)
+
+
+def section_title(g: Group, n: int, what: str) -> str:
+    """"<where>: 3 entries", or for the weaker evaluations "<where>: 2 entries, not ranked, …"."""
+    return f"{g.where}: {n} {what}" + ("" if g.ranked else f", {UNRANKED_TITLE}")
 
 
 def notes(all_rows: list[dict[str, Any]]) -> list[str]:

@@ -1,7 +1,7 @@
 """Entries that differ only by seed, as one group: mean ± standard deviation over its members.
 
 Two entries belong together when they share the base model, method, loss, scope,
-epochs, suite, dataset, threat model, ε and number of evaluated examples (from
+epochs, suite, attacks, dataset, threat model, ε and number of evaluated examples (from
 each JSON's "adt_ft" block). The training seed of each member is shown when it
 is known: from the entry (`adt_ft.train_seed`), else from the run's run.json in
 the workspace; an entry without an "adt_ft" block (a RobustBench file) stays alone.
@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable
 from ..errors import UserError
 from ..utils import format_pct
 from .entries import Entry
-from .render import Section, attack_columns, check_format, comparable_groups, notes, render_sections
+from .render import (Section, attack_columns, autoattack_standard, check_format, comparable_groups, notes,
+                     render_sections, section_title)
 
 SEED_FIELDS = ("base_model", "method", "loss", "scope", "epochs", "suite")
 GROUP_HEADERS = ["group", "base model", "seeds", "ε", "n", "clean", "AutoAttack", "A_rob"]
@@ -29,7 +30,8 @@ SPREAD_NOTE = ("mean ± sample standard deviation over the group's entries (one 
 def seed_key(e: Entry) -> tuple:
     if not e.extra:
         return ("file", str(e.path))
-    return e.comparable_key + tuple(e.extra.get(k) for k in SEED_FIELDS)
+    # The same evaluation too: entries with different attack sets are not seeds of one result.
+    return e.comparable_key + tuple(e.extra.get(k) for k in SEED_FIELDS) + (tuple(e.attacks), autoattack_standard(e))
 
 
 def train_seed(entry: Entry, workspace: str | Path | None = None) -> int | None:
@@ -110,11 +112,21 @@ def group_by_seed(entries: Iterable[Entry], workspace: str | Path | None = None)
     return [SeedGroup(m, [train_seed(e, workspace) for e in m]) for m in by_key.values()]
 
 
-def _rank(g: SeedGroup) -> tuple:
-    return (-(g.robust if g.robust is not None else -math.inf), g.label)
+def group_ranked(g: SeedGroup) -> bool:
+    """A seed group ranks when every member ran AutoAttack (standard) on every clean-correct example."""
+    return all(autoattack_standard(e) for e in g.members)
 
 
-def _group_row(g: SeedGroup, where: str, rank: int, attack_cols: list[str]) -> dict[str, Any]:
+def group_rank_key(g: SeedGroup) -> tuple:
+    """Mean AutoAttack first (ranked groups), then mean robust accuracy, as `render` ranks entries."""
+    def num(v: float | None) -> float:
+        return v if v is not None else -math.inf
+
+    aa = g.stat(lambda e: e.autoattack).mean if group_ranked(g) else None
+    return (-num(aa) if group_ranked(g) else 0.0, -num(g.robust), g.label)
+
+
+def _group_row(g: SeedGroup, where: str, rank: int | None, attack_cols: list[str]) -> dict[str, Any]:
     x = g.first.extra
     row: dict[str, Any] = {
         "group": g.label, "members": [e.entry for e in g.members], "seeds": g.seeds,
@@ -122,7 +134,7 @@ def _group_row(g: SeedGroup, where: str, rank: int, attack_cols: list[str]) -> d
         "eps": g.first.eps_label, "n": g.first.n,
         "clean": g.stat(lambda e: e.clean).to_json(), "autoattack": g.stat(lambda e: e.autoattack).to_json(),
         "a_rob": g.stat(lambda e: e.a_rob).to_json(), "robust": g.stat(lambda e: e.robust).to_json(),
-        "comparability_group": where, "rank_in_group": rank, "attacks": {}, "cumulative_columns": [],
+        "comparability_group": where, "ranked": rank is not None, "rank_in_group": rank, "attacks": {}, "cumulative_columns": [],
     }
     for a in attack_cols:
         row["attacks"][a] = g.stat(lambda e: e.attack_value(a)[0]).to_json()
@@ -133,9 +145,9 @@ def _group_row(g: SeedGroup, where: str, rank: int, attack_cols: list[str]) -> d
 
 def group_rows(groups: Iterable[SeedGroup]) -> tuple[list[str], list[dict[str, Any]]]:
     """Seed groups as plain rows, ranked by mean robust accuracy within each comparability group."""
-    blocks = comparable_groups(groups, rank=_rank)
+    blocks = comparable_groups(groups, rank=group_rank_key, ranked=group_ranked)
     attack_cols = attack_columns([e for b in blocks for g in b.entries for e in g.members])
-    return attack_cols, [_group_row(g, b.title, i + 1, attack_cols) for b in blocks
+    return attack_cols, [_group_row(g, b.where, b.rank(i), attack_cols) for b in blocks
                          for i, g in enumerate(b.entries)]
 
 
@@ -150,15 +162,15 @@ def _cells(row: dict[str, Any], attack_cols: list[str]) -> list[str]:
 
 
 def group_sections(groups: Iterable[SeedGroup]) -> tuple[list[Section], list[str]]:
+    groups = list(groups)
     attack_cols, data = group_rows(groups)
-    parts: dict[str, Section] = {}
-    for r in data:
-        where = r["comparability_group"]
-        parts.setdefault(where, Section(where, GROUP_HEADERS + attack_cols, [])).body.append(_cells(r, attack_cols))
-    for s in parts.values():
-        s.title += f": {len(s.body)} group{'' if len(s.body) == 1 else 's'}"
+    parts: list[Section] = []
+    for b in comparable_groups(groups, rank=group_rank_key, ranked=group_ranked):
+        mine = [r for r in data if r["comparability_group"] == b.where and r["ranked"] == b.ranked]
+        title = section_title(b, len(mine), "group" + ("" if len(mine) == 1 else "s"))
+        parts.append(Section(title, GROUP_HEADERS + attack_cols, [_cells(r, attack_cols) for r in mine]))
     flat = [{"cumulative": dict.fromkeys(r["cumulative_columns"])} for r in data]
-    return list(parts.values()), [SPREAD_NOTE] + notes(flat)
+    return parts, [SPREAD_NOTE] + notes(flat)
 
 
 def render_groups(groups: Iterable[SeedGroup], fmt: str = "table", title: str | None = None) -> str:

@@ -1,6 +1,8 @@
 """What a leaderboard page shows, as plain data for the templates: tables of cells, one per
 comparability group (dataset, threat model, ε, n; entries at different ε or n are never ranked
-together), the seed groups as mean ± standard deviation, and the clean-vs-robust scatter."""
+together; in each, the entries with AutoAttack standard are ranked by it and the weaker evaluations
+are a table of their own, not ranked), the seed groups as mean ± standard deviation, and the
+clean-vs-robust scatter."""
 from __future__ import annotations
 
 import os
@@ -10,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..leaderboard.entries import Entry
-from ..leaderboard.render import attack_columns, comparable_groups
-from ..leaderboard.seeds import SeedGroup
+from ..leaderboard.render import RANKING_NOTE, attack_columns, comparable_groups, section_title
+from ..leaderboard.seeds import SeedGroup, group_rank_key, group_ranked
 from ..utils import format_pct
 from .plots import Point, scatter_svg
 
@@ -64,10 +66,6 @@ def _num(v: float | None, *, cls: str = "", suffix: str = "", title: str | None 
     return Cell(format_pct(v) + suffix, "" if v is None else repr(float(v)), True, cls, title=title)
 
 
-def _count(n: int | None) -> Cell:
-    return Cell("" if n is None else str(n), "" if n is None else str(n), True)
-
-
 def _seconds(v: float | None) -> Cell:
     return Cell("—" if v is None else f"{v:.1f}", "" if v is None else repr(float(v)), True)
 
@@ -99,36 +97,43 @@ def _attack_cell(e: Entry, attack: str) -> Cell:
 
 
 def _columns(attacks: list[str], first: list[Column], last: list[Column]) -> list[Column]:
+    """The table's columns; ε and n are the same on every row of a table and stand in its title."""
     return first + [Column("clean", True), Column("A_rob", True, "per-example minimum over every attack")] + \
-        [Column("AutoAttack" if a == AUTOATTACK else a, True) for a in attacks] + \
-        [Column("ε"), Column("n", True)] + last + [Column("s / epoch", True, "training time per epoch")]
+        [Column("AutoAttack" if a == AUTOATTACK else a, True) for a in attacks] + last + [Column("s / epoch", True, "training time per epoch")]
 
 
-ENTRY_FIRST = [Column("#", True, "rank by robust accuracy within this table"), Column("entry")]
+ENTRY_FIRST = [Column("#", True, "rank by AutoAttack (standard) accuracy within this table; — for a weaker "
+                                 "evaluation, which is never ranked"), Column("entry")]
 ENTRY_LAST = [Column("method"), Column("loss"), Column("scope"), Column("base model")]
 
 
-def entry_table(table_id: str, title: str, entries: Sequence[Entry], hrefs: dict[str, str]) -> Table:
+def _rank_cell(rank: int | None) -> Cell:
+    if rank is None:
+        return Cell("—", "", True, title="not ranked: a weaker evaluation (no AutoAttack standard)")
+    return Cell(str(rank), str(rank), True)
+
+
+def entry_table(table_id: str, title: str, entries: Sequence[Entry], hrefs: dict[str, str],
+                ranked: bool = True) -> Table:
     attacks = board_attacks(entries)
     rows = []
     for rank, e in enumerate(entries, 1):
         x = e.extra
         cost = cost_per_epoch(e)
-        cells = [Cell(str(rank), str(rank), True), _text(e.entry, hrefs[e.entry], "entry"), _num(e.clean),
+        cells = [_rank_cell(rank if ranked else None), _text(e.entry, hrefs[e.entry], "entry"), _num(e.clean),
                  _num(e.a_rob, cls="key")]
         cells += [_attack_cell(e, a) for a in attacks]
-        cells += [_text(e.eps_label), _count(e.n)]
         cells += [_text(x.get(k)) for k in ("method", "loss", "scope", "base_model")]
         cells.append(_seconds(cost))
         cls = " ".join(c for c in ("unreliable" if e.data.get("unreliable") else "",
-                                   "unverified" if e.verified is False else "") if c)
+                                   "unverified" if e.verified is False else "", "" if ranked else "weaker") if c)
         rows.append({"cells": cells, "cls": cls, "entry": e.entry, "members": None})
     notes = []
     if any(c.cls == "cum" for r in rows for c in r["cells"]):
         notes.append("* cumulative (cascade mode): robust to this attack and every earlier one")
     if any(e.verified is False for e in entries):
         notes.append("an entry marked unverified has a per-example file that does not match its JSON")
-    return Table(table_id, title, _columns(attacks, ENTRY_FIRST, ENTRY_LAST), rows, notes)
+    return Table(table_id, title, _columns(attacks, ENTRY_FIRST, ENTRY_LAST), rows, notes + [RANKING_NOTE])
 
 
 def _spread_cell(g: SeedGroup, value) -> Cell:
@@ -139,25 +144,28 @@ def _spread_cell(g: SeedGroup, value) -> Cell:
     return Cell(text, repr(s.mean), True, title=", ".join(format_pct(v) for v in s.values))
 
 
-def group_table(table_id: str, title: str, groups: Sequence[SeedGroup], hrefs: dict[str, str]) -> Table:
+def group_table(table_id: str, title: str, groups: Sequence[SeedGroup], hrefs: dict[str, str],
+                ranked: bool = True) -> Table:
     members = [e for g in groups for e in g.members]
     attacks = board_attacks(members)
     rows = []
-    for g in groups:
+    for rank, g in enumerate(groups, 1):
         first = g.first
         links = [{"text": e.entry, "href": hrefs[e.entry]} for e in g.members]
         cost = [c for c in (cost_per_epoch(e) for e in g.members) if c is not None]
-        cells = [Cell(g.label, g.label), Cell(f"{len(g.members)} ({g.seeds_text()})", str(len(g.members)), True),
+        cells = [_rank_cell(rank if ranked else None), Cell(g.label, g.label, cls="group"),
+                 Cell(f"{len(g.members)} ({g.seeds_text()})", str(len(g.members)), True),
                  _spread_cell(g, lambda e: e.clean), _spread_cell(g, lambda e: e.a_rob)]
         cells += [_spread_cell(g, lambda e, a=a: attack_value(e, a)[0]) for a in attacks]
-        cells += [_text(first.eps_label), _count(first.n), _text(first.extra.get("base_model")),
+        cells += [_text(first.extra.get("base_model")),
                   _seconds(statistics.fmean(cost) if cost else None)]
-        rows.append({"cells": cells, "cls": "", "members": links})
-    columns = _columns(attacks, [Column("group"), Column("seeds", True, "members (training seeds)")],
+        rows.append({"cells": cells, "cls": "" if ranked else "weaker", "members": links})
+    columns = _columns(attacks, [ENTRY_FIRST[0], Column("group"), Column("seeds", True, "members (training seeds)")],
                        [Column("base model")])
     return Table(table_id, title, columns, rows,
                  ["mean ± sample standard deviation over the group's entries, one per seed; hover a cell for "
-                  "the single values"])
+                  "the single values", RANKING_NOTE.replace("ranked by AutoAttack", "ranked by mean AutoAttack", 1)])
+
 
 
 def board_tables(entries: Sequence[Entry], groups: Sequence[SeedGroup], hrefs: dict[str, str]
@@ -167,13 +175,13 @@ def board_tables(entries: Sequence[Entry], groups: Sequence[SeedGroup], hrefs: d
     tables, group_tables = [], []
     for i, g in enumerate(comparable_groups(entries)):
         n = len(g.entries)
-        tables.append(entry_table(f"entries-{i}", f"{g.title}: {n} entr{'y' if n == 1 else 'ies'}",
-                                  g.entries, hrefs))
-        mine = [sg for sg in groups if len(sg.members) > 1 and sg.first in g.entries]
-        if mine:
-            mine.sort(key=lambda sg: -(sg.robust if sg.robust is not None else -1.0))
-            group_tables.append(group_table(f"groups-{i}", f"{g.title}: {len(mine)} seed group"
-                                            f"{'' if len(mine) == 1 else 's'}", mine, hrefs))
+        tables.append(entry_table(f"entries-{i}", section_title(g, n, "entr" + ("y" if n == 1 else "ies")),
+                                  g.entries, hrefs, g.ranked))
+    many = [sg for sg in groups if len(sg.members) > 1]
+    for i, g in enumerate(comparable_groups(many, rank=group_rank_key, ranked=group_ranked)):
+        n = len(g.entries)
+        group_tables.append(group_table(f"groups-{i}", section_title(g, n, "seed group" + ("" if n == 1 else "s")),
+                                        g.entries, hrefs, g.ranked))
     return tables, group_tables
 
 
@@ -198,7 +206,8 @@ def board_scatter(entries: Sequence[Entry], hrefs: dict[str, str]) -> str | None
     labels = short_labels([e.entry for e in entries])
     points = []
     for g in comparable_groups(entries):
-        series = f"ε = {g.title.split('ε = ', 1)[1]}" if "ε = " in g.title else g.title
+        series = f"ε = {g.where.split('ε = ', 1)[1]}" if "ε = " in g.where else g.where
+        series += "" if g.ranked else ", weaker (not ranked)"
         points += [Point(labels[e.entry], e.clean, e.robust, hrefs[e.entry], series) for e in g.entries
                    if e.clean is not None and e.robust is not None]
     return scatter_svg(points)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..leaderboard.entries import Entry
+from ..leaderboard.render import autoattack_standard
 from ..utils import format_pct
 from .board import AUTOATTACK, attack_value, board_attacks, cost_per_epoch
 from .plots import Bar, bars_svg
@@ -72,7 +73,8 @@ def before_after(e: Entry) -> dict[str, Any] | None:
     return {"model": base.get("model") or e.extra.get("base_model") or "base model", "rows": rows}
 
 
-def _bars(e: Entry) -> str | None:
+def _bars(e: Entry) -> tuple[str | None, bool]:
+    """The per-attack bars as SVG, and whether any of them is cumulative (drawn hatched)."""
     base = e.extra.get("baseline") if isinstance(e.extra.get("baseline"), dict) else None
     bars = [Bar("clean", e.clean, None if base is None else base.get("clean_acc"))]
     for a in board_attacks([e]):
@@ -80,7 +82,7 @@ def _bars(e: Entry) -> str | None:
         bars.append(Bar("AutoAttack" if a == AUTOATTACK else a, v,
                         None if base is None else _block_value(base, a)[0], cum))
     bars.append(Bar("A_rob", e.a_rob, None if base is None else base.get("a_rob")))
-    return bars_svg(bars)
+    return bars_svg(bars), any(b.cumulative and b.value is not None for b in bars)
 
 
 def _attack_rows(x: dict[str, Any]) -> list[dict[str, str]]:
@@ -114,10 +116,12 @@ def entry_view(e: Entry, files: dict[str, Any]) -> dict[str, Any]:
              ("n", "—" if e.n is None else str(e.n)), ("s / epoch", "—" if cost is None else f"{cost:.1f}")]
     top = {k: v for k, v in e.data.items() if k != "adt_ft"}
     other = sorted(k for k in x if k not in _SHOWN)
+    bars, hatched = _bars(e)
     return {
         "entry": e.entry, "name": e.data.get("name") or e.entry, "dataset": e.dataset,
         "threat_model": e.threat_model, "unreliable": bool(e.data.get("unreliable")),
-        "problem": e.problem, "cards": cards, "bars_svg": _bars(e), "before_after": before_after(e),
+        "problem": e.problem, "cards": cards, "bars_svg": bars, "hatched": hatched,
+        "weaker": not autoattack_standard(e), "before_after": before_after(e),
         "training": _kv(x, _TRAINING), "evaluation": _kv(x, _EVALUATION), "attacks": _attack_rows(x),
         "sanity": _sanity(x), "versions": _kv(x.get("versions") or {}, list((x.get("versions") or {}).keys())),
         "created": x.get("created"), "robustbench": [(k, _value(v)) for k, v in top.items()],

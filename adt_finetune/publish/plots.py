@@ -50,6 +50,46 @@ def _pyplot():
     return matplotlib, plt
 
 
+# Where a label may sit beside its point, in points (x, y) and alignment, nearest first.
+_LABEL_SPOTS = [((5, 3), "left", "bottom"), ((5, -3), "left", "top"), ((-5, 3), "right", "bottom"),
+                ((-5, -3), "right", "top"), ((0, 7), "center", "bottom"), ((0, -7), "center", "top"),
+                ((12, 10), "left", "bottom"), ((-12, -10), "right", "top"), ((12, -10), "left", "top"),
+                ((-12, 10), "right", "bottom"), ((0, 16), "center", "bottom"), ((0, -16), "center", "top")]
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _place_labels(fig, ax, points: Sequence[Point]) -> None:
+    """Label each point where the label stays inside the axes and overlaps no other label or point
+    (the nearest free spot of `_LABEL_SPOTS`); a point with no free spot stays unlabelled rather than
+    covered (its marker still links to its page and the table names it)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform((p.clean, p.robust)) for p in points]
+    taken = [Bbox.from_extents(x - 3, y - 3, x + 3, y + 3) for x, y in dots]
+    if ax.get_legend() is not None:
+        taken.append(ax.get_legend().get_window_extent(renderer))
+    # Crowded points first: they have the fewest free spots.
+    order = sorted(range(len(points)), key=lambda i: -sum(abs(dots[i][0] - x) + abs(dots[i][1] - y) < 60
+                                                           for x, y in dots))
+    for i in order:
+        p = points[i]
+        for offset, ha, va in _LABEL_SPOTS:
+            text = ax.annotate(p.label, (p.clean, p.robust), fontsize=6.5, xytext=offset, textcoords="offset points",
+                               ha=ha, va=va, color="#333333", annotation_clip=True)
+            box = text.get_window_extent(renderer).expanded(1.04, 1.1)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(_overlaps(box, t) for t in taken):
+                taken.append(box)
+                text.set_gid(f"point-label-{i}")  # the browser test finds the labels by this id
+                break
+            text.remove()
+
+
 def scatter_svg(points: Sequence[Point]) -> str | None:
     """Clean vs robust accuracy, one marker and colour per series; each point links to its entry page."""
     points = [p for p in points if p.clean is not None and p.robust is not None]
@@ -64,15 +104,15 @@ def scatter_svg(points: Sequence[Point]) -> str | None:
             sc = ax.scatter([p.clean for p in mine], [p.robust for p in mine], marker=_MARKERS[i % len(_MARKERS)],
                             color=_COLORS[i % len(_COLORS)], s=36, label=name, zorder=3)
             sc.set_urls([p.href for p in mine])
-            for p in mine:
-                ax.annotate(p.label, (p.clean, p.robust), fontsize=6.5, xytext=(4, 3), textcoords="offset points",
-                            color="#333333")
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel("robust accuracy (%): A_rob, else AutoAttack")
         ax.grid(alpha=0.3, zorder=0)
+        ax.margins(0.08, 0.1)
+        ax.patch.set_gid("plot-frame")
         if len(series) > 1 or series[0]:
             ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
+        _place_labels(fig, ax, points)
         text = _svg_text(fig)
         plt.close(fig)
     return text

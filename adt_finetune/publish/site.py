@@ -113,12 +113,20 @@ def _hrefs(entries: list[Entry]) -> dict[str, str]:
 
 
 def _best(entries: list[Entry], href: str, pages: dict[str, str]) -> list[dict[str, str]]:
+    """The top ranked entry (AutoAttack standard) of each comparability group; a group of weaker
+    evaluations only is named with no value, since none of its entries is ranked."""
+    groups = comparable_groups(entries)
     out = []
-    for g in comparable_groups(entries):
-        top = g.entries[0]
-        where = g.title.split(", ", 1)[1] if ", " in g.title else g.title
-        out.append({"value": format_pct(top.robust), "where": where, "entry": top.entry,
-                    "href": f"{href.rsplit('/', 1)[0]}/{pages[top.entry]}.html"})
+    for g in groups:
+        where = g.where.split(", ", 1)[1] if ", " in g.where else g.where
+        if g.ranked:
+            top = g.entries[0]
+            out.append({"value": format_pct(top.autoattack), "where": where, "entry": top.entry,
+                        "href": f"{href.rsplit('/', 1)[0]}/{pages[top.entry]}.html"})
+        elif not any(o.ranked and o.where == g.where for o in groups):
+            n = len(g.entries)
+            out.append({"value": "—", "where": where, "entry": f"none ranked: {n} weaker evaluation{'s' * (n > 1)} "
+                        "(no AutoAttack standard)", "href": ""})
     return out
 
 
