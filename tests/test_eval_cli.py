@@ -158,8 +158,8 @@ def test_a_nan_prediction_never_counts_as_correct():
             return torch.full((len(x), 10), float("nan"))
 
     y = torch.zeros(8, dtype=torch.long)
-    correct, bad = clean_pass(AllNaN(), torch.rand(8, 1, 4, 4), y, 4, torch.device("cpu"))
-    assert not correct.any() and bad == 8
+    run = clean_pass(AllNaN(), torch.rand(8, 1, 4, 4), y, 4, torch.device("cpu"))
+    assert not run.correct.any() and run.n_bad == 8 and (run.predicted == -1).all()
 
 
 # ---------------------------------------------------------------- never lose a result

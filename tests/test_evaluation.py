@@ -214,6 +214,89 @@ def test_sanity_checks_catch_out_of_ball_and_out_of_range(monkeypatch, tables):
     assert _check(below, "range").ok is False and below.unreliable
 
 
+# ---------------------------------------------------------------- degenerate models (issue 22)
+
+def _degenerate_cnn(constant_class=None):
+    """A SmallCNN whose weights are all zero: every logit 0 (a tie), or, with `constant_class`, a
+    bias that makes it answer that class for every image."""
+    from adt_finetune.models import SmallCNN
+
+    model = SmallCNN(width=8).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        if constant_class is not None:
+            model.fc.bias[constant_class] = 1.0
+    return model
+
+
+def test_tied_logits_are_never_a_correct_prediction():
+    """argmax breaks a tie towards class 0: an all-zero model would be 'right' on every class-0 image."""
+    from adt_finetune.attacks import verdict
+    from adt_finetune.evaluation.engine import clean_pass
+
+    y = torch.tensor([0, 0, 1, 2])
+    logits = torch.tensor([[0.0, 0.0, 0.0], [2.0, 2.0, 1.0], [1.0, 3.0, 3.0], [0.0, 1.0, 2.0]])
+    assert verdict(logits, y).tolist() == [False, False, False, True]
+    run = clean_pass(_degenerate_cnn(), torch.rand(6, 1, 28, 28), torch.zeros(6, dtype=torch.long), 4,
+                     torch.device("cpu"))
+    assert not run.correct.any() and (run.predicted == -1).all() and run.n_bad == 0
+
+
+def test_an_all_zero_model_fails_its_sanity_checks(fmnist_test):
+    x, y = fmnist_test[0][:100], fmnist_test[1][:100]
+    r = evaluate(_degenerate_cnn(), x, y, attacks=["fgsm", "pgd20"], eps=EPS)
+    assert r.clean_acc == 0 and r.a_rob == 0 and set(r.per_attack.values()) == {0.0}
+    assert _check(r, "predictions").ok is False and "tied logits" in _check(r, "predictions").detail
+    assert _check(r, "above chance").ok is False and r.unreliable
+
+
+def test_a_constant_class_model_fails_its_sanity_checks_in_the_entry_and_on_the_leaderboard(fmnist_test, tmp_path):
+    from adt_finetune import leaderboard as lb
+    from adt_finetune.publish import build_site
+
+    x, y = fmnist_test[0][:100], fmnist_test[1][:100]
+    r = evaluate(_degenerate_cnn(constant_class=3), x, y, attacks=["fgsm"], eps=EPS)
+    share = float((y == 3).float().mean() * 100)
+    assert r.clean_acc == pytest.approx(share) and r.per_attack["fgsm"] == pytest.approx(share)
+    assert _check(r, "predictions").ok is False and "class 3 on 100.0%" in _check(r, "predictions").detail
+    assert _check(r, "above chance").ok is False and r.unreliable
+    root = tmp_path / "leaderboard"
+    path = lb.write_entry(r, root=root, dataset="fashion-mnist", entry="constant")
+    data = json.loads(path.read_text())
+    assert data["unreliable"] is True and "not above chance" in data["footnote"]
+    assert {c["name"]: c["ok"] for c in data["adt_ft"]["sanity"]}["predictions"] is False
+    entries = lb.read_entries(root)
+    for fmt in ("table", "markdown"):
+        text = lb.render(entries, fmt)
+        assert "constant ⚠" in text and "a sanity check failed" in text
+    assert json.loads(lb.render(entries, "json"))[0]["unreliable"] is True
+    site = build_site(entries, tmp_path / "site")
+    assert 'class="unreliable"' in (site.root / "fashion-mnist" / "Linf" / "index.html").read_text()
+    page = (site.root / "fashion-mnist" / "Linf" / "constant.html").read_text()
+    assert "unreliable: a sanity check failed" in page and "not above chance" in page
+
+
+def test_healthy_models_pass_the_degenerate_model_checks(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:100], fmnist_test[1][:100]
+    r = evaluate(trained_cnn, x, y, attacks=["fgsm"], eps=EPS)
+    assert _check(r, "predictions").ok and _check(r, "above chance").ok and not r.unreliable
+    few = evaluate(trained_cnn, x[:1], y[:1], attacks=["fgsm"], eps=EPS)  # one image cannot tell
+    assert _check(few, "predictions").ok is None and _check(few, "above chance").ok is None
+
+
+def test_a_model_trained_at_a_huge_lr_fails_the_chance_check(tmp_path, fmnist_test):
+    """lr 5: the loss explodes but stays finite, training finishes, and the model is at chance."""
+    from test_trainer import _small, _workspace
+
+    from adt_finetune import train
+
+    run = train(_small(lr=5.0, train_subset=256, pgd_steps=1), workspace=_workspace(tmp_path))
+    assert run.final_metrics["loss"] > 5  # far above a trained model's
+    r = evaluate(run.model, fmnist_test[0][:100], fmnist_test[1][:100], attacks=["fgsm"], eps=EPS)
+    assert _check(r, "above chance").ok is False and r.unreliable
+
+
 def test_pgd100_must_not_beat_pgd20(monkeypatch, tables):
     x, y, model, clean, robust = tables
     some = {i: i % 2 == 0 for i in range(N)}

@@ -36,7 +36,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from torch import nn
 
 from ..attacks import make_attack, verdict
 from ..attacks.base import keyed_batch
+from ..perturb.linf import predicted_class
 from ..errors import UserError
 from ..nets import eval_mode
 from ..precision import amp_dtype_name
@@ -142,8 +143,9 @@ def evaluate_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, shard:
     run = _Run(model, plan, rows, state, rep, chunk_size=chunk_size,
                resume_dir=Path(resume_dir) if resume_dir is not None else None)
     with eval_mode(model), rep:
-        clean, n_bad = clean_pass(model, run.x, run.y, plan.batch_size, plan.device, positions=rows,
-                                  chunk_size=chunk_size)
+        clean_run = clean_pass(model, run.x, run.y, plan.batch_size, plan.device, positions=rows,
+                               chunk_size=chunk_size)
+        clean, n_bad = clean_run.correct, clean_run.n_bad
         check_finite_logits(n_bad, len(rows))
         columns, flags = run.attack_columns(clean)
         if "wasserstein" in plan.names:
@@ -160,7 +162,8 @@ def evaluate_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, shard:
         max_linf=run.max_linf, attack_settings=plan.settings, wasserstein=run.wasserstein_json,
         excluded_from_a_rob=plan.excluded, chunk_size=chunk_size)
     return ShardPart(result, rows, len(plan.x), (k, n_shards), chunk_size, fp, dict(run.ranges),
-                     [a for a, ob in plan.attacks.items() if ob.black_box], n_bad)
+                     [a for a, ob in plan.attacks.items() if ob.black_box], n_bad, clean_run.predicted,
+                     clean_run.n_classes)
 
 
 def _check_shardable(plan: "_Plan") -> None:
@@ -223,21 +226,31 @@ def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent"
                  batch_size=int(batch_size), seed=int(seed), amp=bool(amp))
 
 
+class CleanPass(NamedTuple):
+    correct: np.ndarray    # (N,) bool: `verdict` on the clean images
+    n_bad: int             # images with a non-finite logit (never correct)
+    predicted: np.ndarray  # (N,) int64: the strict top class, −1 where there is none (a tie, a NaN)
+    n_classes: int         # logits per image
+
+
 def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, *,
-               positions: np.ndarray | None = None, chunk_size: int | None = None) -> tuple[np.ndarray, int]:
-    """(N,) bool clean-correct flags and the number of images with a non-finite logit,
-    which never count as correct (the argmax of NaNs is an arbitrary class). With
-    `positions` (each row's place in the evaluated set) and `chunk_size`, batches stay
-    inside chunks, as the attacks' do: every shard then sees the same batches."""
+               positions: np.ndarray | None = None, chunk_size: int | None = None) -> CleanPass:
+    """Clean-correct flags, the number of images with a non-finite logit, which never count as
+    correct (the argmax of NaNs is an arbitrary class), and the predicted classes (for the
+    degenerate-model checks). With `positions` (each row's place in the evaluated set) and
+    `chunk_size`, batches stay inside chunks, as the attacks' do: every shard then sees the
+    same batches."""
     if positions is None or chunk_size is None:
         positions, chunk_size = np.arange(len(x)), max(1, len(x))
-    out, bad = [np.zeros(0, dtype=bool)], 0
+    out, predicted, bad, n_classes = [np.zeros(0, dtype=bool)], [np.zeros(0, dtype=np.int64)], 0, 0
     with torch.no_grad():
         for b in chunk_batches(positions, chunk_size, batch_size):
             logits = model(x[b.start:b.stop].to(device))
+            n_classes = int(logits.shape[1])
             bad += int((~torch.isfinite(logits).all(1)).sum())
             out.append(verdict(logits, y[b.start:b.stop].to(device)).cpu().numpy())
-    return np.concatenate(out).astype(bool), bad
+            predicted.append(predicted_class(logits).cpu().numpy().astype(np.int64))
+    return CleanPass(np.concatenate(out).astype(bool), bad, np.concatenate(predicted), n_classes)
 
 
 def _tensor_sha(*tensors: torch.Tensor) -> str:

@@ -73,6 +73,58 @@ def sanity_checks(result: EvalResult, ranges: dict[str, tuple[float, float]],
     return checks
 
 
+#: significance level of the one-sided binomial test "clean accuracy above chance (1 / classes)"
+CHANCE_ALPHA = 0.01
+#: a model that gives one answer (a class, or no strict top class at all) on this share of the
+#: clean images or more has collapsed, unless the labels are mostly that class too
+ONE_ANSWER_SHARE = 0.9
+#: the one-answer check needs at least this many images (below it a healthy model can look collapsed)
+ONE_ANSWER_MIN_IMAGES = 10
+
+
+def degenerate_model_checks(result: EvalResult, predicted: np.ndarray, n_classes: int) -> list[SanityCheck]:
+    """The checks that a degenerate model fails (docs/evaluation.md, "Sanity checks"): its clean
+    predictions collapse onto one answer, or its clean accuracy is not above chance. Either way its
+    robust accuracies are numbers without meaning (an all-zero model is "robust" on every image it
+    gets right by luck), so the result is marked unreliable."""
+    return [_one_answer_check(result, predicted), _chance_check(result, n_classes)]
+
+
+def _one_answer_check(result: EvalResult, predicted: np.ndarray) -> SanityCheck:
+    n = len(predicted)
+    if n < ONE_ANSWER_MIN_IMAGES:
+        return SanityCheck("predictions", None, f"too few images ({n}) to tell a collapsed model from a healthy one")
+    answers, counts = np.unique(predicted, return_counts=True)
+    top = int(answers[counts.argmax()])
+    share = counts.max() / n
+    label_share = float(np.mean(result.labels == top)) if top >= 0 else 0.0
+    what = "no single top class (tied logits)" if top < 0 else f"class {top}"
+    if share >= ONE_ANSWER_SHARE and label_share < 0.5:
+        labels = "" if top < 0 else f" (the labels are {100 * label_share:.1f}% that class)"
+        return SanityCheck("predictions", False,
+                           f"the model answers {what} on {100 * share:.1f}% of the clean images{labels}: it has "
+                           "collapsed, and no accuracy it gets means anything")
+    return SanityCheck("predictions", True, f"the most common answer, {what}, covers {100 * share:.1f}% of the "
+                                            f"clean images")
+
+
+def _chance_check(result: EvalResult, n_classes: int) -> SanityCheck:
+    from scipy.stats import binomtest
+
+    n, k = len(result.clean), int(result.clean.sum())
+    chance = 1.0 / max(n_classes, 1)
+    if n_classes < 2 or binomtest(n, n, chance, alternative="greater").pvalue > CHANCE_ALPHA:
+        return SanityCheck("above chance", None, f"too few images ({n}) to test clean accuracy against chance "
+                                                 f"({100 * chance:.2f}%)")
+    p = binomtest(k, n, chance, alternative="greater").pvalue
+    text = (f"clean accuracy {100 * k / n:.2f}% ({k} of {n}) vs chance {100 * chance:.2f}% ({n_classes} classes): "
+            f"one-sided binomial test p = {p:.2g}")
+    if p >= CHANCE_ALPHA:
+        return SanityCheck("above chance", False, f"{text} ≥ {CHANCE_ALPHA}: not above chance, so the model is "
+                                                  "degenerate and its robust accuracies mean nothing")
+    return SanityCheck("above chance", True, f"{text} < {CHANCE_ALPHA}")
+
+
 def non_finite_tensors(model: nn.Module) -> list[str]:
     """What makes the model's weights unusable (`nets.unusable_weights`): NaN/inf anywhere, or a
     BatchNorm running variance below zero."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import UserError
 from .result import EvalResult, jsonable
-from .sanity import check_finite_logits, sanity_checks
+from .sanity import check_finite_logits, degenerate_model_checks, sanity_checks
 
 #: examples per chunk; the default `--batch-size` too, so that a default batch is a whole chunk
 CHUNK_SIZE = 256
@@ -91,6 +91,8 @@ class ShardPart:
     ranges: dict[str, tuple[float, float]]      # per attack: min and max pixel of x' (the range check)
     black_box: list[str]                        # attacks that ignore gradients (the masking check)
     n_bad: int = 0                              # images with a non-finite clean logit
+    predicted: np.ndarray | None = None         # (rows,) strict top class on the clean image, −1 for none
+    n_classes: int | None = None                # logits per image
 
     @property
     def label(self) -> str:
@@ -106,7 +108,8 @@ class ShardPart:
                 "max_linf": dict(r.max_linf), "attack_settings": jsonable(r.attack_settings), "amp": r.amp,
                 "amp_attacks": list(r.amp_attacks), "excluded_from_a_rob": list(r.excluded_from_a_rob),
                 "ranges": {a: list(v) for a, v in self.ranges.items()}, "black_box": list(self.black_box),
-                "n_bad": self.n_bad}
+                "n_bad": self.n_bad, "n_classes": self.n_classes,
+                "predicted": None if self.predicted is None else self.predicted.tolist()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ShardPart":
@@ -122,7 +125,9 @@ class ShardPart:
         return cls(result, np.asarray(d["positions"], dtype=np.int64), int(d["n_total"]), tuple(d["shard"]),
                    int(d["chunk_size"]), d["fingerprint"], {a: (float(v[0]), float(v[1])) for a, v in
                                                             d["ranges"].items()}, list(d["black_box"]),
-                   int(d.get("n_bad", 0)))
+                   int(d.get("n_bad", 0)),
+                   None if d.get("predicted") is None else np.asarray(d["predicted"], dtype=np.int64),
+                   None if d.get("n_classes") is None else int(d["n_classes"]))
 
 
 def check_shards(parts: Sequence[ShardPart], names: Sequence[str] | None = None) -> None:
@@ -182,5 +187,11 @@ def combine(parts: Sequence[ShardPart], names: Sequence[str] | None = None) -> E
         wasserstein=fr.wasserstein, excluded_from_a_rob=list(fr.excluded_from_a_rob), chunk_size=first.chunk_size,
         shards=len(parts), shard_timings_s=[dict(p.result.timings_s) for p in parts] if len(parts) > 1 else None)
     finite = check_finite_logits(sum(p.n_bad for p in parts), n)
-    result.sanity = [finite] + sanity_checks(result, ranges, black_box=set(first.black_box))
+    degenerate: list = []
+    if all(p.predicted is not None for p in parts) and first.n_classes:
+        predicted = np.full(n, -1, dtype=np.int64)
+        for p in parts:
+            predicted[p.positions] = p.predicted
+        degenerate = degenerate_model_checks(result, predicted, first.n_classes)
+    result.sanity = [finite] + degenerate + sanity_checks(result, ranges, black_box=set(first.black_box))
     return result

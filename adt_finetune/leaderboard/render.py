@@ -35,6 +35,8 @@ RANKING_NOTE = ("ranked by AutoAttack (standard) accuracy, as RobustBench ranks,
 UNRANKED_TITLE = "not ranked, weaker evaluations (no AutoAttack standard)"
 AUTOATTACK = "autoattack"
 UNVERIFIED_NOTE = "! per-example file does not match its entry (see the warning)"
+UNRELIABLE_NOTE = ("⚠ unreliable: a sanity check failed (the entry's sanity list says which; e.g. a collapsed model "
+                   "or clean accuracy at chance), so its numbers should not be trusted")
 
 
 @dataclass
@@ -128,6 +130,7 @@ def _row(e: Entry, group: Group, rank: int | None, attack_cols: list[str]) -> di
         "ranked": group.ranked,
         "rank_in_group": rank,
         "per_example_ok": e.verified,
+        "unreliable": bool(e.data.get("unreliable")),
         "per_attack": {},
         "cumulative": {},
     }
@@ -147,7 +150,7 @@ def rows(entries: Iterable[Entry]) -> tuple[list[str], list[dict[str, Any]]]:
 
 def cells(row: dict[str, Any], attack_cols: list[str]) -> list[str]:
     """A row's table cells, in HEADERS + attack columns order."""
-    name = row["entry"] + (" !" if row.get("per_example_ok") is False else "")
+    name = row["entry"] + (" ⚠" if row.get("unreliable") else "") + (" !" if row.get("per_example_ok") is False else "")
     out = [name, row["base_model"], row["method"], row["eps"] or "?", "?" if row["n"] is None else str(row["n"]),
            format_pct(row["clean"]), format_pct(row["autoattack"]), format_pct(row["a_rob"])]
     for a in attack_cols:
@@ -191,6 +194,8 @@ def notes(all_rows: list[dict[str, Any]]) -> list[str]:
         out.append(CUMULATIVE_NOTE)
     if any(r.get("per_example_ok") is False for r in all_rows):
         out.append(UNVERIFIED_NOTE)
+    if any(r.get("unreliable") for r in all_rows):
+        out.append(UNRELIABLE_NOTE)
     return out + [RANKING_NOTE]
 
 
