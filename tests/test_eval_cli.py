@@ -16,7 +16,7 @@ import torch
 
 from adt_finetune.attacks import ATTACKS, Attack, AttackResult
 from adt_finetune.errors import UserError
-from adt_finetune.evaluation import SUITES, default_entry_name, evaluate
+from adt_finetune.evaluation import SUITES, default_entry_name, evaluate, evaluation_variant
 from adt_finetune.evaluation.engine import clean_pass
 from test_evaluation import EPS, N, TableModel, _one_line_error, encode, make_fake, workspace  # noqa: F401
 
@@ -172,6 +172,22 @@ def test_default_entry_names_differ_per_setting():
     assert default_entry_name("m", "custom", attacks=["clean", "fgsm", "pgd20"], eps=8 / 255,
                               n_examples=50) == "m_fgsm+pgd20_eps8-255_n50"
     assert default_entry_name("m", "quick") == "m_quick"
+    # A suite's name says what differs from the suite's defaults, so that a `-n 200` entry never blocks
+    # the default evaluation and two budget sets never share a name; the same settings give the same name.
+    def suite_name(suite="paper", **kw):
+        kw = {"custom": False, "eps": 0.1, "default_eps": 0.1, "n_examples": None, **kw}
+        return default_entry_name("m", suite, variant=evaluation_variant(**kw))
+
+    variants = [suite_name(), suite_name(n_examples=200), suite_name(eps=0.05), suite_name(mode="cascade"),
+                suite_name(seed=1), suite_name(settings={"feature": {"targets": "20"}}),
+                suite_name(settings={"feature": {"targets": "10"}}), suite_name(amp=True), suite_name(chunk_size=64),
+                suite_name(data="/imgs/a"), suite_name(data="/imgs/b"),
+                suite_name("wasserstein"), suite_name("wasserstein", budgets="0.05,0.1"),
+                suite_name("wasserstein", budgets="0.2")]
+    assert len(set(variants)) == len(variants)
+    assert suite_name() == "m_paper" == suite_name(n_examples=1000) and suite_name(n_examples=200) == "m_paper_n200"
+    assert suite_name("wasserstein", budgets="0.1, 0.05") == "m_wasserstein_budgets0.05+0.1"
+    assert suite_name(settings={"a": {"x": "1", "y": "2"}}) == suite_name(settings={"a": {"y": "2", "x": "1"}})
     many = ["clean", "fgsm", "pgd20", "pgd100", "mim", "cw", "feature", "spsa", "exp"]
     assert len(default_entry_name("m", "custom", attacks=many, eps=0.1, n_examples=5)) < 40
 
@@ -181,7 +197,7 @@ def test_two_evals_keep_both_entries_and_nothing_is_overwritten_silently(cli, wo
     folder = workspace.root.joinpath(*LB)
     assert cli("eval", "--attacks", "fgsm", *w)[0] == 0
     assert cli("eval", "--attacks", "pgd20", "--set", "pgd20.steps=2", *w)[0] == 0
-    fgsm, pgd = folder / "tiny_fgsm_eps0.1_n20.json", folder / "tiny_pgd20_eps0.1_n20.json"
+    fgsm, (pgd,) = folder / "tiny_fgsm_eps0.1_n20.json", folder.glob("tiny_pgd20_eps0.1_n20_set-*.json")
     assert json.loads(fgsm.read_text())["adt_ft"]["attacks"] == ["fgsm"]
     assert json.loads(pgd.read_text())["adt_ft"]["attacks"] == ["pgd20"]
 
@@ -197,6 +213,15 @@ def test_two_evals_keep_both_entries_and_nothing_is_overwritten_silently(cli, wo
                        "--overwrite", *w)
     assert code == 0, err
     assert json.loads(fgsm.read_text())["adt_ft"]["attacks"] == ["pgd20"]
+
+    # Suites: another -n is another evaluation with its own default name; the same one again is recognised.
+    q = ["--suite", "quick", "--set", "pgd20.steps=2", "--no-progress", "-w", workspace.root]
+    assert cli("eval", *q, "-n", "20")[0] == 0
+    assert cli("eval", *q, "-n", "30")[0] == 0
+    assert len(list(folder.glob("tiny_quick_n20_set-*.json"))) == len(list(folder.glob("tiny_quick_n30_set-*.json"))) == 1
+    code, _, err = cli("eval", *q, "-n", "20")
+    _one_line_error(code, err)
+    assert "already exists" in err
 
 
 def test_a_leaderboard_that_is_a_file_is_found_before_any_attack(cli, workspace, monkeypatch):  # noqa: F811
@@ -290,7 +315,8 @@ def test_image_folder_with_an_empty_class_folder(cli, workspace, tmp_path, fmnis
     code, out, err = cli("eval", "--suite", "quick", "--set", "pgd20.steps=2", "--dataset", folder, "--no-progress",
                          "-w", workspace.root)
     assert code == 0, err
-    csv = workspace.root.joinpath(*LB, "tiny_quick.per-example.csv").read_text().splitlines()
+    (csv,) = workspace.root.joinpath(*LB).glob("tiny_quick_set-*_data-*.per-example.csv")
+    csv = csv.read_text().splitlines()
     labels = sorted({int(line.split(",")[1]) for line in csv[1:]})
     assert labels == [1, 8] and len(csv) == 1 + 6  # Trouser, Bag: labels from the class names
 

@@ -486,21 +486,21 @@ def test_cli_eval_writes_entry_and_leaderboard_shows_it(cli, workspace):
     assert code == 0, err
     assert "A_rob" in out and "pgd20" in out and "✓ linf" in out
     folder = workspace.leaderboard_dir / "fashion-mnist" / "Linf"
-    data = json.loads((folder / "tiny_quick.json").read_text())
-    csv = folder / "tiny_quick.per-example.csv"
+    data = json.loads((folder / "tiny_quick_n100.json").read_text())
+    csv = folder / "tiny_quick_n100.per-example.csv"
     assert data["adt_ft"]["per_example_sha256"] == hashlib.sha256(csv.read_bytes()).hexdigest()
     assert data["adt_ft"]["n_examples"] == 100 and data["adt_ft"]["attacks"] == ["fgsm", "pgd20"]
     assert data["eps"] == "0.1" and "autoattack_acc" not in data
     assert f"{data['adt_ft']['a_rob']:.2f}" == data["reported"]
     assert workspace.current_model().name == "tiny"
-    assert not (workspace.root / ".adt-ft" / "eval" / "fashion-mnist" / "Linf" / "tiny_quick").exists()
+    assert not (workspace.root / ".adt-ft" / "eval" / "fashion-mnist" / "Linf" / "tiny_quick_n100").exists()
 
     code, out, err = cli("leaderboard", *w)
     assert code == 0, err
-    assert "tiny_quick" in out and data["reported"] in out
+    assert "tiny_quick_n100" in out and data["reported"] in out
     code, out, _ = cli("leaderboard", "--format", "json", *w)
     rows = json.loads(out)
-    assert rows[0]["entry"] == "tiny_quick" and rows[0]["a_rob"] == data["adt_ft"]["a_rob"]
+    assert rows[0]["entry"] == "tiny_quick_n100" and rows[0]["a_rob"] == data["adt_ft"]["a_rob"]
 
 
 def test_cli_baseline_and_checkpoint_file(cli, workspace, tmp_path):

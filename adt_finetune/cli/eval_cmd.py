@@ -67,7 +67,8 @@ def eval_cmd(
     budgets: Optional[str] = typer.Option(None, "--budgets", help="W-PGD budgets for --suite wasserstein, "
                                                                   "e.g. 0.05,0.1 (default ε·(1/4, 1/2, 1, 2))."),
     entry: Optional[str] = typer.Option(None, "--entry", help="Leaderboard entry name (default <model>_<suite>, or "
-                                                              "<model>_<attacks>_eps<ε>_n<N> for --attacks)."),
+                                                              "<model>_<attacks>_eps<ε>_n<N> for --attacks, plus "
+                                                              "what differs from the defaults, e.g. _n200)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing entry of the same name."),
     settings: Optional[List[str]] = typer.Option(None, "--set", help="Attack setting ATTACK.KEY=VALUE, "
                                                                      "repeatable (e.g. autoattack.version=plus)."),

@@ -14,7 +14,7 @@ from .engine import evaluate, evaluate_shard
 from .merge import merge_shards
 from .result import EvalResult, SanityCheck, read_per_example_csv
 from .resume import _ResumeState, fingerprint
-from .workspace_eval import EvalRecord, ShardRecord, default_entry_name, evaluate_workspace
+from .workspace_eval import EvalRecord, ShardRecord, default_entry_name, evaluate_workspace, evaluation_variant
 from .sanity import LINF_TOLERANCE, check_finite_weights, sanity_checks
 from .shards import CHUNK_SIZE, ShardPart, combine, parse_shard
 from .suites import (COTRAINED_ATTACKS, GENERATOR_ATTACKS, MODES, PAPER, PSEUDO, SUITES, check_attack_names,
@@ -26,6 +26,7 @@ __all__ = [
     "CHUNK_SIZE", "COTRAINED_ATTACKS", "DEFAULT_N_EXAMPLES", "LINF_TOLERANCE", "MODES", "PAPER", "PSEUDO",
     "SUITES", "TRAIN_IMAGES_FOR_ATTACKS", "EvalRecord", "EvalResult", "SanityCheck", "ShardPart", "ShardRecord",
     "Target", "_ResumeState", "check_attack_names", "check_finite_weights", "combine", "default_entry_name",
+    "evaluation_variant",
     "evaluate", "evaluate_shard", "evaluate_workspace", "fingerprint", "load_attack_training_data", "load_examples",
     "merge_shards", "parse_attack_list", "parse_shard", "read_per_example_csv", "resolve_target", "sanity_checks",
     "suite_attacks", "valid_attack_names",

@@ -7,6 +7,7 @@ one, a workspace where the result could not be written.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from .sanity import check_finite_weights
 from .shard_files import shard_file_name, write_shard_file
 from .shards import CHUNK_SIZE, ShardPart, check_chunk_size, combine, parse_shard
 from .suites import COTRAINED_ATTACKS, MODES, needs_training_data, parse_attack_list, suite_attacks
-from .targets import Target, load_attack_training_data, load_examples, resolve_target
+from .targets import DEFAULT_N_EXAMPLES, Target, load_attack_training_data, load_examples, resolve_target
 
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-"
 #: a custom attack list longer than this is named by a hash in the default entry name
@@ -48,19 +49,61 @@ def _clean_name(text: str) -> str:
 
 
 def default_entry_name(model: str, suite: str, *, attacks: list[str] | None = None, eps: float | None = None,
-                       n_examples: int | None = None, mode: str = "independent") -> str:
-    """`<model>_<suite>` for a suite; for a custom attack list, a name that differs whenever
-    the attacks, ε, the number of images or the mode differ, so that two evaluations of one
-    model never default to one entry: `<model>_<attack+attack>_eps<ε>_n<N>[_cascade]`."""
-    if attacks is None:
-        return _clean_name(f"{model}_{suite}")
+                       n_examples: int | None = None, mode: str = "independent",
+                       variant: list[str] | None = None) -> str:
+    """`<model>_<suite>[_<variant>]` for a suite, where `variant` names what differs from the suite's
+    defaults (see `evaluation_variant`); for a custom attack list `<model>_<attack+attack>_eps<ε>_n<N>
+    [_cascade][_<variant>]`. Two different evaluations of one model never default to one entry, and the
+    same evaluation run again gets the same name (so it is recognised as already there)."""
     from ..utils import format_eps
 
+    extra = [v for v in (variant or []) if v]
+    if attacks is None:
+        return _clean_name("_".join([f"{model}_{suite}", *extra]))
     listed = "+".join(a for a in attacks if a != "clean") or "clean"
     if len(listed) > _MAX_LIST_IN_NAME:
         listed = "custom-" + hashlib.sha256(listed.encode()).hexdigest()[:8]
     text = f"{model}_{listed}_eps{format_eps(float(eps))}_n{int(n_examples)}"
-    return _clean_name(text + ("_cascade" if mode == "cascade" else ""))
+    return _clean_name("_".join([text + ("_cascade" if mode == "cascade" else ""), *extra]))
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def evaluation_variant(*, custom: bool, eps: float, default_eps: float | None, n_examples: int | None,
+                       mode: str = "independent", seed: int = 0, budgets: str | None = None,
+                       settings: dict[str, Any] | None = None, amp: bool = False, chunk_size: int = CHUNK_SIZE,
+                       data: str | None = None) -> list[str]:
+    """The parts of a default entry name that say how an evaluation differs from the defaults: ε, the
+    number of images (`n_examples` None means the default) and the mode (for a suite; a custom list
+    always names ε and n), the seed, W-PGD budgets, `--set` settings (hashed), bf16 attacks, the chunk
+    size and an image folder (hashed)."""
+    from ..utils import format_eps
+
+    parts: list[str] = []
+    if not custom:
+        if default_eps is None or abs(eps - default_eps) > 1e-12:
+            parts.append(f"eps{format_eps(eps)}")
+        if n_examples is not None and n_examples != DEFAULT_N_EXAMPLES:
+            parts.append(f"n{n_examples}")
+        if mode == "cascade":
+            parts.append("cascade")
+    if seed:
+        parts.append(f"seed{seed}")
+    if budgets:
+        from ..perturb.distributional import parse_budgets
+
+        parts.append("budgets" + "+".join(format_eps(b) for b in parse_budgets(budgets)))
+    if settings:
+        parts.append(f"set-{_short_hash(settings)}")
+    if amp:
+        parts.append("amp")
+    if chunk_size != CHUNK_SIZE:
+        parts.append(f"chunk{chunk_size}")
+    if data:
+        parts.append(f"data-{_short_hash(data)}")
+    return parts
 
 
 def _resume_dir(workspace: Path, dataset: str, threat_model: str, entry: str) -> Path:
@@ -268,8 +311,7 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: dict[str, An
             raise UserError(f"no default ε for dataset {target.dataset}: give --eps")
     x, y, data_source = load_examples(target.dataset, a["dataset"], a["n_examples"], data_dir=a["data_dir"],
                                       workspace=ws.root)
-    entry_name = a["entry"] or default_entry_name(target.default_entry, suite_label, eps=eps_value, n_examples=len(x),
-                                                  attacks=names if a["attacks"] is not None else None, mode=a["mode"])
+    entry_name = a["entry"] or _default_name(a, target, suite_label, names, eps_value, len(x))
     if spec is None:  # the entry is written now (by rank 0), not by a later merge
         folder = entry_dir(ws.leaderboard_dir, target.dataset, target.threat_model)
         first_error(world, lambda: (ws.inside(folder, "the leaderboard entry"),
@@ -293,6 +335,21 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: dict[str, An
         world, lambda: claim_entry(ws, target.dataset, target.threat_model, entry_name, a["overwrite"]))
     return _Job(ws, target, x, y, common, entry_name, context, suite_label, data_source, a["resume"], shard, world,
                 shard_dir, lock)
+
+
+def _default_name(a: dict[str, Any], target: Target, suite_label: str, names: list[str], eps: float,
+                  n: int) -> str:
+    from ..data import DATASETS
+
+    folder = a["dataset"] is not None and Path(str(a["dataset"])).expanduser().is_dir()
+    custom = a["attacks"] is not None
+    variant = evaluation_variant(
+        custom=custom, eps=eps, default_eps=DATASETS[target.dataset].eps if target.dataset in DATASETS else None,
+        n_examples=a["n_examples"], mode=a["mode"], seed=a["seed"], budgets=a["budgets"],
+        settings=a["attack_settings"], amp=a["amp"], chunk_size=a["chunk_size"],
+        data=str(Path(str(a["dataset"])).expanduser().resolve()) if folder else None)
+    return default_entry_name(target.default_entry, suite_label, eps=eps, n_examples=n,
+                              attacks=names if custom else None, mode=a["mode"], variant=variant)
 
 
 def _training_data(names: list[str], dataset: str, seed: int, data_dir, root: Path,
