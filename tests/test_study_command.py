@@ -1,0 +1,169 @@
+"""`adt-ft study`: a smoke study run by several workers at once, a worker killed mid-job, and the
+report from entries alone (including the committed robust-base study's tables)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adt_finetune.models import SmallCNN
+from adt_finetune.study import Claims, load_study, plan
+from adt_finetune.study.stats import holm
+
+from conftest import standard_train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _study_file(tmp_path: Path, base_ckpt: Path, out: Path) -> Path:
+    """3 arms × 2 seeds from a checkpoint base, tiny budget, PGD-20 on 16 images."""
+    data = {
+        "study": "smoke", "title": "Smoke study", "seed": 0, "device": "cpu", "dataset": "fashion-mnist",
+        "base": {"name": "smoke-base", "checkpoint": str(base_ckpt), "arch": "adt_finetune.models.small:SmallCNN",
+                 "arch_kwargs": {"width": 4}},
+        "finetune": {"train_subset": 64, "epochs": 1, "batch_size": 32, "lr": 0.01},
+        "seeds": {"full": [0, 1]},
+        "arms": ["pgd-at/ce", "trades/trades", "exp/ce"], "control": "pgd-at/ce",
+        "eval": {"pointwise": {"attacks": "pgd20", "mode": "independent", "n_examples": 16, "batch_size": 16}},
+        "report": {"out": str(out)},
+    }
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory, fmnist_train):
+    x, y = fmnist_train
+    model = SmallCNN(width=4)
+    standard_train(model, x[:2000], y[:2000], epochs=1)
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, ADT_FT_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _study(args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "adt_finetune", "study", *args], env=_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _results_part(readme: Path) -> str:
+    """The report up to its cost section (job times differ between two runs of the same study)."""
+    text = readme.read_text()
+    return text.split("## Cost")[0].split("Regenerate with:")[1].split("\n", 3)[3]
+
+
+@pytest.mark.slow
+def test_two_workers_run_every_job_once_and_a_killed_worker_is_taken_over(tmp_path, base_checkpoint):
+    # 1. one worker: the reference report
+    (tmp_path / "one").mkdir()
+    one = _study_file(tmp_path / "one", base_checkpoint, tmp_path / "out-one")
+    p = _study(["run", str(one), "-w", str(tmp_path / "ws-one"), "--no-progress", "--poll", "0.5"])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    reference = _results_part(tmp_path / "out-one" / "README.md")
+    assert "| trades/trades |" in reference and "| exp/ce |" in reference
+
+    # 2. two workers started at once on one workspace: every job starts exactly once
+    (tmp_path / "two").mkdir()
+    two = _study_file(tmp_path / "two", base_checkpoint, tmp_path / "out-two")
+    p = _study(["run", str(two), "-w", str(tmp_path / "ws-two"), "--workers", "2", "--poll", "0.5"])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    spec = load_study(two)
+    events = Claims(tmp_path / "ws-two" / ".adt-ft" / "study" / "smoke", "reader").read_events()
+    starts = [e["job"] for e in events if e["event"] == "start"]
+    assert sorted(starts) == sorted(j.key for j in plan(spec))  # every job, none twice
+    assert len({e["worker"] for e in events}) == 2              # and both workers did some
+    assert _results_part(tmp_path / "out-two" / "README.md") == reference
+
+    # 3. a worker killed mid-job; another one, started later, takes the job over and finishes
+    (tmp_path / "three").mkdir()
+    three = _study_file(tmp_path / "three", base_checkpoint, tmp_path / "out-three")
+    ws3 = tmp_path / "ws-three"
+    fast = {"ADT_FT_STUDY_HEARTBEAT_S": "0.3", "ADT_FT_STUDY_EXPIRY_S": "2"}
+    first = _study(["run", str(three), "-w", str(ws3), "--no-progress", "--poll", "0.5"], **fast)
+    claims = Claims(ws3 / ".adt-ft" / "study" / "smoke", "reader")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        started = [e["job"] for e in claims.read_events() if e["event"] == "start"]
+        if any(j.startswith("train:") for j in started):
+            break
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    killed = [e["job"] for e in claims.read_events() if e["event"] == "start"][-1]
+    assert killed not in [e["job"] for e in claims.read_events() if e["event"] == "done"]
+    second = _study(["run", str(three), "-w", str(ws3), "--no-progress", "--poll", "0.5"], **fast)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out
+    events = claims.read_events()
+    assert any(e["event"] == "takeover" and e["job"] == killed for e in events)
+    done = [e["job"] for e in events if e["event"] == "done"]
+    assert sorted(done) == sorted(j.key for j in plan(load_study(three)))  # each finished once
+    assert _results_part(tmp_path / "out-three" / "README.md") == reference
+
+
+def test_a_live_claim_is_never_taken_and_a_stale_one_is_taken_once(tmp_path):
+    a = Claims(tmp_path, "a", heartbeat_s=0.1, expiry_s=0.5)
+    b = Claims(tmp_path, "b", heartbeat_s=0.1, expiry_s=0.5)
+    held = a.try_claim("train:x")
+    assert held is not None
+    time.sleep(1.0)  # a's heartbeat keeps it alive past the expiry
+    assert b.try_claim("train:x") is None
+    held._stop.set()
+    held._thread.join()  # a dies without releasing
+    time.sleep(0.8)
+    taken = b.try_claim("train:x")
+    assert taken is not None and a.try_claim("train:x") is None
+    taken.release()
+    assert a.try_claim("train:x") is not None
+
+
+def test_holm_matches_a_hand_computed_case():
+    # Holm: sorted p (0.01, 0.02, 0.04) × (3, 2, 1) = (0.03, 0.04, 0.04 → max with previous 0.04); order kept
+    assert holm([0.04, 0.01, None, 0.02]) == pytest.approx([0.04, 0.03, None, 0.04])
+
+
+def test_bad_study_files_are_one_line(tmp_path, cli):
+    path = tmp_path / "s.yaml"
+    path.write_text("study: x\ndataset: fashion-mnist\nbase: {zoo: A, checkpoint: b}\nfinetune: {}\n"
+                    "seeds: {full: [0]}\narms: [pgd-at/ce]\ncontrol: pgd-at/ce\neval: {pointwise: {attacks: pgd20}}\n")
+    code, _, err = cli("study", "status", str(path), "-w", str(tmp_path / "ws"))
+    assert code == 2 and "exactly one of" in err and "Traceback" not in err
+    path.write_text(path.read_text().replace("base: {zoo: A, checkpoint: b}", "base: {zoo: A}")
+                    .replace("control: pgd-at/ce", "control: trades/trades"))
+    code, _, err = cli("study", "status", str(path), "-w", str(tmp_path / "ws"))
+    assert code == 2 and "control" in err
+    code, _, err = cli("study", "run", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_report_regenerates_the_committed_robust_base_tables(tmp_path):
+    """From the committed entries alone: every table of the robust-base README the study script wrote
+    (before the study command existed) comes out the same, with Holm-adjusted p-values added."""
+    from adt_finetune.study import write_report
+
+    spec = load_study(REPO / "recipes" / "studies" / "robust-base.yaml")
+    folder = tmp_path / "robust-base"
+    folder.mkdir()
+    for f in (REPO / "leaderboard" / "robust-base").iterdir():
+        if f.suffix in (".json", ".csv"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    write_report(spec, folder, command="adt-ft study report recipes/studies/robust-base.yaml")
+    assert (folder / "README.md").read_text() == (REPO / "leaderboard" / "robust-base" / "README.md").read_text()
+    assert (folder / "index.html").read_text().count("<table>") >= 5
