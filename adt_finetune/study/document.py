@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ..utils import atomic_write_text
 
 if TYPE_CHECKING:
-    from .report import StudyResults
+    from .tables import StudyResults
 
 STAGE_GROUPS = {"base": "base", "train": "fine-tuning", "pointwise": "pointwise evaluation",
                 "w": "Wasserstein suite", "parts": "masking check", "audit": "audit", "bench": "bench"}
@@ -88,7 +88,7 @@ def _setup_text(res: "StudyResults") -> str:
 
 def readme_text(res: "StudyResults", command: str) -> str:
     from ..leaderboard import render
-    from .report import baseline_text, masking_section, summary, versus_base
+    from .tables import baseline_text, masking_section, summary, versus_base
 
     s = res.spec
     lines = [f"# {s.title}", "",

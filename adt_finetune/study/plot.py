@@ -8,7 +8,7 @@ from ..utils import atomic_path
 from .masking import column_at
 
 if TYPE_CHECKING:
-    from .report import StudyResults
+    from .tables import StudyResults
 
 
 def forest_plot(res: "StudyResults", path: Path) -> None:

@@ -121,7 +121,7 @@ def job_times(claims: Claims) -> dict[str, float]:
 def publish(runner: JobRunner, claims: Claims) -> None:
     """Copy every entry and bench file into the report folder, record the base's rounds and the job
     times (study.json), and write the report."""
-    from .report import write_report
+    from .tables import write_report
 
     spec, progress = runner.spec, runner.progress
     out = spec.out
