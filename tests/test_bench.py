@@ -142,11 +142,12 @@ def test_last_layer_scope_benchmarks_the_frozen_body(tiny_result):
 
 
 def test_bf16_channels_last_cli_run(cli, tmp_path):
-    out = tmp_path / "b.json"
+    out = tmp_path / "ws" / "b.json"
+    (tmp_path / "ws").mkdir()
     code, stdout, stderr = cli("bench", "--arch", TINY, "--arch-kwargs", json.dumps(TINY_KWARGS),
                                "--methods", "pgd-at", "--attacks", "none", "--batch-size", "2", "--steps", "1",
-                               "--dtype", "bf16", "--channels-last", "--json", out)
-    assert code == 0, stderr
+                               "--dtype", "bf16", "--channels-last", "--json", "b.json", "-w", tmp_path / "ws")
+    assert code == 0, stderr  # a relative --json lies in the workspace
     assert "pgd-at" in stdout and "ms/step" in stdout
     data = json.loads(out.read_text())
     assert data["dtype"] == "bf16" and data["channels_last"] is True and data["dataset"] == "fashion-mnist"

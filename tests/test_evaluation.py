@@ -215,6 +215,26 @@ def test_sanity_checks_catch_out_of_ball_and_out_of_range(monkeypatch, tables):
     assert _check(below, "range").ok is False and below.unreliable
 
 
+def test_linf_check_prints_the_comparison_it_makes():
+    """A distance a hair above ε passes within the float32 tolerance: the line must show the bound it was
+    compared with, never "0.0313726 ≤ ε = 0.0313725"."""
+    import re
+
+    from adt_finetune.evaluation.sanity import LINF_TOLERANCE, sanity_checks
+
+    eps = 8 / 255
+    for d, ok in ((eps + 0.4 * LINF_TOLERANCE, True), (eps, True), (eps + 2 * LINF_TOLERANCE, False)):
+        r = EvalResult(attacks=["fgsm"], indices=np.arange(2), labels=np.zeros(2, dtype=np.int64),
+                       clean=np.ones(2, dtype=bool), flags=np.ones((2, 1), dtype=np.int8), eps=eps, mode="independent",
+                       seed=0, batch_size=2, device="cpu", max_linf={"fgsm": d})
+        (check,) = [c for c in sanity_checks(r, {}, set()) if c.name == "linf"]
+        assert check.ok is ok
+        shown = re.match(r"max ‖x'−x‖∞ = ([0-9.e-]+) \(fgsm\) ([≤>]) ε \+ 1e-06 = ([0-9.e-]+) \(ε = 0.03137255", check.detail)
+        assert shown, check.detail
+        left, sign, right = float(shown[1]), shown[2], float(shown[3])
+        assert (left <= right) is ok and sign == ("≤" if ok else ">")
+
+
 # ---------------------------------------------------------------- degenerate models (issue 22)
 
 def _degenerate_cnn(constant_class=None):

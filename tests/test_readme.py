@@ -90,3 +90,16 @@ def test_a_wrong_option_is_caught():
         parse("adt-ft eval --no-such-option 3")
     with pytest.raises(usage_error()):
         parse("adt-ft train --epochs")
+
+
+def test_every_command_takes_the_workspace_option():
+    """The README: "Every command takes `--workspace DIR`" (and its short form -w)."""
+    from typer.main import get_command
+
+    from adt_finetune.cli import app
+
+    root = get_command(app)
+    assert len(root.commands) >= 12
+    for name, command in root.commands.items():
+        opts = {o for p in command.params for o in getattr(p, "opts", [])}
+        assert {"--workspace", "-w"} <= opts, f"adt-ft {name} has no --workspace/-w"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 # OpenMP's worker threads spin between torch ops by default; when another process shares the cores
 # they burn the time slices the working thread needs (the quickstart ran 3.8x slower next to a second
@@ -18,7 +19,7 @@ import typer  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from ..errors import UserError
-from .common import err_console
+from .common import WorkspaceOpt, err_console
 
 app = typer.Typer(
     name="adt-ft",
@@ -50,12 +51,23 @@ def _root() -> None:
 
 
 @app.command("version")
-def version_cmd() -> None:
-    """Print the versions of adt-ft and of everything that can change a number."""
+def version_cmd(workspace: Path = WorkspaceOpt) -> None:
+    """Print the versions of adt-ft and of everything that can change a number, and the workspace's state
+    (for a bug report)."""
     from ..utils import versions
+    from ..workspace import Workspace
 
     for k, v in versions().items():
         typer.echo(f"{k}: {v}")
+    ws = Workspace(workspace)
+    typer.echo(f"workspace: {ws.root}")
+    try:  # a damaged state file must not hide the versions a bug report needs
+        current, latest = ws.current_model(), ws.latest_run()
+    except UserError as e:
+        typer.echo(f"workspace state: unreadable ({e})")
+        return
+    typer.echo(f"current model: {current.name if current else '—'}")
+    typer.echo(f"latest run: {latest.name if latest else '—'}")
 
 
 _register_commands()

@@ -8,7 +8,7 @@ import typer
 
 from ..bench.bench_config import ATTACK_BASELINE, DEFAULT_ARCH, METHOD_BASELINE, default_dataset, parse_list
 from ..progress import Reporter
-from .common import DeviceOpt, attack_names, console, err_console, method_names
+from .common import DeviceOpt, WorkspaceOpt, attack_names, console, err_console, method_names
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -98,7 +98,9 @@ def bench(
         [], "--set", metavar="KEY=VALUE", help="Training setting for the methods (any 'adt-ft train' option), "
                                                "repeatable, e.g. --set gen_width=256 (the CPU default is 32)."),
     json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", dir_okay=False,
-                                            help="Also write the results as JSON here."),
+                                            help="Also write the results as JSON here (a relative path "
+                                                 "is inside the workspace)."),
+    workspace: Path = WorkspaceOpt,
 ) -> None:
     """Measure every training method and attack side by side on random inputs (no download).
 
@@ -129,6 +131,7 @@ def bench(
     )
     console.print(bench_table(result))
     if json_out is not None:
+        json_out = json_out if json_out.expanduser().is_absolute() else workspace / json_out
         result.save_json(json_out)
         console.print(f"wrote {json_out}", highlight=False, soft_wrap=True)
 

@@ -121,10 +121,20 @@ def _missing_checkpoint(entry: ZooEntry, path: Path, why: str) -> UserError:
     return UserError(f"{entry.name} is not in the workspace and {why}: place {what}, then run the command again")
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download made (deepest first), unless something else is in them now."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def _download(entry: ZooEntry, ws: Workspace, progress: bool) -> nn.Module:
     """Fetch through RobustBench's loader; on any failure remove what it left and raise a UserError."""
     path = ws.model_path(entry.dataset, entry.threat_model, entry.name)
     ws.inside(path, f"the checkpoint of {entry.name}")
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # removed again on failure
     path.parent.mkdir(parents=True, exist_ok=True)
     before = set(path.parent.iterdir())
     rb_utils = rb.robustbench_utils()
@@ -156,6 +166,7 @@ def _download(entry: ZooEntry, ws: Workspace, progress: bool) -> nn.Module:
                 diagnosis = bad
         for p in left:
             p.unlink(missing_ok=True)
+        _remove_empty(made)
         if not isinstance(e, Exception):  # Ctrl-C: files cleaned up, let it through
             raise
         if html:
