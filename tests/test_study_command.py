@@ -167,3 +167,39 @@ def test_report_regenerates_the_committed_robust_base_tables(tmp_path):
     write_report(spec, folder, command="adt-ft study report recipes/studies/robust-base.yaml")
     assert (folder / "README.md").read_text() == (REPO / "leaderboard" / "robust-base" / "README.md").read_text()
     assert (folder / "index.html").read_text().count("<table>") >= 5
+
+
+def test_status_estimates_an_unstarted_arm_from_the_control_and_the_bench_ratios(tmp_path, base_checkpoint):
+    from adt_finetune.study import Progress, status_rows
+    from adt_finetune.workspace import Workspace
+
+    spec = load_study(_study_file(tmp_path, base_checkpoint, tmp_path / "out"))
+    progress = Progress(spec, Workspace(tmp_path / "ws"))
+    claims = Claims(progress.state, "w")
+    for seed, seconds in ((0, 10.0), (1, 14.0)):  # the control's two runs: median 12 s
+        claims.log("done", f"train:smoke-pgd-at-ce-full-s{seed}", seconds=seconds)
+    claims.log("done", "train:smoke-trades-trades-full-s0", seconds=30.0)
+    progress.bench_path("full").write_text(json.dumps({"rows": [
+        {"kind": "method", "name": "pgd-at", "loss": "ce", "ratio": 1.0},
+        {"kind": "method", "name": "exp", "loss": "ce", "ratio": 4.5}]}))
+    rows = {r["job"]: r for r in status_rows(spec, progress, claims)}
+    assert rows["train:smoke-exp-ce-full-s0"]["estimate"] == pytest.approx(12.0 * 4.5)
+    assert rows["train:smoke-trades-trades-full-s1"]["estimate"] == pytest.approx(30.0)  # its arm's own run
+    assert rows["train:smoke-pgd-at-ce-full-s0"]["state"] == "waiting"  # a logged time is not a finished run
+    assert rows["eval:smoke-base_aa"]["estimate"] is None and rows["eval:smoke-base_aa"]["state"] == "waiting"
+
+
+@pytest.mark.slow
+def test_a_study_trains_under_torchrun_when_asked(tmp_path, base_checkpoint):
+    path = _study_file(tmp_path, base_checkpoint, tmp_path / "out")
+    data = yaml.safe_load(path.read_text())
+    data["finetune"]["nproc"] = 2
+    data["arms"], data["control"], data["seeds"] = ["pgd-at/ce"], "pgd-at/ce", {"full": [0]}
+    data["eval"]["pointwise"]["n_examples"] = 8
+    path.write_text(yaml.safe_dump(data))
+    p = _study(["run", str(path), "-w", str(tmp_path / "ws"), "--no-progress", "--poll", "0.5"])
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    meta = json.loads((tmp_path / "ws" / "runs" / "smoke-pgd-at-ce-full-s0" / "run.json").read_text())
+    assert meta["world_size"] == 2 and meta["status"] == "finished"
+    assert (tmp_path / "out" / "README.md").exists()

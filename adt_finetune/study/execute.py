@@ -100,7 +100,7 @@ class JobRunner:
     def train_config(self, job: Job) -> TrainConfig:
         s, d = self.spec, job.detail
         arm = d["arm"]
-        values = {k: v for k, v in s.finetune.items() if k != "lr"}
+        values = {k: v for k, v in s.finetune.items() if k not in ("lr", "nproc")}
         values.update(dict(arm.settings))
         base = self.base_model_args()
         cfg = TrainConfig(model=base["model"], arch=base.get("arch"), arch_kwargs=base.get("arch_kwargs"),
@@ -109,10 +109,11 @@ class JobRunner:
         return cfg.updated(values)
 
     def train(self, job: Job) -> None:
-        self.run_training(job.model, lambda: self.train_config(job))
+        self.run_training(job.model, lambda: self.train_config(job), nproc=int(self.spec.finetune.get("nproc", 1)))
 
-    def run_training(self, name: str, config: Callable[[], TrainConfig]) -> None:
-        """Train run `name`, or continue it from its checkpoint; a folder that never checkpointed starts over."""
+    def run_training(self, name: str, config: Callable[[], TrainConfig], nproc: int = 1) -> None:
+        """Train run `name`, or continue it from its checkpoint; a folder that never checkpointed starts
+        over. With `nproc` > 1 the run trains under torchrun (one process per device)."""
         from ..training import train
 
         folder = self.ws.runs_dir / name
@@ -122,12 +123,39 @@ class JobRunner:
                 if info.finished:
                     return
                 if (folder / "checkpoint.pt").exists():
+                    if nproc > 1:
+                        return self._torchrun(["--resume", name], nproc)
                     train(None, workspace=self.ws.root, reporter=self.reporter(), resume=name)
                     return
             except UserError:
                 pass
             shutil.rmtree(folder)
+        if nproc > 1:
+            return self._torchrun(["--recipe", str(self._recipe_file(name, config()))], nproc)
         train(config(), workspace=self.ws.root, reporter=self.reporter())
+
+    def _recipe_file(self, name: str, cfg: TrainConfig) -> Path:
+        """The run's settings as a recipe that `adt-ft train --recipe` reads back unchanged."""
+        import yaml
+
+        from ..utils import atomic_write_text
+
+        data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items() if v is not None}
+        path = self.progress.state / "recipes" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=True))
+        return path
+
+    def _torchrun(self, args: list[str], nproc: int) -> None:
+        """`adt-ft train ARGS --nproc N` (torchrun) in a child process; its failure is this job's."""
+        import subprocess
+        import sys
+
+        command = [sys.executable, "-m", "adt_finetune", "train", *args, "--nproc", str(nproc),
+                   "--workspace", str(self.ws.root), "--no-progress"]
+        code = subprocess.run(command).returncode
+        if code:
+            raise UserError(f"training under torchrun ({nproc} processes) exited with code {code}")
 
     # ---------------------------------------------------------------- evaluation
 

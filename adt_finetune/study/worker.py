@@ -166,13 +166,23 @@ def status_rows(spec: StudySpec, progress: Progress, claims: Claims) -> list[dic
         else:
             state = "waiting"
         rows.append({"job": job.key, "state": state, "seconds": times.get(job.key),
-                     "estimate": None if state in ("done", "skipped") else _estimate(job, jobs, times)})
+                     "estimate": None if state in ("done", "skipped") else _estimate(job, jobs, times, progress)})
     return rows
 
 
-def _estimate(job: Job, jobs: list[Job], times: dict[str, float]) -> float | None:
-    """The median time of finished jobs of the same kind (an arm's runs: that arm's, else every run's
-    scaled by nothing better known); None before any such job has finished."""
+def _bench_ratio(progress: Progress, scope: str, arm) -> float | None:
+    path = progress.bench_path(scope)
+    if not path.exists():
+        return None
+    rows = json.loads(path.read_text()).get("rows", [])
+    return next((r.get("ratio") for r in rows if r.get("kind") == "method" and r.get("name") == arm.method
+                 and r.get("loss") in (arm.loss, None)), None)
+
+
+def _estimate(job: Job, jobs: list[Job], times: dict[str, float], progress: Progress) -> float | None:
+    """The median time of finished jobs of the same kind (a training run: its arm's runs in its scope);
+    for an arm with no finished run yet, the control's runs scaled by the arms' step-time ratio from the
+    study's bench; None while nothing comparable has finished."""
     def same(j: Job) -> bool:
         if j.kind != job.kind:
             return False
@@ -181,6 +191,15 @@ def _estimate(job: Job, jobs: list[Job], times: dict[str, float]) -> float | Non
         return j.detail.get("kind") == job.detail.get("kind")
 
     similar = [times[j.key] for j in jobs if same(j) and j.key in times]
-    if not similar and job.kind == "train":
-        similar = [times[j.key] for j in jobs if j.kind == "train" and j.key in times]
-    return statistics.median(similar) if similar else None
+    if similar:
+        return statistics.median(similar)
+    if job.kind != "train":
+        return None
+    scope = job.detail["scope"]
+    control = progress.spec.control
+    done = [times[j.key] for j in jobs if j.kind == "train" and j.detail["arm"] == control
+            and j.detail["scope"] == scope and j.key in times]
+    ratio, base = _bench_ratio(progress, scope, job.detail["arm"]), _bench_ratio(progress, scope, control)
+    if not done or not ratio or not base:
+        return None
+    return statistics.median(done) * ratio / base
