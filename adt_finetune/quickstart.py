@@ -95,7 +95,7 @@ def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | No
     from . import zoo
     from .config import TrainConfig
     from .data import load_dataset
-    from .evaluation import evaluate_workspace
+    from .evaluation import EvalRequest, evaluate_workspace
     from .training import train
     from .workspace import Workspace
 
@@ -129,9 +129,9 @@ def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | No
 
     t = time.perf_counter()
     log(f"[3/4] eval: --suite {s.suite} on the first {s.n_examples} test images, with --baseline (before → after)")
-    record = evaluate_workspace(run=run.run_id, suite=s.suite, n_examples=s.n_examples, baseline=True,
-                                seed=s.seed, data_dir=data_dir, workspace=ws.root, reporter=reporter,
-                                device="cpu")
+    record = evaluate_workspace(EvalRequest(run=run.run_id, suite=s.suite, n_examples=s.n_examples, baseline=True,
+                                            seed=s.seed, data_dir=data_dir, workspace=ws.root, device="cpu"),
+                                reporter=reporter)
     seconds["eval"] = time.perf_counter() - t
     log(f"  wrote {record.json_path} ({seconds['eval']:.0f}s)")
     return QuickstartResult(ws.root, ref, run.run_id, record, seconds)

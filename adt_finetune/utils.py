@@ -74,18 +74,25 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def parse_eps(text: str | float | int) -> float:
-    """Parse an L∞ budget: '8/255', '0.031', 0.1. Raises UserError on anything else."""
+    """Parse an L∞ budget: '8/255', '0.031', 0.1 (a number passes through `check_eps`). Raises
+    UserError on anything else."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        s = str(text).strip()
-        try:
-            value = float(Fraction(s)) if "/" in s else float(s)
-        except (ValueError, ZeroDivisionError):
-            raise UserError(f"cannot parse ε {text!r}: give a number like 0.031 or a fraction like 8/255") from None
-    if not (value == value) or value < 0 or value > 1:
-        raise UserError(f"ε {text!r} is outside [0, 1]: images live in [0, 1], give e.g. 8/255")
-    return value
+        return check_eps(float(text), text)
+    s = str(text).strip()
+    try:
+        value = float(Fraction(s)) if "/" in s else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"cannot parse ε {text!r}: give a number like 0.031 or a fraction like 8/255") from None
+    return check_eps(value, text)
+
+
+def check_eps(value: float, shown: Any = None) -> float:
+    """The one rule for an L∞ budget ε: a number in [0, 1], because images live in [0, 1]. `shown` is
+    how the caller gave it (the text before parsing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 1):
+        raise UserError(f"ε {value if shown is None else shown!r} is outside [0, 1]: images live in [0, 1], "
+                        "give e.g. 8/255")
+    return float(value)
 
 
 def format_eps(eps: float) -> str:

@@ -197,26 +197,29 @@ class Study:
         self.ws.set_current_model(ref)
 
     def _eval_kwargs(self) -> dict[str, Any]:
-        from adt_finetune.cli.report import reporter
-
         s = self.s
         return dict(suite=s.suite, mode=s.mode, n_examples=s.n_examples, batch_size=s.eval_batch_size, seed=s.seed,
                     device=s.device, attack_settings=s.attack_settings, data_dir=self.data_dir,
-                    workspace=self.ws.root, reporter=reporter(self.progress), resume=True)
+                    workspace=self.ws.root, resume=True)
+
+    def _evaluate(self, **fields):
+        """`evaluate_workspace` of the study's settings and `fields`, with the study's progress."""
+        from adt_finetune.cli.report import reporter
+        from adt_finetune.evaluation import EvalRequest, evaluate_workspace
+
+        return evaluate_workspace(EvalRequest(**self._eval_kwargs(), **fields), reporter=reporter(self.progress))
 
     def eval_base(self) -> None:
-        from adt_finetune.evaluation import evaluate_workspace
         from adt_finetune.quickstart import SMALL_CNN
 
         entry = f"{BASE_NAME}_{self.s.suite}"
 
         def work():
             if self.ws.latest_run() is None:  # the current model: its entry names the model, not a file path
-                evaluate_workspace(entry=entry, **self._eval_kwargs())
+                self._evaluate(entry=entry)
             else:  # resumed after runs exist: only the explicit file form still reaches the base model
-                evaluate_workspace(model=str(self.ws.model_path(DATASET, THREAT_MODEL, BASE_NAME)), arch=SMALL_CNN,
-                                   arch_kwargs={"width": self.s.width}, dataset=DATASET, entry=entry,
-                                   **self._eval_kwargs())
+                self._evaluate(model=str(self.ws.model_path(DATASET, THREAT_MODEL, BASE_NAME)), arch=SMALL_CNN,
+                               arch_kwargs={"width": self.s.width}, dataset=DATASET, entry=entry)
 
         self._stage(f"eval:{entry}", f"eval the base model (--suite {self.s.suite}, {self.s.n_examples} images)",
                     "entry exists" if self.entry_path(entry).exists() else None, work)
@@ -255,12 +258,10 @@ class Study:
                     f"{self.s.train_subset} images)", skip, work)
 
     def eval_run(self, job: Job) -> None:
-        from adt_finetune.evaluation import evaluate_workspace
-
         entry = f"{job.run_name}_{self.s.suite}"
 
         def work():
-            record = evaluate_workspace(run=job.run_name, entry=entry, **self._eval_kwargs())
+            record = self._evaluate(run=job.run_name, entry=entry)
             add_run_timing(record.json_path, self.ws.runs_dir / job.run_name)
 
         self._stage(f"eval:{entry}", f"eval {job.run_name} (--suite {self.s.suite}, {self.s.n_examples} images)",

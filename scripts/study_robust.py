@@ -359,14 +359,13 @@ class Study:
 
     def _eval(self, name: str, run: str | None, kind: str) -> None:
         from adt_finetune.cli.report import reporter
-        from adt_finetune.evaluation import evaluate_workspace
+        from adt_finetune.evaluation import EvalRequest, evaluate_workspace
 
         s = self.s
         entry = f"{name}_{kind}"
         kwargs: dict[str, Any] = dict(
             n_examples=s.n_examples, batch_size=s.eval_batch_size, seed=s.seed, device=s.device,
-            data_dir=self.data_dir, workspace=self.ws.root,
-            reporter=reporter(self.progress), resume=True, entry=entry)
+            data_dir=self.data_dir, workspace=self.ws.root, resume=True, entry=entry)
         if kind == "aa":
             kwargs.update(attacks=s.attacks, mode=s.mode, attack_settings=s.attack_settings)
         elif kind == "parts":  # each part on every example: the per-example masking check needs all columns
@@ -382,7 +381,7 @@ class Study:
             kwargs.update(run=run)
 
         def work():
-            record = evaluate_workspace(**kwargs)
+            record = evaluate_workspace(EvalRequest(**kwargs), reporter=reporter(self.progress))
             if run is not None:
                 add_run_timing(record.json_path, self.ws.runs_dir / run)
 

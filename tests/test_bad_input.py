@@ -93,10 +93,10 @@ def test_eval_options_that_contradict(args, needle, workspace, cli):  # noqa: F8
 
 def test_the_library_refuses_a_suite_and_attacks_too(workspace):  # noqa: F811
     from adt_finetune.errors import UserError
-    from adt_finetune.evaluation import evaluate_workspace
+    from adt_finetune.evaluation import EvalRequest
 
     with pytest.raises(UserError, match="not both"):
-        evaluate_workspace(suite="quick", attacks="fgsm", n_examples=8, workspace=workspace.root)
+        EvalRequest(suite="quick", attacks="fgsm", n_examples=8, workspace=workspace.root)
 
 
 def test_compare_resamples_are_capped(cli, tmp_path):

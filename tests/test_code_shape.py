@@ -100,3 +100,53 @@ def test_the_base_name_check_can_fail(tmp_path):
             (tmp_path / folder / f"{stem}.py").write_text("")
     found = shared_base_names(sorted(tmp_path.rglob("*.py")))
     assert found == {"settings": ["a/settings.py", "b/settings.py"]}
+
+
+# The modules a setting passes through from `adt-ft eval` / `adt-ft train` to its use.
+HANDOFF_PATHS = ["cli/eval_cmd.py", "cli/train_cmd.py", "evaluation/workspace_eval.py", "evaluation/eval_request.py",
+                 "evaluation/engine.py", "training/*.py"]
+# torch's own forward(*inputs, **kwargs) interface, passed on to the wrapped module unchanged; the train
+# command's signature, generated with one keyword per TrainConfig field, whose values become a TrainConfig.
+HANDOFF_ALLOWED = {"parallel.py:forward", "train_cmd.py:train_command"}
+
+
+def handoffs(paths: list[Path]) -> list[str]:
+    """Untyped hand-offs of settings: `locals()`, functions that take `**options`, and calls that pass
+    on such options or a dict packed with `dict(...)` (`f(**options)`, `f(**kwargs)`, `f(**job.common)`)."""
+    found = []
+    for path in paths:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            if f"{path.name}:{fn.name}" in HANDOFF_ALLOWED:
+                continue
+            where = f"{path.name}:{fn.lineno}"
+            packed = set()
+            if fn.args.kwarg is not None:
+                found.append(f"{where} def {fn.name}(**{fn.args.kwarg.arg})")
+                packed.add(fn.args.kwarg.arg)
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                        and isinstance(node.value.func, ast.Name) and node.value.func.id in ("dict", "locals"):
+                    packed |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "locals":
+                    found.append(f"{path.name}:{node.lineno} locals()")
+                if isinstance(node, ast.Call):
+                    found += [f"{path.name}:{node.lineno} **{ast.unparse(k.value)}" for k in node.keywords
+                              if k.arg is None and (isinstance(k.value, ast.Attribute)
+                                                    or isinstance(k.value, ast.Name) and k.value.id in packed)]
+    return sorted(set(found))
+
+
+def test_settings_travel_typed_through_eval_and_train():
+    paths = sorted({p for pattern in HANDOFF_PATHS for p in PACKAGE.glob(pattern)})
+    assert len(paths) > 8
+    assert handoffs(paths) == [], "pass a dataclass (EvalRequest, EvalSettings, TrainConfig), not a dict of options"
+
+
+def test_the_handoff_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def run(a, b, **options):\n    args = dict(locals())\n    go(**job.common) + go(**args)\n"
+                   "    kw = dict(a=a, b=b)\n    go(**kw, **options)\n    extra = {'x': 1}\n    go(**extra)\n")
+    assert handoffs([bad]) == ["bad.py:1 def run(**options)", "bad.py:2 locals()", "bad.py:3 **args",
+                               "bad.py:3 **job.common", "bad.py:5 **kw", "bad.py:5 **options"]

@@ -261,7 +261,7 @@ def test_a_function_is_built_only_when_the_user_named_it(tmp_path):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, _trained_cnn_state):
     """A workspace with the trained CNN as its current model and one leaderboard entry (entry 'e')."""
-    from adt_finetune.evaluation import evaluate_workspace
+    from adt_finetune.evaluation import EvalRequest, evaluate_workspace
     from adt_finetune.zoo import register_model
 
     root = tmp_path_factory.mktemp("evaluated") / "ws"
@@ -269,7 +269,7 @@ def evaluated(tmp_path_factory, _trained_cnn_state):
     model.load_state_dict(_trained_cnn_state)
     register_model(model, name="cnn", arch=SMALL_CNN, arch_kwargs={"width": 16}, dataset="fashion-mnist",
                    workspace=root)
-    evaluate_workspace(attacks="fgsm", n_examples=16, entry="e", workspace=root)
+    evaluate_workspace(EvalRequest(attacks="fgsm", n_examples=16, entry="e", workspace=root))
     return root
 
 

@@ -32,6 +32,7 @@ from ..perturb.linf import verdict
 from ..precision import autocast_context
 from ..progress import Reporter, as_reporter
 from ..registry import Registry
+from ..utils import parse_eps
 
 
 @dataclass
@@ -61,9 +62,7 @@ class Attack:
     training_data_optional: ClassVar[bool] = False
 
     def __init__(self, eps: float, *, seed: int = 0, **settings: Any):
-        self.eps = float_setting(self.name, "eps", eps)
-        if self.eps > 1:
-            raise UserError(f"attack {self.name!r}: ε {eps!r} is outside [0, 1]: images live in [0, 1]")
+        self.eps = parse_eps(eps)
         self.seed = int_setting(self.name, "seed", seed)
         if settings:
             raise UserError(f"attack {self.name!r} has no setting {next(iter(settings))!r}")

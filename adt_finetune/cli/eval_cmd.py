@@ -86,20 +86,21 @@ def eval_cmd(
     """Evaluate a model (default: the latest run) with an attack suite; write a leaderboard entry.
     Under torchrun the ranks share the examples and rank 0 writes the entry."""
     from ..distributed import is_main_process
-    from ..evaluation import ShardRecord, evaluate_workspace
+    from ..evaluation import EvalRequest, ShardRecord, evaluate_workspace
     from ..utils import parse_json_object
     from .report import reporter
 
     main_rank = is_main_process()
     if suite is not None and attacks is not None:
         raise UserError(f"give --suite {suite} or --attacks {attacks}, not both: a suite is a list of attacks")
-    kwargs = dict(model=model, arch=arch, arch_kwargs=parse_json_object(arch_kwargs), run=run, suite=suite,
-                  attacks=attacks, n_examples=n_examples, eps=eps, mode=mode, batch_size=batch_size, seed=seed,
-                  device=device, baseline=baseline, dataset=dataset, data_dir=data_dir, budgets=budgets, entry=entry,
-                  resume=resume, workspace=workspace, attack_settings=parse_settings(settings), amp=amp,
-                  overwrite=overwrite, shard=shard, shard_dir=shard_dir, chunk_size=chunk_size)
+    request = EvalRequest(model=model, arch=arch, arch_kwargs=parse_json_object(arch_kwargs), run=run, suite=suite,
+                          attacks=attacks, n_examples=n_examples, eps=eps, mode=mode, batch_size=batch_size,
+                          seed=seed, device=device, baseline=baseline, dataset=dataset, data_dir=data_dir,
+                          budgets=budgets, entry=entry, resume=resume, workspace=workspace,
+                          attack_settings=parse_settings(settings), amp=amp, overwrite=overwrite, shard=shard,
+                          shard_dir=shard_dir, chunk_size=chunk_size)
     try:
-        rec = evaluate_workspace(reporter=reporter(progress and main_rank), **kwargs)
+        rec = evaluate_workspace(request, reporter=reporter(progress and main_rank))
     except KeyboardInterrupt:
         # Flags are saved after every batch: the same command with --resume continues from there.
         if main_rank:

@@ -237,7 +237,8 @@ def _launch(nproc: int, kwargs: dict[str, Any]) -> None:
         raise typer.Exit(code)
 
 
-def _train(**kwargs: Any) -> None:
+def _train(kwargs: dict[str, Any]) -> None:
+    """The parsed flags (one per TrainConfig field, None: not given) become a TrainConfig here, once."""
     from ..distributed import is_main_process
     from ..training import RESUME_OVERRIDABLE, build_config, train
     from .report import RichReporter
@@ -321,7 +322,7 @@ def register(app: typer.Typer) -> None:
 
     def train_command(**kwargs: Any) -> None:
         """Fine-tune the current model (or --model) with an ADT method or a baseline, into runs/<id>/."""
-        _train(**kwargs)
+        _train(kwargs)
 
     train_command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     train_command.__annotations__ = {p.name: p.annotation for p in params}

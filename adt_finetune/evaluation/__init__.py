@@ -3,14 +3,16 @@
     suites     attack suites and names          result     EvalResult, the per-example file
     engine     evaluate(): clean pass, attacks  resume     partial flags for --resume
     sanity     the sanity checks                targets    the model, test images, training images
-    run        evaluate_workspace()             wasserstein  the W-PGD budget grid
+    workspace_eval  evaluate_workspace()        wasserstein_suite  the W-PGD budget grid
+    eval_request    EvalRequest (what `adt-ft eval` asks), EvalSettings (what the engine runs)
     shards     chunks, shards, combine()        shard_files  what a --shard job writes
     merge      merge_shards(): shard files into one leaderboard entry
 
 The library draws nothing: progress goes to an optional `progress.Reporter`,
 and the CLI draws the tables.
 """
-from .engine import evaluate, evaluate_shard
+from .engine import evaluate, evaluate_shard, evaluate_with
+from .eval_request import EvalRequest, EvalSettings
 from .merge import merge_shards
 from .result import EvalResult, SanityCheck, read_per_example_csv
 from .resume import _ResumeState, fingerprint
@@ -24,10 +26,12 @@ from .targets import (DEFAULT_N_EXAMPLES, TRAIN_IMAGES_FOR_ATTACKS, Target, load
 
 __all__ = [
     "CHUNK_SIZE", "COTRAINED_ATTACKS", "DEFAULT_N_EXAMPLES", "LINF_TOLERANCE", "MODES", "PAPER", "PSEUDO",
-    "SUITES", "TRAIN_IMAGES_FOR_ATTACKS", "EvalRecord", "EvalResult", "SanityCheck", "ShardPart", "ShardRecord",
+    "SUITES", "TRAIN_IMAGES_FOR_ATTACKS", "EvalRecord", "EvalRequest", "EvalResult", "EvalSettings", "SanityCheck",
+    "ShardPart", "ShardRecord",
     "Target", "_ResumeState", "check_attack_names", "check_finite_weights", "combine", "default_entry_name",
     "evaluation_variant",
-    "evaluate", "evaluate_shard", "evaluate_workspace", "fingerprint", "load_attack_training_data", "load_examples",
+    "evaluate", "evaluate_shard", "evaluate_with", "evaluate_workspace", "fingerprint", "load_attack_training_data",
+    "load_examples",
     "merge_shards", "parse_attack_list", "parse_shard", "read_per_example_csv", "resolve_target", "sanity_checks",
     "suite_attacks", "valid_attack_names",
 ]

@@ -52,8 +52,9 @@ from ..progress import Reporter, as_reporter
 from .result import EvalResult, jsonable
 from .resume import _ResumeState, fingerprint
 from .sanity import check_finite_logits, check_finite_weights
-from .shards import CHUNK_SIZE, Batch, ShardPart, check_chunk_size, chunk_batches, combine, parse_shard, shard_rows
-from .suites import MODES, PSEUDO, check_attack_names
+from .eval_request import EvalSettings
+from .shards import CHUNK_SIZE, Batch, ShardPart, chunk_batches, combine, parse_shard, shard_rows
+from .suites import PSEUDO, check_attack_names
 
 
 @dataclass
@@ -111,22 +112,37 @@ def evaluate(
     chunks that batches stay inside and that batch-level randomness is keyed to
     (`shards`). `reporter` receives progress (None: silent).
     """
-    part = evaluate_shard(model, x, y, attacks=attacks, eps=eps, mode=mode, batch_size=batch_size, seed=seed,
-                          device=device, attack_settings=attack_settings, reporter=reporter, resume_dir=resume_dir,
-                          indices=indices, budgets=budgets, amp=amp, train_data=train_data, chunk_size=chunk_size)
-    return combine([part])
+    settings = EvalSettings(attacks=attacks, eps=eps, mode=mode, batch_size=batch_size, seed=seed, device=device,
+                            attack_settings=attack_settings, indices=indices, budgets=budgets, amp=amp,
+                            train_data=train_data, chunk_size=chunk_size)
+    return combine([evaluate_with(model, x, y, settings, resume_dir=resume_dir, reporter=reporter)])
 
 
 def evaluate_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, shard: str | tuple[int, int] = (0, 1),
-                   chunk_size: int = CHUNK_SIZE, resume_dir: str | Path | None = None,
-                   reporter: Reporter | None = None, **options: Any) -> ShardPart:
+                   attacks: Sequence[str], eps: float, mode: str = "independent", batch_size: int = 256,
+                   seed: int = 0, device: str | torch.device = "cpu",
+                   attack_settings: dict[str, dict[str, Any]] | None = None, reporter: Reporter | None = None,
+                   resume_dir: str | Path | None = None, indices: Sequence[int] | None = None,
+                   budgets: Sequence[float] | str | None = None, amp: bool = False,
+                   train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   chunk_size: int = CHUNK_SIZE) -> ShardPart:
     """Shard k of n of `evaluate`: the same arguments, but only the examples of the chunks
     c with c mod n = k are evaluated (every attack still prepares on the whole set). The
     parts of all n shards combine (`shards.combine`) into what `evaluate` returns.
     `resume_dir` belongs to this shard alone."""
+    settings = EvalSettings(attacks=attacks, eps=eps, mode=mode, batch_size=batch_size, seed=seed, device=device,
+                            attack_settings=attack_settings, indices=indices, budgets=budgets, amp=amp,
+                            train_data=train_data, chunk_size=chunk_size)
+    return evaluate_with(model, x, y, settings, shard=shard, resume_dir=resume_dir, reporter=reporter)
+
+
+def evaluate_with(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings, *,
+                  shard: str | tuple[int, int] = (0, 1), resume_dir: str | Path | None = None,
+                  reporter: Reporter | None = None) -> ShardPart:
+    """`evaluate_shard` with its settings as one value (what `evaluate_workspace` passes through)."""
     k, n_shards = parse_shard(shard)
-    chunk_size = check_chunk_size(chunk_size)
-    plan = _plan(x, y, **options)
+    chunk_size = settings.chunk_size
+    plan = _plan(x, y, settings)
     if n_shards > 1:
         _check_shardable(plan)
     model = model.to(plan.device)
@@ -173,19 +189,14 @@ def _check_shardable(plan: "_Plan") -> None:
                         "be split into shards: evaluate it in one process (no --shard, no torchrun)")
 
 
-def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent", batch_size: int = 256,
-          seed: int = 0, device: str | torch.device = "cpu", attack_settings=None, indices=None, budgets=None,
-          amp: bool = False, train_data=None) -> _Plan:
+def _plan(x, y, s: EvalSettings) -> _Plan:
     """Check every input and build every attack, so that a bad setting fails before any compute."""
-    if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}: choose independent or cascade")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    attacks, eps, budgets, amp, seed, indices = s.attacks, s.eps, s.budgets, s.amp, s.seed, s.indices
     if len(x) != len(y) or len(x) == 0:
         raise UserError(f"need a non-empty set of examples with one label each (got {len(x)} images, {len(y)} labels)")
     names = check_attack_names(list(attacks))
     attack_names = [a for a in names if a not in PSEUDO]
-    settings = {k: dict(v) for k, v in (attack_settings or {}).items()}
+    settings = {k: dict(v) for k, v in (s.attack_settings or {}).items()}
     unknown = sorted(set(settings) - set(attack_names))
     if unknown:
         raise UserError(f"settings given for {unknown[0]!r}, which is not in the attack list")
@@ -194,7 +205,7 @@ def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent"
         from ..perturb.distributional import parse_budgets
 
         budget_list = parse_budgets(budgets)
-    device = torch.device(device)
+    device = torch.device(s.device)
     if amp and amp_dtype_name(device, True) != "bf16":
         # fp16 without loss scaling underflows the input gradients of confident examples
         # (sign(0) = 0 stalls the attack): a weaker attack would report too high a number.
@@ -213,17 +224,17 @@ def _plan(x, y, *, attacks: Sequence[str], eps: float, mode: str = "independent"
     objs = {a: make_attack(a, eps, seed=seed, **settings.get(a, {})) for a in attack_names}
     learners = [a for a, o in objs.items() if o.uses_training_data]
     required = [a for a in learners if not objs[a].training_data_optional]
-    if required and train_data is None:
+    if required and s.train_data is None:
         raise UserError(f"attack {required[0]!r} learns from training images first: pass "
                         "train_data=(x_train, y_train), images other than the evaluated ones")
     train, train_sha = None, None
-    if learners and train_data is not None:
-        train = (train_data[0].detach().float().cpu(), train_data[1].detach().long().cpu())
+    if learners and s.train_data is not None:
+        train = (s.train_data[0].detach().float().cpu(), s.train_data[1].detach().long().cpu())
         train_sha = _tensor_sha(*train)
     return _Plan(names=names, attacks=objs, settings={a: jsonable(o.settings()) for a, o in objs.items()},
                  excluded=[a for a, o in objs.items() if not o.linf_bounded], x=x, y=y, indices=idx,
-                 budgets=budget_list, device=device, train_data=train, train_sha=train_sha, eps=float(eps), mode=mode,
-                 batch_size=int(batch_size), seed=int(seed), amp=bool(amp))
+                 budgets=budget_list, device=device, train_data=train, train_sha=train_sha, eps=float(eps), mode=s.mode,
+                 batch_size=int(s.batch_size), seed=int(seed), amp=bool(amp))
 
 
 class CleanPass(NamedTuple):

@@ -30,6 +30,13 @@ GENERATOR_ATTACKS = ("exp-am", "imp-am")
 COTRAINED_ATTACKS = {method: f"{method}-cotrained" for method in GENERATOR_ATTACKS}
 
 
+def check_mode(mode: str) -> str:
+    """The one check of an evaluation mode."""
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}: choose independent or cascade")
+    return mode
+
+
 def valid_attack_names() -> list[str]:
     from ..attacks import ATTACKS
 

@@ -11,20 +11,22 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..distributed import World, env_world, first_error, gather_to_main, setup as setup_world, teardown
 from ..errors import UserError
 from ..progress import Reporter
-from ..workspace import claim
-from .engine import evaluate_shard
+from ..utils import format_eps, resolve_device
+from ..workspace import Workspace, claim
+from .engine import evaluate_with
+from .eval_request import EvalRequest, EvalSettings
 from .result import EvalResult
 from .sanity import check_finite_weights
 from .shard_files import shard_file_name, write_shard_file
-from .shards import CHUNK_SIZE, ShardPart, check_chunk_size, combine, parse_shard
-from .suites import COTRAINED_ATTACKS, MODES, needs_training_data, parse_attack_list, suite_attacks
+from .shards import CHUNK_SIZE, ShardPart, combine, parse_shard
+from .suites import COTRAINED_ATTACKS, needs_training_data, parse_attack_list, suite_attacks
 from .targets import DEFAULT_N_EXAMPLES, Target, load_attack_training_data, load_examples, resolve_target
 
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-"
@@ -55,8 +57,6 @@ def default_entry_name(model: str, suite: str, *, attacks: list[str] | None = No
     defaults (see `evaluation_variant`); for a custom attack list `<model>_<attack+attack>_eps<ε>_n<N>
     [_cascade][_<variant>]`. Two different evaluations of one model never default to one entry, and the
     same evaluation run again gets the same name (so it is recognised as already there)."""
-    from ..utils import format_eps
-
     extra = [v for v in (variant or []) if v]
     if attacks is None:
         return _clean_name("_".join([f"{model}_{suite}", *extra]))
@@ -79,8 +79,6 @@ def evaluation_variant(*, custom: bool, eps: float, default_eps: float | None, n
     number of images (`n_examples` None means the default) and the mode (for a suite; a custom list
     always names ε and n), the seed, W-PGD budgets, `--set` settings (hashed), bf16 attacks, the chunk
     size and an image folder (hashed)."""
-    from ..utils import format_eps
-
     parts: list[str] = []
     if not custom:
         if default_eps is None or abs(eps - default_eps) > 1e-12:
@@ -210,7 +208,8 @@ class _Job:
     target: Target
     x: Any
     y: Any
-    common: dict[str, Any]
+    settings: EvalSettings
+    reporter: Reporter | None
     entry: str
     context: dict[str, Any]
     suite: str
@@ -228,20 +227,12 @@ class _Job:
         return _resume_dir(self.ws.root, t.dataset, t.threat_model, name)
 
 
-def evaluate_workspace(
-    *, model: str | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
-    run: str | None = None, suite: str | None = None,
-    attacks: str | None = None, n_examples: int | None = None, eps: str | float | None = None,
-    mode: str = "independent", batch_size: int = 256, seed: int = 0, device: str = "auto",
-    baseline: bool = False, dataset: str | None = None, data_dir: str | Path | None = None,
-    budgets: str | None = None, entry: str | None = None, resume: bool = False, workspace: str | Path = ".",
-    attack_settings: dict[str, dict[str, Any]] | None = None, reporter: Reporter | None = None, amp: bool = False,
-    overwrite: bool = False, shard: str | tuple[int, int] | None = None, shard_dir: str | Path | None = None,
-    chunk_size: int = CHUNK_SIZE,
-) -> EvalRecord | ShardRecord | None:
+def evaluate_workspace(request: EvalRequest, *, reporter: Reporter | None = None) -> EvalRecord | ShardRecord | None:
     """`adt-ft eval` as a function: resolve the model and examples, evaluate (and
     the run's base model with `baseline`), write the leaderboard entry. `suite` (default
     paper) and `attacks` (a comma-separated list) are two ways to say what to run: give one.
+
+        evaluate_workspace(EvalRequest(run="latest-run-id", suite="quick", n_examples=500))
 
     Partial results go to `<workspace>/.adt-ft/eval/...` after every batch;
     `resume=True` continues from there, otherwise a new evaluation starts. An
@@ -252,29 +243,18 @@ def evaluate_workspace(
     process evaluates shard K of N and writes a shard file (into `shard_dir`, default
     the workspace's partial-results folder) for `merge_shards`; it gets a ShardRecord.
     """
-    args = dict(locals())  # every argument, by name, for _prepare_job
-    from ..utils import resolve_device
-    from ..workspace import Workspace
-
-    ws = Workspace(workspace)
-    if suite is not None and attacks is not None:
-        raise UserError(f"give a suite ({suite!r}) or a list of attacks ({attacks!r}), not both")
-    if attacks is None and suite is None:
-        args["suite"] = "paper"
-    if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}: choose independent or cascade")
-    check_chunk_size(chunk_size)
-    spec = parse_shard(shard) if shard is not None else None
+    ws = Workspace(request.workspace)
+    spec = parse_shard(request.shard) if request.shard is not None else None
     if spec is not None and env_world()[1] > 1:
         raise UserError("--shard splits the work into independent jobs; under torchrun the ranks already split it: "
                         "drop --shard or run without torchrun")
     owns_group = not _group_initialized()
-    world = setup_world(resolve_device(device))
+    world = setup_world(resolve_device(request.device))
     job = None
     try:
-        job = _prepare_job(ws, world, spec, args)
+        job = _prepare_job(ws, world, spec, request, reporter)
         if spec is not None:
-            return _shard_job(job, overwrite)
+            return _shard_job(job, request.overwrite)
         return _evaluate_and_write(job)
     finally:
         if job is not None and job.lock is not None:
@@ -289,33 +269,35 @@ def _group_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: dict[str, Any]) -> _Job:
-    """Resolve the model, the attacks, ε and the images of `evaluate_workspace`'s arguments `a`;
-    check what will be written where, before any compute."""
+def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: EvalRequest, reporter: Reporter | None) -> _Job:
+    """Resolve the model, the attacks, ε and the images of the request; check what will be written
+    where, before any compute."""
     from ..data import DATASETS
     from ..leaderboard import check_entry_name, entry_dir
-    from ..utils import parse_eps
 
-    eps_value = parse_eps(a["eps"]) if a["eps"] is not None else None
-    if a["entry"] is not None:
-        check_entry_name(a["entry"])
-    target = resolve_target(model=a["model"], arch=a["arch"], arch_kwargs=a["arch_kwargs"], run=a["run"],
-                            dataset=a["dataset"], workspace=ws.root, device=world.device, baseline=a["baseline"])
+    if a.entry is not None:
+        check_entry_name(a.entry)
+    target = resolve_target(model=a.model, arch=a.arch, arch_kwargs=a.arch_kwargs, run=a.run, dataset=a.dataset,
+                            workspace=ws.root, device=world.device, baseline=a.baseline)
     for t in (target, target.base):
         if t is not None:
             check_finite_weights(t.model, f"model {t.label}")
-    names, suite_label, settings = _attack_names(a["suite"], a["attacks"], target, a["attack_settings"])
-    if eps_value is None:
-        eps_value = DATASETS[target.dataset].eps if target.dataset in DATASETS else None
-        if eps_value is None:
+    names, suite_label, settings = _attack_names(a.suite, a.attacks, target, a.attack_settings)
+    eps = a.eps
+    if eps is None:
+        eps = DATASETS[target.dataset].eps if target.dataset in DATASETS else None
+        if eps is None:
             raise UserError(f"no default ε for dataset {target.dataset}: give --eps")
-    x, y, data_source = load_examples(target.dataset, a["dataset"], a["n_examples"], data_dir=a["data_dir"],
-                                      workspace=ws.root)
-    entry_name = a["entry"] or _default_name(a, target, suite_label, names, eps_value, len(x))
+    # Built (and so checked) before anything is read or written; the training images join it below.
+    engine = EvalSettings(attacks=names, eps=eps, mode=a.mode, batch_size=a.batch_size, seed=a.seed,
+                          device=world.device, attack_settings=settings, budgets=a.budgets, amp=a.amp,
+                          chunk_size=a.chunk_size)
+    x, y, data_source = load_examples(target.dataset, a.dataset, a.n_examples, data_dir=a.data_dir, workspace=ws.root)
+    entry_name = a.entry or _default_name(a, target, suite_label, names, eps, len(x))
     if spec is None:  # the entry is written now (by rank 0), not by a later merge
         folder = entry_dir(ws.leaderboard_dir, target.dataset, target.threat_model)
         first_error(world, lambda: (ws.inside(folder, "the leaderboard entry"),
-                                    _check_entry_free(folder / f"{entry_name}.json", a["overwrite"]),
+                                    _check_entry_free(folder / f"{entry_name}.json", a.overwrite),
                                     check_writable(folder, "the leaderboard entry")))
     partial = _resume_dir(ws.root, target.dataset, target.threat_model, entry_name).parent
     ws.inside(partial, "partial results")
@@ -323,33 +305,28 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: dict[str, An
 
     context = dict(target.context)
     context.update(suite=suite_label, data=data_source)
-    train_data = _training_data(names, target.dataset, a["seed"], a["data_dir"], ws.root, context)
-    common = dict(amp=a["amp"], attacks=names, eps=eps_value, mode=a["mode"], batch_size=a["batch_size"],
-                  seed=a["seed"], device=world.device, attack_settings=settings, reporter=a["reporter"],
-                  budgets=a["budgets"], train_data=train_data, chunk_size=a["chunk_size"])
+    engine = replace(engine, train_data=_training_data(names, target.dataset, a.seed, a.data_dir, ws.root, context))
     shard = spec if spec is not None else (world.rank, world.size)
-    shard_dir = Path(a["shard_dir"]) if a["shard_dir"] is not None else None
+    shard_dir = Path(a.shard_dir) if a.shard_dir is not None else None
     # Last, so that nothing after it can fail and leave the name claimed: from here to the end of
     # the command no other eval or merge can write this entry.
     lock = None if spec is not None else first_error(
-        world, lambda: claim_entry(ws, target.dataset, target.threat_model, entry_name, a["overwrite"]))
-    return _Job(ws, target, x, y, common, entry_name, context, suite_label, data_source, a["resume"], shard, world,
-                shard_dir, lock)
+        world, lambda: claim_entry(ws, target.dataset, target.threat_model, entry_name, a.overwrite))
+    return _Job(ws, target, x, y, engine, reporter, entry_name, context, suite_label, data_source, a.resume, shard,
+                world, shard_dir, lock)
 
 
-def _default_name(a: dict[str, Any], target: Target, suite_label: str, names: list[str], eps: float,
-                  n: int) -> str:
+def _default_name(a: EvalRequest, target: Target, suite_label: str, names: list[str], eps: float, n: int) -> str:
     from ..data import DATASETS
 
-    folder = a["dataset"] is not None and Path(str(a["dataset"])).expanduser().is_dir()
-    custom = a["attacks"] is not None
+    folder = a.dataset is not None and Path(str(a.dataset)).expanduser().is_dir()
+    custom = a.attacks is not None
     variant = evaluation_variant(
         custom=custom, eps=eps, default_eps=DATASETS[target.dataset].eps if target.dataset in DATASETS else None,
-        n_examples=a["n_examples"], mode=a["mode"], seed=a["seed"], budgets=a["budgets"],
-        settings=a["attack_settings"], amp=a["amp"], chunk_size=a["chunk_size"],
-        data=str(Path(str(a["dataset"])).expanduser().resolve()) if folder else None)
+        n_examples=a.n_examples, mode=a.mode, seed=a.seed, budgets=a.budgets, settings=a.attack_settings, amp=a.amp,
+        chunk_size=a.chunk_size, data=str(Path(str(a.dataset)).expanduser().resolve()) if folder else None)
     return default_entry_name(target.default_entry, suite_label, eps=eps, n_examples=n,
-                              attacks=names if custom else None, mode=a["mode"], variant=variant)
+                              attacks=names if custom else None, mode=a.mode, variant=variant)
 
 
 def _training_data(names: list[str], dataset: str, seed: int, data_dir, root: Path,
@@ -377,11 +354,12 @@ def _evaluate_parts(job: _Job) -> tuple[ShardPart, ShardPart | None]:
         for d in dirs:
             if d.exists():
                 shutil.rmtree(d)
-    main = evaluate_shard(job.target.model, job.x, job.y, shard=job.shard, resume_dir=dirs[0], **job.common)
+    main = evaluate_with(job.target.model, job.x, job.y, job.settings, shard=job.shard, resume_dir=dirs[0],
+                         reporter=job.reporter)
     base = None
     if job.target.base is not None:
-        base = evaluate_shard(job.target.base.model, job.x, job.y, shard=job.shard, resume_dir=dirs[1],
-                              **job.common)
+        base = evaluate_with(job.target.base.model, job.x, job.y, job.settings, shard=job.shard, resume_dir=dirs[1],
+                             reporter=job.reporter)
     return main, base
 
 

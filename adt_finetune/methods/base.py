@@ -164,14 +164,26 @@ def check_method(method: str) -> type[TrainMethod]:
     return METHODS[method]  # type: ignore[return-value]
 
 
-def check_method_loss(method: str, loss: str) -> None:
-    """The one rule for which method trains with which loss: UserError when `loss` is unknown
-    or not one that `method` accepts."""
+def loss_for(method: str, loss: str | None = None, *, strict: bool = True) -> str:
+    """The one rule for which method trains with which loss: the loss `method` trains with when
+    `loss` is asked for (None: the method's own, `default_loss`). UserError for an unknown method or
+    loss, and for a loss the method does not take; with `strict=False` such a loss (a default left
+    in place, not a choice) gives way to the method's own."""
     cls = check_method(method)
+    if loss is None:
+        return default_loss(method)
     if loss not in LOSSES:
         raise UserError(f"unknown loss {loss!r}: choose {' or '.join(LOSSES)}")
     if loss not in cls.accepts_loss:
+        if not strict:
+            return default_loss(method)
         raise UserError(f"--loss {loss} does not apply to --method {method}: it takes {' or '.join(cls.accepts_loss)}")
+    return loss
+
+
+def check_method_loss(method: str, loss: str) -> None:
+    """UserError when `method` cannot train with `loss` (`loss_for`)."""
+    loss_for(method, loss)
 
 
 def default_loss(method: str) -> str:
@@ -185,5 +197,6 @@ def default_loss(method: str) -> str:
 
 
 def make_method(cfg: TrainConfig, ctx: MethodContext) -> TrainMethod:
-    check_method_loss(cfg.method, cfg.loss)
+    """The method of `cfg`, built for `ctx`; a loss it does not take is refused (`loss_for`)."""
+    loss_for(cfg.method, cfg.loss)
     return METHODS[cfg.method](cfg, ctx)

@@ -37,7 +37,7 @@ from ..config import TrainConfig
 from ..distributed import World, any_rank, barrier, main_first, setup as setup_world, teardown
 from ..errors import UserError
 from ..progress import Reporter, as_reporter
-from ..utils import atomic_torch_save, resolve_device
+from ..utils import atomic_torch_save, parse_eps, resolve_device
 from ..workspace import ModelRef, Workspace
 from . import parallel, run_writer, start
 from .batches import probe_batch
@@ -127,6 +127,7 @@ def train(cfg: TrainConfig | None = None, *, workspace: str | Path = ".", report
     else:
         cfg = cfg or TrainConfig()
         validate_config(cfg)
+        eps = parse_eps(cfg.eps) if cfg.eps is not None else None  # the one parse of the budget's text
         if cfg.run_name:
             run_writer.check_run_name(cfg.run_name)
         loss = resolve_loss(cfg)
@@ -134,7 +135,7 @@ def train(cfg: TrainConfig | None = None, *, workspace: str | Path = ".", report
         fresh_cfg = cfg
 
         def prepare(world: World, shared: Any) -> tuple[start.Prepared, Any]:
-            return start.fresh(fresh_cfg, loss, ws, world, shared)
+            return start.fresh(fresh_cfg, loss, eps, ws, world, shared)
 
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     world = setup_world(device)

@@ -34,7 +34,6 @@ from ..data import DatasetInfo
 from ..distributed import World, all_reduce_sum_
 from ..errors import UserError
 from ..nets import eval_mode, find_last_linear, unusable_tensors
-from ..utils import parse_eps
 from . import parallel
 from .batches import _SeededAugmentation, epoch_batches
 
@@ -140,7 +139,7 @@ class Session:
     """The model, data, optimiser and method of one run, set up identically for a fresh start and a resume."""
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_set: Dataset, info: DatasetInfo,
-                 device: torch.device, *, reinit_head: bool, world: World | None = None):
+                 device: torch.device, *, eps: float, reinit_head: bool, world: World | None = None):
         from ..methods import MethodContext, make_method
 
         self.cfg = cfg
@@ -160,7 +159,7 @@ class Session:
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        ctx = MethodContext(eps=parse_eps(cfg.eps), in_channels=info.channels, num_classes=info.num_classes,
+        ctx = MethodContext(eps=eps, in_channels=info.channels, num_classes=info.num_classes,
                             image_size=info.size, device=device, head=self.head,
                             amp_dtype=torch.bfloat16 if cfg.amp else None,
                             all_reduce=partial(all_reduce_sum_, self.world) if self.world.size > 1 else None)

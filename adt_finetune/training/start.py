@@ -53,18 +53,20 @@ def world_meta(world: World, cfg: TrainConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- a fresh run
 
-def fresh(cfg: TrainConfig, loss: str, ws: Workspace, world: World, shared: Any) -> tuple[Prepared, Any]:
-    """A new run from a validated config; rank 0 shares (run folder, run.json) with the others."""
+def fresh(cfg: TrainConfig, loss: str, eps_given: float | None, ws: Workspace, world: World,
+          shared: Any) -> tuple[Prepared, Any]:
+    """A new run from a validated config and its ε (parsed once by `train`; None: the dataset's);
+    rank 0 shares (run folder, run.json) with the others."""
     base_ref = _base_model(cfg, ws, world.is_main)
     dataset = cfg.dataset or (base_ref.dataset if base_ref else None)
     if dataset is None:
         raise UserError("--model scratch needs --dataset")
     info = dataset_info(dataset)
-    eps = parse_eps(cfg.eps) if cfg.eps is not None else info.eps
+    eps = eps_given if eps_given is not None else info.eps
     cfg = resolved(cfg, dataset=str(dataset) if is_image_folder(dataset) else info.name, eps=eps, loss=loss)
     # Keyed randomness whenever the batch is split: a step then does not depend on the split.
     cfg = replace(cfg, example_seeds=cfg.example_seeds or world.size > 1)
-    session = start_session(cfg, base_ref, info, ws, world)
+    session = start_session(cfg, base_ref, info, ws, world, eps)
     if not world.is_main:
         run_dir, meta = Path(shared[0]), shared[1]
         return Prepared(session, run_dir, meta, Position()), None
@@ -102,7 +104,7 @@ def _base_model(cfg: TrainConfig, ws: Workspace, main: bool) -> ModelRef | None:
 
 
 def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo, ws: Workspace,
-                  world: World, source: str | None = None) -> Session:
+                  world: World, eps: float, source: str | None = None) -> Session:
     """The session of a run at its very beginning; the same calls in the same order for a
     fresh start and a restart, so both draw the same initial weights and head. `source`: the
     file `cfg` was read from (a restart's run.json), None when the user gave it."""
@@ -120,7 +122,8 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
         if bad:  # training it would only report "diverged" at the first step
             raise UserError(f"the base model {base_ref.name} is unusable ({bad[0]}): pull or train a model whose "
                             "weights are finite")
-    session = Session(cfg, model, data, info, world.device, reinit_head=cfg.head_init == "reinit", world=world)
+    session = Session(cfg, model, data, info, world.device, eps=eps, reinit_head=cfg.head_init == "reinit",
+                      world=world)
     session.cfg = with_method_settings(cfg, session.method)  # record the method's own defaults (λ, step size)
     return session
 
@@ -173,6 +176,7 @@ def _claim_for_resume(info: run_folder.RunInfo, ws: Workspace) -> Any:
 def _resume_claimed(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspace, world: World, shared: Any,
                     lock: Any) -> tuple[Prepared, Any]:
     dinfo = dataset_info(recorded.dataset or info.base_model.dataset)
+    eps = _recorded_eps(info, recorded)
     if world.is_main:
         run_writer.remove_stale_temporaries(info.path)
     ckpt_path = info.path / run_folder.CHECKPOINT
@@ -180,7 +184,7 @@ def _resume_claimed(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspa
     if not ckpt_path.exists():
         # Stopped before its first checkpoint: nothing was learnt yet, so start again from the beginning.
         base_ref = None if recorded.model == "scratch" else info.base_model
-        session = start_session(recorded, base_ref, dinfo, ws, world, source=recorded_in)
+        session = start_session(recorded, base_ref, dinfo, ws, world, eps, source=recorded_in)
         if base_ref is None and world.is_main:
             run_writer.save_init(info.path, session.model, session.cfg, dinfo.name)
         pos = Position()
@@ -191,7 +195,7 @@ def _resume_claimed(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspa
         from ..zoo import model_from_ref
 
         model = model_from_ref(info.base_model, device=str(world.device), source=recorded_in)
-        session = Session(recorded, model, train_set(recorded, ws), dinfo, world.device, reinit_head=False,
+        session = Session(recorded, model, train_set(recorded, ws), dinfo, world.device, eps=eps, reinit_head=False,
                           world=world)
         pos = _restore(session, ckpt, ckpt_path, info.id)
         note = f"resuming at epoch {pos.epoch + 1}, step {pos.step_in_epoch} of {session.steps_per_epoch}"
@@ -204,6 +208,12 @@ def _resume_claimed(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspa
     run_writer.write_meta(info.path, meta)
     ws.set_latest_run(info.path.name)
     return Prepared(session, info.path, meta, pos, note, lock=lock), meta
+
+
+def _recorded_eps(info: run_folder.RunInfo, recorded: TrainConfig) -> float:
+    """The run's ε as its run.json records the number (the text of its config in older files)."""
+    value = info.meta.get("eps")
+    return parse_eps(value if value is not None else recorded.eps)
 
 
 def _recorded_config(info: run_folder.RunInfo, cfg: TrainConfig | None) -> TrainConfig:

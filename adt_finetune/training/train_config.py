@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import TrainConfig, coerce_setting, field_kind, find_recipe, read_recipe
 from ..errors import UserError
-from ..utils import format_eps, parse_eps
+from ..utils import format_eps
 
 DEFAULT_LR = {"full": 0.01, "last-layer": 0.1}
 SCOPES = ("full", "last-layer")
@@ -64,13 +64,13 @@ def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | N
         if unknown:
             raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train --help'")
         cfg = cfg.updated({k: _coerce(k, v, "option") for k, v in overrides.items()})
-    from ..methods import METHODS, check_method_loss, default_loss
+    from ..methods import METHODS
 
     if cfg.method in METHODS:  # an unknown method is reported by train() with the list of methods
         if "loss" not in given_keys:
-            cfg = replace(cfg, loss=default_loss(cfg.method))
+            cfg = replace(cfg, loss=resolve_loss(cfg, given=False))
         elif cfg.loss in ("ce", "trades"):  # an unknown loss too
-            check_method_loss(cfg.method, cfg.loss)
+            resolve_loss(cfg, given=True)
     return cfg
 
 
@@ -115,8 +115,6 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UserError(f"unknown optimizer {cfg.optimizer!r}: only sgd (with momentum) is implemented")
     if cfg.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {cfg.workers}")
-    if cfg.eps is not None:
-        parse_eps(cfg.eps)
     if cfg.model == "scratch" and not cfg.arch:
         raise UserError("--model scratch needs --arch (a zoo name or package.module:Class) to build")
     _check_ranges(cfg)
@@ -160,22 +158,19 @@ def default_loss(method: str) -> str:
     return method_default(method)
 
 
-def resolve_loss(cfg: TrainConfig) -> str:
-    """The training loss: cfg.loss, checked against what the method accepts.
+def resolve_loss(cfg: TrainConfig, *, given: bool | None = None) -> str:
+    """The training loss of `cfg` (`methods.loss_for`, the one method × loss rule): cfg.loss if the
+    method takes it; the method's own when the loss was not `given`.
 
-    TrainConfig's default loss is "ce", which the TRADES baseline does not take;
-    left at that default with such a method it becomes the method's own, so
-    `TrainConfig(method="trades")` works. `build_config` (what the CLI uses) is
-    stricter: an explicitly given loss must be accepted, and an absent one is the
-    method's `default_loss`.
+    `given=None` (what `train` does): TrainConfig's default loss "ce", which the TRADES baseline does
+    not take, counts as not given, so `TrainConfig(method="trades")` works; any other loss must be
+    one the method takes. `build_config` (what the CLI uses) knows whether the flag or recipe gave it.
     """
-    from ..methods import METHODS, check_method, check_method_loss, default_loss as method_default
+    from ..methods import loss_for
 
-    check_method(cfg.method)
-    if cfg.loss == TrainConfig.loss and cfg.loss not in METHODS[cfg.method].accepts_loss:
-        return method_default(cfg.method)
-    check_method_loss(cfg.method, cfg.loss)
-    return cfg.loss
+    if given is False:
+        return loss_for(cfg.method)
+    return loss_for(cfg.method, cfg.loss, strict=given is True or cfg.loss != TrainConfig.loss)
 
 
 def resolved(cfg: TrainConfig, *, dataset: str, eps: float, loss: str) -> TrainConfig:
