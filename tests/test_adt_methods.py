@@ -358,6 +358,7 @@ def _pgd20_accuracy(model, x, y, eps):
         return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
+@pytest.mark.slow
 def test_exp_am_fine_tuning_raises_pgd_accuracy(trained_cnn, fmnist_train, fmnist_test):
     eps = 0.1
     x_test, y_test = fmnist_test

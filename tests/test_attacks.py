@@ -158,6 +158,7 @@ def test_every_attack_stays_in_ball_and_box(name, eps, generator_files):
         assert result.robust.all()
 
 
+@pytest.mark.slow
 def test_white_box_attacks_lower_accuracy(trained_cnn, fmnist_test):
     x, y = fmnist_test[0][:64], fmnist_test[1][:64]
     clean = _accuracy(trained_cnn, x, y)
@@ -224,6 +225,7 @@ def test_autoattack_parts_run_alone_with_the_standard_versions_parameters(monkey
     assert seen == [("apgd", "ce", 5, 100)]  # what 'custom' gives: why the parts do not use it
 
 
+@pytest.mark.slow
 def test_square_finds_what_masked_gradients_hide_and_the_engine_says_so(monkeypatch, trained_cnn, fmnist_test):
     """A model that rounds its input has zero gradient almost everywhere: white-box attacks lose their
     way, gradient-free Square does not, and the black-box vs white-box check fails on it (and only on it)."""
@@ -259,6 +261,7 @@ def test_square_finds_what_masked_gradients_hide_and_the_engine_says_so(monkeypa
     assert {c.name: c for c in plain.sanity}["black-box vs white-box"].ok
 
 
+@pytest.mark.slow
 def test_autoattack_matches_pyautoattack_and_keeps_global_rng(trained_cnn, fmnist_test):
     from pyautoattack import AutoAttack
 

@@ -144,6 +144,7 @@ def _assert_same_states(a: dict, b: dict, what: str) -> None:
     _assert_equal(a["networks"], b["networks"], f"{what} method networks")
 
 
+@pytest.mark.slow
 def test_world2_step_with_sync_bn_equals_one_process_step(world2, tmp_path):
     ranks, roots = world2
     single = train(TrainConfig(**STEP, batch_size=16, example_seeds=True), workspace=_register(tmp_path))
@@ -171,6 +172,7 @@ def test_world2_step_with_sync_bn_equals_one_process_step(world2, tmp_path):
     assert json.loads((tmp_path / "runs" / single.run_id / "run.json").read_text()).get("world_size") is None
 
 
+@pytest.mark.slow
 def test_every_method_and_loss_trains_under_world2_and_writes_one_run(world2):
     ranks, roots = world2
     names = {f"{m}-{lo}" for m, lo, _, _ in COMBOS}
@@ -195,6 +197,7 @@ def test_every_method_and_loss_trains_under_world2_and_writes_one_run(world2):
             _assert_equal(body, {k: zero["model"][k] for k in body}, f"{name} body")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_under_world2_is_bit_identical(world2):
     ranks, roots = world2
     for i in range(len(RESUMED)):

@@ -79,7 +79,9 @@ def fake_attack(monkeypatch, name, *, interrupt_on_call=None):
 
 # ---------------------------------------------------------------- every suite, end to end
 
-@pytest.mark.parametrize("suite", sorted(SUITES))
+# aa-parts runs AutoAttack's four parts one by one (~20 s): in the full run only.
+@pytest.mark.parametrize("suite", [pytest.param(s, marks=pytest.mark.slow) if s == "aa-parts" else s
+                                   for s in sorted(SUITES)])
 def test_every_suite_runs_through_the_cli(cli, workspace, suite):  # noqa: F811
     w = ["-w", workspace.root, "--no-progress"]
     if suite == "full":  # a run with a co-trained generator, so that `full` adds exp-am-cotrained

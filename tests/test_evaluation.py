@@ -607,6 +607,7 @@ def test_amp_search_agrees_with_fp32(trained_cnn, fmnist_test):
         assert abs(amp.per_attack[name] - fp32.per_attack[name]) <= 4.0, (name, amp.per_attack, fp32.per_attack)
 
 
+@pytest.mark.slow
 def test_cli_eval_real_cifar10_checkpoint_on_an_image_folder_with_autoattack(cli, tmp_path, image_folder,
                                                                             pyautoattack_checkpoint):
     """`adt-ft eval --model model_test.pt --arch pyautoattack.examples.resnet:ResNet18 --dataset FOLDER

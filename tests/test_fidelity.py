@@ -83,6 +83,7 @@ def _imp_am_run(fmnist_train, trained_cnn, lam, steps=60, size=16):
     return method.epoch_diagnostics(model, x[:32], y[:32])["diversity"], reached / steps
 
 
+@pytest.mark.slow
 def test_imp_am_entropy_term_spreads_delta_over_z(fmnist_train, trained_cnn):
     """Ext. Eq. 14–15: the default entropy term (the variational bound at the default λ) must act:
     δ spreads over z at least twice as much as without it, and its gradient reaches the generator
@@ -118,6 +119,7 @@ def _cotrained_generator_of_an_unrelated_run(path, fmnist_train):
     save_generator(path, method)
 
 
+@pytest.mark.slow
 def test_retrained_generator_attack_beats_an_unrelated_cotrained_generator(trained_cnn, fmnist_train, fmnist_test,
                                                                            tmp_path):
     """Ext. §5.4: "we retrain the generator networks for each pretrained defense". A generator

@@ -29,6 +29,7 @@ def _run(installed: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_installed_package_finds_its_shipped_recipes(installed, tmp_path):
     shipped = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
     assert shipped and (REPO / "recipes").resolve() == (REPO / "adt_finetune" / "recipes").resolve()

@@ -358,6 +358,7 @@ def _errors(driver) -> list[dict]:
     return [m for m in driver.get_log("browser") if m["level"] in ("SEVERE", "ERROR")]
 
 
+@pytest.mark.slow
 def test_site_in_a_real_browser(published, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -1,6 +1,7 @@
 """The embedded default end to end, at a reduced budget: real Fashion-MNIST, offline."""
 import json
 
+import pytest
 import torch
 
 from adt_finetune.progress import Reporter
@@ -29,6 +30,7 @@ class RecordingReporter(Reporter):
         self.events.append(("finish", key))
 
 
+@pytest.mark.slow
 def test_quickstart_pipeline_raises_robust_accuracy(tmp_path):
     s = QuickstartSettings(width=16, pretrain_images=4000, pretrain_epochs=2, finetune_images=2048,
                            finetune_epochs=1, n_examples=200)

@@ -177,6 +177,7 @@ def cifar_folder(tmp_path, image_folder):
     return image_folder(tmp_path / "cifar10-images", CIFAR10_CLASSES)[0]
 
 
+@pytest.mark.slow
 def test_world_2_and_shards_match_one_process(cli, workspace, tmp_path, cifar_folder,  # noqa: F811
                                               pyautoattack_checkpoint):
     """Both suites at once: the two torchrun worlds run in the background while this process

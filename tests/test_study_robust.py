@@ -120,6 +120,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_smoke_run_produces_entries_and_the_table(study, tmp_path, one_thread):
     ws, out = tmp_path / "ws", tmp_path / "out"
     assert study.main(["--smoke", "--no-progress", "--workspace", str(ws), "--out", str(out)]) == 0

@@ -313,6 +313,7 @@ def test_wdat_inner_map_in_eval_mode_within_budget_and_resumes_exactly(trained_c
     assert torch.equal(method.upsilon_sq, resumed.upsilon_sq)
 
 
+@pytest.mark.slow
 def test_wdat_finetune_raises_wpgd_accuracy(trained_cnn, fmnist_train, fmnist_test, suite_report):
     x_train, y_train = fmnist_train[0][:1000], fmnist_train[1][:1000]
     x_test, y_test = fmnist_test[0][:N_EVAL], fmnist_test[1][:N_EVAL]
