@@ -195,7 +195,7 @@ class JobRunner:
         return next(r["check"] for r in rows if r["name"] == model)
 
     def evaluate(self, job: Job) -> None:
-        from ..evaluation import evaluate_workspace
+        from ..evaluation import EvalRequest, evaluate_workspace
 
         if job.detail["kind"] == "audit":
             return self.audit(job)
@@ -203,7 +203,7 @@ class JobRunner:
         if kwargs is None:
             atomic_write_json(self.progress.skip_path(job), {"reason": "not flagged by the masking screen"})
             return
-        record = evaluate_workspace(reporter=self.reporter(), **kwargs)
+        record = evaluate_workspace(EvalRequest(**kwargs), reporter=self.reporter())
         if job.model != self.spec.base_name:
             add_run_timing(record.json_path, self.ws.runs_dir / job.model)
 
