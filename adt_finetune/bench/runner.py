@@ -9,7 +9,7 @@ from ..attacks import ATTACKS
 from ..config import TrainConfig, coerce_setting
 from ..data import DatasetInfo, dataset_info
 from ..errors import UserError
-from ..methods import LOSSES, METHODS
+from ..methods import LOSSES, METHODS, check_loss
 from ..precision import check_dtype
 from ..progress import Reporter, as_reporter
 from .items import attack_item, method_item
@@ -88,9 +88,8 @@ def _check_run(batch_size: int, steps: int, warmup: int, device: str | torch.dev
     dev = bench_device(device)
     dtype = check_dtype(dev, dtype)
     info = dataset_info(dataset)
-    bad_loss = [l for l in losses if l not in LOSSES]
-    if bad_loss:
-        raise UserError(f"unknown loss {bad_loss[0]!r}: choose ce or trades")
+    for loss in losses:
+        check_loss(loss)
     return dev, dtype, info
 
 

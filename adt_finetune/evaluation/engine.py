@@ -54,7 +54,7 @@ from .resume import _ResumeState, fingerprint
 from .sanity import check_finite_logits, check_finite_weights
 from .eval_request import EvalSettings
 from .shards import CHUNK_SIZE, Batch, ShardPart, chunk_batches, combine, parse_shard, shard_rows
-from .suites import PSEUDO, check_attack_names
+from .suites import PSEUDO
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _plan(x, y, s: EvalSettings) -> _Plan:
     attacks, eps, budgets, amp, seed, indices = s.attacks, s.eps, s.budgets, s.amp, s.seed, s.indices
     if len(x) != len(y) or len(x) == 0:
         raise UserError(f"need a non-empty set of examples with one label each (got {len(x)} images, {len(y)} labels)")
-    names = check_attack_names(list(attacks))
+    names = list(attacks)  # checked by EvalSettings
     attack_names = [a for a in names if a not in PSEUDO]
     settings = {k: dict(v) for k, v in (s.attack_settings or {}).items()}
     unknown = sorted(set(settings) - set(attack_names))

@@ -4,7 +4,7 @@
 flags, a notebook builds it directly, and nothing in between repacks it. `EvalSettings` is what the
 engine needs once the model and the images are known (`evaluate`, `evaluate_shard`). Each rule is
 checked where its value is built: ε when `EvalRequest` is made (text such as '8/255' is parsed there,
-once), mode, batch size and chunk size when `EvalSettings` is.
+once), attack names, mode, batch size and chunk size when `EvalSettings` is.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..errors import UserError
 from ..utils import parse_eps
 from .shards import CHUNK_SIZE, check_chunk_size
-from .suites import check_mode
+from .suites import check_attack_names, check_mode
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,8 @@ class EvalRequest:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How the engine evaluates, model and images aside (the arguments of `evaluate`)."""
+    """How the engine evaluates, model and images aside (the arguments of `evaluate`); the attack names,
+    the mode, the batch and chunk sizes are checked when it is made."""
 
     attacks: Sequence[str]                      # registry names, plus "clean" and "wasserstein"
     eps: float
@@ -78,6 +79,7 @@ class EvalSettings:
     chunk_size: int = CHUNK_SIZE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "attacks", check_attack_names(list(self.attacks)))
         check_mode(self.mode)
         if self.batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")

@@ -43,15 +43,22 @@ def valid_attack_names() -> list[str]:
     return list(PSEUDO) + sorted(ATTACKS)
 
 
-def parse_attack_list(text: str) -> list[str]:
-    """'fgsm, pgd20,cw' -> ['clean', 'fgsm', 'pgd20', 'cw'], validated against the registry."""
+def split_attack_list(text: str) -> list[str]:
+    """'fgsm, pgd20,cw' -> ['clean', 'fgsm', 'pgd20', 'cw'] (the names are checked where the evaluation's
+    settings are built, `EvalSettings`)."""
     names = [t.strip().lower() for t in str(text).split(",") if t.strip()]
     if not names:
         raise UserError("--attacks is empty: give a comma-separated list such as fgsm,pgd20")
-    return check_attack_names(["clean"] + [n for n in names if n != "clean"])
+    return ["clean"] + [n for n in names if n != "clean"]
+
+
+def parse_attack_list(text: str) -> list[str]:
+    """`split_attack_list`, validated against the registry."""
+    return check_attack_names(split_attack_list(text))
 
 
 def check_attack_names(names: Sequence[str]) -> list[str]:
+    """The one check of a list of attack names: registered (or a pseudo-attack), each once."""
     valid = valid_attack_names()
     for n in names:
         if n not in valid:

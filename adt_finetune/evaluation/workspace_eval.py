@@ -26,7 +26,7 @@ from .result import EvalResult
 from .sanity import check_finite_weights
 from .shard_files import shard_file_name, write_shard_file
 from .shards import CHUNK_SIZE, ShardPart, combine, parse_shard
-from .suites import COTRAINED_ATTACKS, needs_training_data, parse_attack_list, suite_attacks
+from .suites import COTRAINED_ATTACKS, needs_training_data, split_attack_list, suite_attacks
 from .targets import DEFAULT_N_EXAMPLES, Target, load_attack_training_data, load_examples, resolve_target
 
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-"
@@ -176,7 +176,7 @@ def _attack_names(suite: str, attacks: str | None, target: Target,
                   attack_settings: dict[str, dict[str, Any]] | None) -> tuple[list[str], str, dict[str, Any]]:
     """The attack list, the suite label, and the settings with each co-trained generator's path filled in."""
     if attacks is not None:
-        names, suite_label = parse_attack_list(attacks), "custom"
+        names, suite_label = split_attack_list(attacks), "custom"
     else:
         names, suite_label = suite_attacks(suite, generator_method=target.generator_method), str(suite).lower()
     settings = {k: dict(v) for k, v in (attack_settings or {}).items()}

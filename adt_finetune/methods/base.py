@@ -172,12 +172,18 @@ def loss_for(method: str, loss: str | None = None, *, strict: bool = True) -> st
     cls = check_method(method)
     if loss is None:
         return default_loss(method)
-    if loss not in LOSSES:
-        raise UserError(f"unknown loss {loss!r}: choose {' or '.join(LOSSES)}")
+    check_loss(loss)
     if loss not in cls.accepts_loss:
         if not strict:
             return default_loss(method)
         raise UserError(f"--loss {loss} does not apply to --method {method}: it takes {' or '.join(cls.accepts_loss)}")
+    return loss
+
+
+def check_loss(loss: str) -> str:
+    """UserError unless `loss` is one of the outer training losses."""
+    if loss not in LOSSES:
+        raise UserError(f"unknown loss {loss!r}: choose {' or '.join(LOSSES)}")
     return loss
 
 
