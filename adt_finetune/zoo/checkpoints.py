@@ -153,6 +153,13 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state_dict and state_dict[k].shape != v.shape]
+    # load_state_dict casts silently: integer weights (e.g. an all-int64 state dict) would become a
+    # model of rounded, usually all-zero, weights that evaluates without complaint.
+    kinds = [f"{k} ({str(state_dict[k].dtype).replace('torch.', '')})" for k, v in expected.items()
+             if k in state_dict and v.is_floating_point() and not state_dict[k].is_floating_point()]
+    if kinds:
+        raise UserError(f"the weights in {source} are not floating point where {type(model).__name__}'s are: "
+                        f"{_few(kinds, 3)}; this is not a trained model's state dict, use the original file")
     if missing or unexpected or shapes:
         problems = []
         if missing:

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..data import DATASETS
 from ..errors import UserError
 from ..nets import unusable_weights
 from ..utils import atomic_torch_save
@@ -253,9 +254,32 @@ def _file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_mode
     state_dict = read_state_dict(file)
     model = build_architecture(arch, dataset, threat_model, arch_kwargs)
     load_weights(model, state_dict, str(file))
+    check_fits_dataset(model.eval(), dataset, str(file))
     ref = ModelRef(name=name or file.stem, arch=arch, dataset=dataset, threat_model=threat_model, path=str(file),
                    source="file", arch_kwargs=dict(arch_kwargs or {}))
     return ref, model.eval()
+
+
+def check_fits_dataset(model: nn.Module, dataset: str, source: str) -> None:
+    """Refuse a model that cannot take `dataset`'s images or does not give one score per class (a
+    1-channel model recorded as a CIFAR-10 one fails later, mid-evaluation, or never loads at all).
+    One forward pass of two blank images; skipped for datasets adt-ft has no image shape for (ImageNet)."""
+    info = DATASETS.get(dataset)
+    if info is None:
+        return
+    blank = torch.zeros(2, info.channels, info.size, info.size)
+    shape = f"{info.channels}×{info.size}×{info.size}"
+    try:
+        with torch.no_grad():
+            out = model(blank)
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"the model in {source} does not take {dataset}'s {shape} images ({first}): give the "
+                        "dataset it was trained for (--dataset)") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
+        got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"the model in {source} gives outputs of shape {got} for {dataset}'s images, not one score "
+                        f"for each of its {info.num_classes} classes: give the dataset it was trained for (--dataset)")
 
 
 def pull_file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str = "Linf",
