@@ -115,3 +115,55 @@ def test_bench_arch_arguments_torch_refuses(cli, tmp_path):
     code, _, err = cli("bench", "--arch-kwargs", '{"width": -3}', "--methods", "none", "--attacks", "fgsm")
     one_line_error(code, err)
     assert "cannot construct it with arguments" in err and "negative dimension" in err
+
+
+# ---------------------------------------------------------------- an immutable workspace folder
+
+def refuse_writes_under(monkeypatch, folder: Path) -> None:
+    """Writing under `folder` fails as it does for a user without permission (chattr +i, or another
+    user's folder). Root writes through a read-only mode, so the OS's refusal is simulated where files
+    and folders are made: os.open (open with O_CREAT, mkstemp, file locks) and os.mkdir."""
+    import os
+
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def inside(path) -> bool:
+        p = Path(os.fsdecode(path)).absolute()
+        return p == folder or folder in p.parents
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and inside(path):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if inside(path):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+
+
+@pytest.mark.parametrize("folder", [".adt-ft", "runs"])
+@pytest.mark.parametrize("command", ["train", "pull", "eval"])
+def test_an_immutable_state_or_runs_folder(folder, command, workspace, cli, monkeypatch):  # noqa: F811
+    (workspace.root / folder).mkdir(exist_ok=True)
+    before = sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*"))
+    import torch
+
+    from adt_finetune.models import SmallCNN
+
+    torch.save(SmallCNN().state_dict(), workspace.root.parent / "cnn.pt")
+    refuse_writes_under(monkeypatch, workspace.root / folder)
+    args = {"train": ["train", *TRAIN, "--run-name", "r"],
+            "pull": ["pull", "--from-file", workspace.root.parent / "cnn.pt", "--arch",
+                     "adt_finetune.models.small:SmallCNN", "--dataset", "fashion-mnist"],
+            "eval": ["eval", *EVAL, "--attacks", "fgsm"]}[command]
+    code, out, err = cli(*args, "-w", workspace.root)
+    if code == 0:  # a command that never writes there
+        assert folder == "runs" and command != "train", err
+        return
+    one_line_error(code, err)
+    assert "Permission denied" in err and str(workspace.root / folder) in err, err
+    assert sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*")) == before

@@ -5,6 +5,7 @@ raises UserError anywhere below; `main` turns it into one line and exit code 2.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -79,9 +80,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="adt-ft")
     except UserError as e:
-        # The message is plain text: file names and module paths must not be read as markup or emoji.
-        err_console.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _one_line(str(e))
+    except OSError as e:
+        # The machine refusing a file (permissions, an immutable folder, a read-only or full disk) is the
+        # user's to fix, wherever below it happened; any other OSError is a bug and keeps its traceback.
+        if e.errno not in _REFUSALS or e.filename is None:
+            raise
+        _one_line(f"cannot write or read {e.filename} ({e.strerror}): fix its permissions or free space, or "
+                  "choose another --workspace")
+
+
+_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _one_line(message: str) -> None:
+    # The message is plain text: file names and module paths must not be read as markup or emoji.
+    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -220,6 +220,7 @@ def _launch(nproc: int, kwargs: dict[str, Any]) -> None:
         raise UserError("--nproc starts torchrun itself: drop it when the command already runs under torchrun")
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
+    _check_before_launch(nproc, kwargs)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "adt_finetune", "train", *_option_args(kwargs)]
     proc = subprocess.Popen(command)
@@ -235,6 +236,37 @@ def _launch(nproc: int, kwargs: dict[str, Any]) -> None:
             signal.signal(sig, handler)
     if code:
         raise typer.Exit(code)
+
+
+def _check_before_launch(nproc: int, kwargs: dict[str, Any]) -> None:
+    """Refuse here what every process would refuse: under torchrun a refusal comes wrapped in its
+    ChildFailedError banner (a traceback, exit 1) instead of one line."""
+    from ..training import build_config, validate_config
+    from ..training.start import resume_target
+    from ..workspace import Workspace
+
+    given = {k: _from_cli(k, v) for k, v in kwargs.items() if v is not None and k in TrainConfig.field_names()}
+    _check_resume_args(given, kwargs["resume"], kwargs["run"])
+    if not kwargs["resume"]:
+        recipe = given.pop("recipe", None)
+        validate_config(build_config(recipe, given, workspace=kwargs["workspace"]))
+        return
+    info, _ = resume_target(TrainConfig().updated(given), Workspace(kwargs["workspace"]), kwargs["run"])
+    recorded = int(info.meta.get("world_size", 1))
+    if recorded != nproc:
+        raise UserError(f"run {info.id} was trained by {recorded} process(es), --nproc is {nproc}: the global batch "
+                        f"would change; resume it with --nproc {recorded}")
+
+
+def _check_resume_args(given: dict[str, Any], resume: bool, run: str | None) -> None:
+    from ..training import RESUME_OVERRIDABLE
+
+    if run is not None and not resume:
+        raise UserError(f"unexpected argument {run!r}: a run id is only taken after --resume")
+    ignored = sorted(set(given) - set(RESUME_OVERRIDABLE)) if resume else []
+    if ignored:
+        raise UserError(f"--resume continues a run with its recorded settings: drop {_flag(ignored[0])} "
+                        f"(only {', '.join(_flag(k) for k in RESUME_OVERRIDABLE)} may change)")
 
 
 def _train(kwargs: dict[str, Any]) -> None:
@@ -269,13 +301,8 @@ def _train(kwargs: dict[str, Any]) -> None:
 def _run(train: Any, build_config: Any, overridable: tuple[str, ...], given: dict[str, Any], resume: bool,
          run: str | None, workspace: Path, reporter: Reporter) -> Any:
 
-    if run is not None and not resume:
-        raise UserError(f"unexpected argument {run!r}: a run id is only taken after --resume")
+    _check_resume_args(given, resume, run)
     if resume:
-        ignored = sorted(set(given) - set(overridable))
-        if ignored:
-            raise UserError(f"--resume continues a run with its recorded settings: drop {_flag(ignored[0])} "
-                            f"(only {', '.join(_flag(k) for k in overridable)} may change)")
         cfg = TrainConfig().updated(given)
         return train(cfg, workspace=workspace, reporter=reporter, resume=run if run is not None else True)
     recipe = given.pop("recipe", None)
