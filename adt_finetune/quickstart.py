@@ -103,8 +103,10 @@ def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | No
     ws = Workspace(workspace)
     seconds: dict[str, float] = {}
 
-    # Fail early and clearly when the data is missing, before any work is done.
-    load_dataset("fashion-mnist", "test", data_dir=data_dir, workspace=ws.root)
+    data_dir = None if data_dir is None else str(data_dir)  # recorded in run.json, which is JSON
+    # Fail early and clearly when the data is missing or damaged, before anything is written.
+    for split in ("test", "train"):
+        load_dataset("fashion-mnist", split, data_dir=data_dir, workspace=ws.root)
 
     t = time.perf_counter()
     log(f"[1/4] pretrain: a standard (not robust) SmallCNN on {s.pretrain_images} Fashion-MNIST images, "

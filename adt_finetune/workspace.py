@@ -191,10 +191,21 @@ class Workspace:
             raise UserError(f"{self.state_path.parent} is a file, not adt-ft's state folder: move it away") from None
         except PermissionError:
             raise UserError(f"workspace {self.root} is not writable: choose another --workspace") from None
-        with FileLock(str(self.state_path) + ".lock"):
-            st = self.state()
-            change(st)
-            atomic_write_json(self.state_path, st)
+        try:
+            with FileLock(str(self.state_path) + ".lock"):
+                # Every write happens under this lock, so a temporary here now is a killed command's.
+                for stale in self.state_path.parent.glob(f".{self.state_path.name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+                st = self.state()
+                change(st)
+                atomic_write_json(self.state_path, st)
+        except PermissionError as e:
+            raise UserError(f"cannot write adt-ft's state in {self.state_path.parent} ({e.strerror}): make it "
+                            "writable or choose another --workspace") from None
+
+    def check_state_writable(self) -> None:
+        """UserError now, before work that would be left unrecorded, if state.json cannot be updated."""
+        self.update_state(lambda st: None)
 
     def current_model(self) -> ModelRef | None:
         d = self.state().get("current_model")

@@ -108,6 +108,11 @@ def _settle_previous(folder: Path, entry: str, csv_names: list[str]) -> None:
     for name in csv_names:
         for stale in folder.glob(f".{name}.*.staged"):
             stale.unlink(missing_ok=True)
+    # The temporaries of atomic writes (`.<file>.<8 random>.tmp`) a killed write of this entry left: the
+    # command writing now holds the entry's name, so none of them is another command's write in progress.
+    for pattern in (f".{entry}.json.????????.tmp", *(f"..{name}.*.staged.????????.tmp" for name in csv_names)):
+        for stale in folder.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def _robustbench_fields(result, dataset: str, entry: str, info: dict[str, Any], footnote: str,

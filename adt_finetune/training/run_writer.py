@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def make_run_dir(ws: Workspace, cfg: TrainConfig) -> tuple[Path, Any]:
     run_folder.check_runs_dir(ws)
     ws.inside(ws.runs_dir, "the run folder")
     ws.runs_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_starts(ws)
     if cfg.run_name:
         check_run_name(cfg.run_name)
         folder = ws.runs_dir / cfg.run_name
@@ -93,6 +95,29 @@ def make_run_dir(ws: Workspace, cfg: TrainConfig) -> tuple[Path, Any]:
         # No run.json before the lock is held, so a --resume of this run cannot start in between.
         return folder, claim_run(folder)
     raise RuntimeError(f"could not create a unique run folder for {stem}")
+
+
+# A start makes its folder, then claims it: a folder younger than this may be a live start in between.
+ABANDONED_AFTER_S = 60
+
+
+def remove_abandoned_starts(ws: Workspace) -> None:
+    """Remove the run folders of starts killed before they wrote run.json: nothing in them can be
+    resumed (the settings were never recorded), and no command holds them."""
+    for folder in ws.runs_dir.iterdir():
+        if folder.is_symlink() or not folder.is_dir() or (folder / run_folder.RUN_JSON).exists():
+            continue
+        try:
+            if time.time() - folder.stat().st_mtime < ABANDONED_AFTER_S:
+                continue
+            lock = claim_run(folder)
+        except (UserError, OSError):  # held by a live command, or gone meanwhile
+            continue
+        try:
+            if not (folder / run_folder.RUN_JSON).exists():
+                shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release()
 
 
 def save_init(run_dir: Path, model: nn.Module, cfg: TrainConfig, dataset: str) -> ModelRef:

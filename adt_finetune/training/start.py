@@ -71,6 +71,7 @@ def fresh(cfg: TrainConfig, loss: str, eps_given: float | None, ws: Workspace, w
         run_dir, meta = Path(shared[0]), shared[1]
         return Prepared(session, run_dir, meta, Position()), None
 
+    ws.check_state_writable()  # the run is recorded there at once: refuse before its folder exists
     run_dir, lock = run_writer.make_run_dir(ws, session.cfg)
     try:
         if base_ref is None:
@@ -133,12 +134,27 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
 def resume_target(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None) -> tuple[run_folder.RunInfo, TrainConfig]:
     """The unfinished run to continue and its recorded settings (read-only: every rank may call it)."""
     try:
-        info = run_folder.load_run(run, ws.root, require_finished=False)
+        info = run_folder.load_run(run, ws.root, require_finished=False) if run is not None else _latest_unfinished(ws)
     except UserError as e:
         raise UserError(f"nothing to resume: {e}") from None
     if info.finished:
         raise UserError(f"run {info.id} already finished: nothing to resume (start a new run without --resume)")
     return info, _recorded_config(info, cfg)
+
+
+def _latest_unfinished(ws: Workspace) -> run_folder.RunInfo:
+    """What a bare --resume continues: the latest run if it is unfinished, else the newest unfinished one
+    (the latest may have finished since, or a start killed before it was recorded left no latest run)."""
+    try:
+        latest = run_folder.load_run(None, ws.root, require_finished=False)
+    except UserError:
+        latest = None
+    if latest is not None and not latest.finished:
+        return latest
+    unfinished = [r for r in run_folder.list_runs(ws.root) if not r.finished]
+    if unfinished:
+        return unfinished[-1]
+    return run_folder.load_run(None, ws.root, require_finished=False)  # its own error, or the finished latest
 
 
 def resume(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspace, world: World,
