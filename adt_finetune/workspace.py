@@ -224,7 +224,7 @@ class Workspace:
         run = self.state().get("latest_run")
         if run is None:
             return None
-        if not isinstance(run, str) or not run or "/" in run or run.startswith("."):
+        if not is_plain_name(run):
             raise UserError(f"latest_run in {self.state_path} is not a run id (got {run!r}): "
                             "give --run, or delete the file")
         return self.runs_dir / run

@@ -220,7 +220,7 @@ def test_nproc_runs_the_same_command_under_torchrun(tmp_path, cli, monkeypatch):
     seen: dict = {}
 
     class FakeTorchrun:
-        def __init__(self, command):
+        def __init__(self, command, **kwargs):
             seen["command"] = command
 
         def wait(self):

@@ -403,3 +403,171 @@ def test_html_never_publishes_a_file_reached_through_a_link(tmp_path, cli, evalu
     files = [p for p in site.rglob("*") if p.is_file()]
     assert files and not any("PRIVATE-MARKER" in p.read_text(errors="replace") for p in files)
     assert any(p.name == "e.html" for p in files)
+
+
+# ---------------------------------------------------------------- issue 22 §3: one command per run or entry name
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRAIN = ["train", "--model", "scratch", "--arch", SMALL_CNN, "--arch-kwargs", '{"width": 8}', "--dataset",
+              "fashion-mnist", "--method", "pgd-at", "--pgd-steps", "1", "--epochs", "1", "--batch-size", "16",
+              "--train-subset", "64", "--no-progress"]
+
+
+def _adt_ft(*args):
+    """`adt-ft ARGS` in a process of its own (a second user in the same workspace)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ADT_FT_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "adt_finetune", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _while_running(action):
+    """A hook that runs `action` once, from inside a command that is under way; the result is kept."""
+    seen: dict = {}
+
+    def hook(*_args, **_kwargs):
+        if "result" not in seen:
+            seen["result"] = action()
+    return hook, seen
+
+
+def _refused_busy(proc, what: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert what in lines[0] and "another adt-ft command" in lines[0], lines[0]
+
+
+def test_a_run_name_belongs_to_one_train_at_a_time(tmp_path):
+    """Two `train --run-name same` at once: both used to exit 0, one run lost. The second one started
+    while the first trains is refused in one line, and the first run is whole."""
+    from adt_finetune import TrainConfig, train
+
+    ws = tmp_path / "ws"
+    hook, seen = _while_running(lambda: _adt_ft(*TINY_TRAIN, "--run-name", "same", "--seed", "7", "-w", ws))
+    cfg = TrainConfig(model="scratch", arch=SMALL_CNN, arch_kwargs={"width": 8}, dataset="fashion-mnist",
+                      method="pgd-at", pgd_steps=1, epochs=1, batch_size=16, train_subset=64, run_name="same")
+    result = train(cfg, workspace=ws, on_step=hook)
+    _refused_busy(seen["result"], "run same")
+    meta = json.loads((ws / "runs" / "same" / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["seed"] == 0 and result.run_id == "same"
+    assert [p.name for p in (ws / "runs").iterdir() if p.is_dir()] == ["same"]
+
+
+def test_a_run_is_resumed_by_one_command_at_a_time(tmp_path, unfinished_run):
+    """Two `train --resume rr` at once both trained the same folder."""
+    from adt_finetune import train
+
+    ws = Workspace(tmp_path / "ws")
+    _copy_run(unfinished_run, ws)
+    hook, seen = _while_running(lambda: _adt_ft("train", "--resume", "rr", "-w", ws.root, "--no-progress"))
+    train(workspace=ws.root, resume="rr", on_step=hook)
+    _refused_busy(seen["result"], "run rr")
+    meta = json.loads((ws.runs_dir / "rr" / "run.json").read_text())
+    assert meta["status"] == "finished" and len(meta["resumed"]) == 1
+
+
+def test_an_entry_name_belongs_to_one_eval_at_a_time(tmp_path, evaluated):
+    """Two `eval --entry same` at once with different attacks, no --overwrite: both exited 0 and one
+    result was gone. The second is refused in one line; the entry is the first one's."""
+    from adt_finetune.evaluation import evaluate_workspace
+    from adt_finetune.progress import Reporter
+
+    ws, _ = _copy_ws(evaluated, tmp_path)
+    hook, seen = _while_running(lambda: _adt_ft("eval", "--attacks", "pgd", "-n", "8", "--entry", "same",
+                                                "-w", ws.root, "--no-progress"))
+
+    class DuringTheAttack(Reporter):
+        advance = hook
+
+    evaluate_workspace(attacks="fgsm", n_examples=8, entry="same", workspace=ws.root, reporter=DuringTheAttack())
+    _refused_busy(seen["result"], "leaderboard entry same")
+    entry = json.loads((ws.leaderboard_dir / "fashion-mnist" / "Linf" / "same.json").read_text())
+    assert "fgsm" in entry["adt_ft"]["attacks"] and "pgd" not in entry["adt_ft"]["attacks"]
+
+
+def test_merge_waits_for_no_one_and_overwrites_nothing_in_use(tmp_path, cli, evaluated):
+    """`adt-ft merge` claims the entry name as eval does: refused in one line while an eval holds it."""
+    from adt_finetune.evaluation.workspace_eval import claim_entry
+
+    ws, _ = _copy_ws(evaluated, tmp_path)
+    shards = tmp_path / "shards"
+    for k in range(2):
+        code, _, err = _eval(cli, ws, "--shard", f"{k}/2", "--shard-dir", shards)
+        assert code == 0, err
+    lock = claim_entry(ws, "fashion-mnist", "Linf", "new", overwrite=False)  # an eval --entry new under way
+    try:
+        code, _, err = cli("merge", shards, "-w", ws.root)
+        _one_line(code, err)
+        assert "another adt-ft command" in err
+        assert not (ws.leaderboard_dir / "fashion-mnist" / "Linf" / "new.json").exists()
+    finally:
+        lock.release()
+    code, _, err = cli("merge", shards, "-w", ws.root)
+    assert code == 0, err
+
+
+def test_nproc_never_imports_from_the_current_folder(tmp_path):
+    """`train --nproc` starts `python -m torch.distributed.run ... -m adt_finetune`, and `python -m`
+    puts the current folder (by default the workspace) first on sys.path: a numpy.py there ran."""
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "outside" / "PWNED"
+    marker.parent.mkdir()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "numpy.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('not numpy')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ADT_FT_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # The console script, as users run it: its own folder, not the current one, is on its sys.path.
+    script = Path(sys.executable).parent / "adt-ft"
+    proc = subprocess.run([str(script), "train", "--nproc", "1", "--resume", "-w", "."], cwd=ws,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert not marker.exists(), proc.stderr[-2000:]
+    assert "nothing to resume" in proc.stderr, proc.stderr[-2000:]  # the process under torchrun got that far
+
+
+def test_resume_downloads_nothing_into_a_data_dir_its_run_json_names(hostile, cli, unfinished_run, monkeypatch):
+    """run.json's config.data_dir is a path from a file: a place to read data from, never to download to."""
+    from adt_finetune import data
+
+    h = hostile
+    run = _copy_run(unfinished_run, h["ws"])
+    meta = json.loads((run / "run.json").read_text())
+    meta["config"]["data_dir"] = str(h["outside"])
+    (run / "run.json").write_text(json.dumps(meta))
+    monkeypatch.delenv("ADT_FT_OFFLINE", raising=False)
+    asked = []
+
+    def no_network(make, name, roots, hint, download):
+        asked.append(download)
+        raise data._missing(name, roots, hint)
+
+    monkeypatch.setattr(data, "_try_download", no_network)
+    code, _, err = cli("train", "--resume", "rr", "-w", h["ws"].root, "--no-progress")
+    _one_line(code, err)
+    assert asked == [False]
+    _nothing_outside(h["outside"])
+
+
+def test_resume_never_writes_into_a_run_linked_out_of_the_workspace(tmp_path, cli, unfinished_run):
+    """runs/rr -> a folder elsewhere: resuming it by id (or as the latest run) would write there; a run
+    folder the user names by its path is theirs to resume."""
+    import shutil
+
+    ws = Workspace(tmp_path / "ws")
+    elsewhere = tmp_path / "outside" / "rr"
+    shutil.copytree(unfinished_run, elsewhere)
+    before = {p.name: p.stat().st_mtime_ns for p in elsewhere.iterdir()}
+    ws.runs_dir.mkdir(parents=True)
+    (ws.runs_dir / "rr").symlink_to(elsewhere, target_is_directory=True)
+    ws.set_latest_run("rr")
+    for args in (["--resume", "rr"], ["--resume"]):
+        code, _, err = cli("train", *args, "-w", ws.root, "--no-progress")
+        _one_line(code, err)
+        assert "outside workspace" in err
+        assert {p.name: p.stat().st_mtime_ns for p in elsewhere.iterdir()} == before

@@ -81,9 +81,11 @@ def _subset(ds: Dataset, cfg: TrainConfig) -> Dataset:
     return Subset(ds, range(cfg.train_subset))
 
 
-def train_set(cfg: TrainConfig, ws: Workspace) -> Dataset:
-    """The (augmented) training images of cfg.dataset, cut to --train-subset."""
-    ds = load_dataset(cfg.dataset or "", "train", data_dir=cfg.data_dir, workspace=ws.root, augment=True)
+def train_set(cfg: TrainConfig, ws: Workspace, download: bool = True) -> Dataset:
+    """The (augmented) training images of cfg.dataset, cut to --train-subset; `download` False: only
+    what is on disk (a data_dir read from a run.json is a place to read, never to write)."""
+    ds = load_dataset(cfg.dataset or "", "train", data_dir=cfg.data_dir, workspace=ws.root, augment=True,
+                      download=download)
     return _subset(ds, cfg)
 
 

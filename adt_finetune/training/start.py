@@ -109,7 +109,7 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
     """The session of a run at its very beginning; the same calls in the same order for a
     fresh start and a restart, so both draw the same initial weights and head. `source`: the
     file `cfg` was read from (a restart's run.json), None when the user gave it."""
-    data = train_set(cfg, ws)
+    data = train_set(cfg, ws, download=_may_download(cfg, source))
     set_seed(cfg.seed)
     if base_ref is None:
         from ..zoo import build_architecture
@@ -127,6 +127,11 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
                       world=world)
     session.cfg = with_method_settings(cfg, session.method)  # record the method's own defaults (λ, step size)
     return session
+
+
+def _may_download(cfg: TrainConfig, source: str | None) -> bool:
+    """Whether a missing dataset may be downloaded: not into a data_dir read from a file (`source`)."""
+    return source is None or cfg.data_dir is None
 
 
 # ---------------------------------------------------------------- resume
@@ -211,8 +216,8 @@ def _resume_claimed(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspa
         from ..zoo import model_from_ref
 
         model = model_from_ref(info.base_model, device=str(world.device), source=recorded_in)
-        session = Session(recorded, model, train_set(recorded, ws), dinfo, world.device, eps=eps, reinit_head=False,
-                          world=world)
+        data = train_set(recorded, ws, download=_may_download(recorded, recorded_in))
+        session = Session(recorded, model, data, dinfo, world.device, eps=eps, reinit_head=False, world=world)
         pos = _restore(session, ckpt, ckpt_path, info.id)
         note = f"resuming at epoch {pos.epoch + 1}, step {pos.step_in_epoch} of {session.steps_per_epoch}"
     if not world.is_main:
