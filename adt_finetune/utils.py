@@ -178,6 +178,19 @@ def parse_json_object(text: str | None, flag: str = "--arch-kwargs") -> dict[str
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
+def child_env() -> dict[str, str]:
+    """The environment for an `adt-ft` child process (`python -m ...`): `python -m` puts the current
+    folder (often a workspace someone shares) first on sys.path, where a stray numpy.py would be
+    imported. The child finds adt-ft where this process did, and never the current folder
+    (PYTHONSAFEPATH, Python 3.11+; docs/security.md)."""
+    import site
+
+    package_root = str(Path(__file__).resolve().parents[1])
+    extra = "" if package_root in site.getsitepackages() else package_root  # a source checkout
+    return {**os.environ, "PYTHONSAFEPATH": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (extra, os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def looks_like_checkpoint(name: str | os.PathLike) -> bool:
     """Whether a --model value names a checkpoint file (an existing file, or a checkpoint suffix)
     rather than a zoo name. The one rule for train, eval and the Python API."""

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
+from ..utils import child_env
 from .common import WorkspaceOpt, console, err_console
 
 study_app = typer.Typer(help="Run a study from a study file: every arm fine-tuned from one base model, evaluated "
@@ -76,7 +77,7 @@ def _spawn(workers: int, file: Path, workspace: Path, data_dir, smoke, out, retr
                "--no-progress", "--poll", str(poll)]
     command += (["--data-dir", data_dir] if data_dir else []) + (["--smoke"] if smoke else [])
     command += (["--out", str(out)] if out else []) + (["--retry-failed"] if retry_failed else [])
-    children = [subprocess.Popen(command) for _ in range(workers)]
+    children = [subprocess.Popen(command, env=child_env()) for _ in range(workers)]
     try:
         codes = [c.wait() for c in children]
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import typer
 from ..config import TrainConfig, field_kind
 from ..errors import UserError
 from ..progress import Reporter
+from ..utils import child_env
 from .common import console, method_names
 
 # (help text, panel) per field; a field missing here still gets an option.
@@ -223,16 +224,7 @@ def _launch(nproc: int, kwargs: dict[str, Any]) -> None:
     _check_before_launch(nproc, kwargs)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "adt_finetune", "train", *_option_args(kwargs)]
-    # `python -m` puts the current folder (often the workspace) first on sys.path, where a stray
-    # numpy.py would be imported: the processes find adt-ft where this one did, and never the
-    # current folder (PYTHONSAFEPATH, Python 3.11+; docs/security.md).
-    import site
-
-    package_root = str(Path(__file__).resolve().parents[2])
-    extra = "" if package_root in site.getsitepackages() else package_root  # a source checkout
-    env = {**os.environ, "PYTHONSAFEPATH": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (extra, os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.Popen(command, env=env)
+    proc = subprocess.Popen(command, env=child_env())  # never imports from the current folder
     # A Ctrl-C reaches torchrun from the terminal itself, and torchrun passes it on to the
     # processes, which stop after their step with a checkpoint: this process only waits
     # (interrupting it would kill torchrun before it could). A SIGTERM is passed on.

@@ -16,7 +16,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..progress import Reporter
 from ..run_folder import load_run
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, child_env
 from ..workspace import Workspace
 from .jobs import Job, Progress, entry_name
 from .masking import masking_screen
@@ -153,7 +153,7 @@ class JobRunner:
 
         command = [sys.executable, "-m", "adt_finetune", "train", *args, "--nproc", str(nproc),
                    "--workspace", str(self.ws.root), "--no-progress"]
-        code = subprocess.run(command).returncode
+        code = subprocess.run(command, env=child_env()).returncode  # never imports from the current folder
         if code:
             raise UserError(f"training under torchrun ({nproc} processes) exited with code {code}")
 
