@@ -473,7 +473,7 @@ def test_a_run_is_resumed_by_one_command_at_a_time(tmp_path, unfinished_run):
 def test_an_entry_name_belongs_to_one_eval_at_a_time(tmp_path, evaluated):
     """Two `eval --entry same` at once with different attacks, no --overwrite: both exited 0 and one
     result was gone. The second is refused in one line; the entry is the first one's."""
-    from adt_finetune.evaluation import evaluate_workspace
+    from adt_finetune.evaluation import EvalRequest, evaluate_workspace
     from adt_finetune.progress import Reporter
 
     ws, _ = _copy_ws(evaluated, tmp_path)
@@ -483,7 +483,8 @@ def test_an_entry_name_belongs_to_one_eval_at_a_time(tmp_path, evaluated):
     class DuringTheAttack(Reporter):
         advance = hook
 
-    evaluate_workspace(attacks="fgsm", n_examples=8, entry="same", workspace=ws.root, reporter=DuringTheAttack())
+    evaluate_workspace(EvalRequest(attacks="fgsm", n_examples=8, entry="same", workspace=ws.root),
+                       reporter=DuringTheAttack())
     _refused_busy(seen["result"], "leaderboard entry same")
     entry = json.loads((ws.leaderboard_dir / "fashion-mnist" / "Linf" / "same.json").read_text())
     assert "fgsm" in entry["adt_ft"]["attacks"] and "pgd" not in entry["adt_ft"]["attacks"]
