@@ -343,3 +343,28 @@ def test_training_images_for_attacks_are_a_seeded_sample_of_the_train_split():
     assert x.shape == (50, 1, 28, 28) and record["split"] == "train" and record["n_images"] == 50
     idx = training_sample_indices(60000, 50, seed=0)
     assert record["indices_sha256"] == hashlib.sha256(",".join(map(str, idx)).encode()).hexdigest()
+
+
+def test_nproc_checks_the_device_before_starting_torchrun(cli, workspace, monkeypatch):  # noqa: F811
+    """The README's GPU example on a machine without CUDA: one line, exit 2, and no torchrun started."""
+    import subprocess
+
+    import torch
+
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: started.append(cmd) or 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = cli("eval", "--nproc", "4", "--suite", "aa", "-n", "10", "--device", "cuda", "-w", workspace.root)
+    _one_line_error(code, err)
+    assert "no CUDA device" in err and started == []
+    # On a usable device the same command runs under torchrun, with the options as given
+    # (--run spelled --from-run, which torchrun leaves alone).
+    code, _, err = cli("eval", "--nproc", "2", "--run", "r1", "--attacks", "fgsm", "--no-progress", "--set", "a.b=1",
+                       "--set", "c.d=2", "-w", workspace.root)
+    assert code == 0, err
+    (cmd,) = started
+    assert cmd[cmd.index("--standalone"):cmd.index("eval") + 1] == \
+        ["--standalone", "--nproc-per-node=2", "-m", "adt_finetune", "eval"]
+    rest = cmd[cmd.index("eval") + 1:]
+    assert rest[:2] == ["--from-run", "r1"] and "--nproc" not in rest and "--no-progress" in rest
+    assert rest[rest.index("--set") + 1] == "a.b=1" and rest.count("--set") == 2

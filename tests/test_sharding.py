@@ -177,22 +177,54 @@ def cifar_folder(tmp_path, image_folder):
     return image_folder(tmp_path / "cifar10-images", CIFAR10_CLASSES)[0]
 
 
+def _finished_run(ws, run_id: str) -> None:
+    """A finished run folder in the workspace whose model is the workspace's current model."""
+    from adt_finetune.workspace import ModelRef
+
+    ref = ws.current_model()
+    folder = ws.runs_dir / run_id
+    folder.mkdir(parents=True)
+    shutil.copy(ref.path, folder / "model.pt")
+    model = ModelRef(name=run_id, arch=ref.arch, dataset=ref.dataset, path=str(folder / "model.pt"), source="run",
+                     arch_kwargs=ref.arch_kwargs)
+    (folder / "run.json").write_text(json.dumps({
+        "id": run_id, "status": "finished", "method": "pgd-at", "loss": "ce", "scope": "full", "epochs": 1,
+        "seed": 0, "base_model": ref.to_dict(), "model": model.to_dict()}))
+
+
+def test_torchrun_takes_from_run_but_not_run():
+    """torchrun reads `--run` after `-m adt_finetune eval` as an ambiguous prefix of its own --run-path
+    and exits 2 before adt-ft starts: `--from-run` is the spelling that works under it."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    head = ["--standalone", "--nproc-per-node", "2", "-m", "adt_finetune", "eval"]
+    assert parser.parse_args([*head, "--from-run", "r1", "--suite", "quick"]).training_script_args[:3] == \
+        ["eval", "--from-run", "r1"]
+    for bad in (["--run", "r1"], ["--run=r1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*head, *bad])
+
+
 @pytest.mark.slow
 def test_world_2_and_shards_match_one_process(cli, workspace, tmp_path, cifar_folder,  # noqa: F811
                                               pyautoattack_checkpoint):
     """Both suites at once: the two torchrun worlds run in the background while this process
-    evaluates the same things in one process and as two shards."""
+    evaluates the same things in one process and as two shards. The cheap suite evaluates a run,
+    named with --from-run under torchrun and with --run in one process."""
     ws = workspace.root
+    _finished_run(workspace, "r1")
     cheap = [*CHEAP, "-w", ws]
     aa = ["--model", pyautoattack_checkpoint, "--arch", RESNET, "--dataset", cifar_folder, "--suite", "aa",
           "-n", "2", "--chunk-size", "1", "--set", "autoattack.attacks=apgd-ce", "--no-progress", "-w", ws]
     logs = [tmp_path / "cheap.log", tmp_path / "aa.log"]
-    procs = [_torchrun([*cheap, "--entry", "world2"], logs[0]), _torchrun([*aa, "--entry", "aa-world2"], logs[1])]
+    procs = [_torchrun([*cheap, "--from-run", "r1", "--entry", "world2"], logs[0]),
+             _torchrun([*aa, "--entry", "aa-world2"], logs[1])]
     try:
-        for args, entry in ((cheap, "single"), (aa, "aa-single")):
+        for args, entry in (([*cheap, "--run", "r1"], "single"), (aa, "aa-single")):
             code, out, err = cli("eval", *args, "--entry", entry)
             assert code == 0, err
-        _split_and_merge(cli, cheap, tmp_path / "shards", "sharded", ws)
+        _split_and_merge(cli, [*cheap, "--from-run", "r1"], tmp_path / "shards", "sharded", ws)
         _split_and_merge(cli, aa, tmp_path / "aa-shards", "aa-sharded", ws)
         outs = [_wait(p, log) for p, log in zip(procs, logs)]
     finally:
@@ -207,6 +239,7 @@ def test_world_2_and_shards_match_one_process(cli, workspace, tmp_path, cifar_fo
     single = json.loads((fm / "single.json").read_text())["adt_ft"]
     world2 = json.loads((fm / "world2.json").read_text())["adt_ft"]
     assert (single["chunk_size"], single["shards"], world2["chunk_size"], world2["shards"]) == (8, 1, 8, 2)
+    assert single["run_id"] == world2["run_id"] == "r1"
     assert len(world2["shard_timings_s"]) == 2 and single["a_rob"] == world2["a_rob"]
     cols = read_per_example_csv(fm / "single.per-example.csv")
     assert len(cols["index"]) == 40

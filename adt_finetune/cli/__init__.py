@@ -94,8 +94,10 @@ _REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def _one_line(message: str) -> None:
-    # The message is plain text: file names and module paths must not be read as markup or emoji.
-    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+    # Under torchrun every rank meets the same bad input: rank 0 alone says so, once.
+    if os.environ.get("RANK", "").strip() in ("", "0"):
+        # The message is plain text: file names and module paths must not be read as markup or emoji.
+        err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
     sys.exit(2)
 
 

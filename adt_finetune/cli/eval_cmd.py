@@ -33,15 +33,28 @@ _CHUNK_SIZE = typer.Option(256, "--chunk-size", show_default=True,
                                 "them, so flags do not depend on the split (part of the evaluation, like --seed; "
                                 "batches never exceed it).")
 
+# --from-run first: under torchrun '--run' is an ambiguous prefix of torchrun's own --run-path and
+# torchrun exits before adt-ft starts; '--run' stays for plain adt-ft.
+_RUN = typer.Option(None, "--from-run", "--run", help="Run id or run folder (default: the latest run); --run is the "
+                                                      "same outside torchrun.")
+_NPROC = typer.Option(None, "--nproc", help="Evaluate on N processes on this machine: checks the device, then runs "
+                                            "this command under 'torchrun --standalone --nproc-per-node N' (one per "
+                                            "GPU).")
+
+_AMP = typer.Option(False, "--amp", help="Run the fixed-step gradient attacks (fgsm, pgd, mim, cw) under bf16 "
+                                 "autocast; verdicts are always the fp32 model's, and attacks that "
+                                 "stop early or pick among samples stay fp32.")
+
 
 def eval_cmd(
+    ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name or checkpoint file (default: the "
                                                                     "latest run, else the current model)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="With a checkpoint file: zoo name or package.module:Class."),
     arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="JSON constructor arguments for a "
                                                                           "package.module:Class --arch, e.g. "
                                                                           "'{\"width\": 16}'."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run id or run folder (default: the latest run)."),
+    run: Optional[str] = _RUN,
     suite: Optional[str] = typer.Option(None, "--suite", "-s", help="paper, aa, aa-parts, quick, full or "
                                                                     "wasserstein (default paper).",
                                         show_default=False),
@@ -77,20 +90,22 @@ def eval_cmd(
     shard: Optional[str] = _SHARD,
     shard_dir: Optional[Path] = _SHARD_DIR,
     chunk_size: int = _CHUNK_SIZE,
-    amp: bool = typer.Option(False, "--amp", help="Run the fixed-step gradient attacks (fgsm, pgd, mim, cw) under bf16 "
-                                                  "autocast; verdicts are always the fp32 model's, and attacks that "
-                                                  "stop early or pick among samples stay fp32."),
+    amp: bool = _AMP,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    nproc: Optional[int] = _NPROC,
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Evaluate a model (default: the latest run) with an attack suite; write a leaderboard entry.
     Under torchrun the ranks share the examples and rank 0 writes the entry."""
     from ..distributed import is_main_process
+
+    if nproc is not None:  # checks the device here, then starts torchrun with this command
+        return _launch(nproc, device, ctx)
     from ..evaluation import EvalRequest, ShardRecord, evaluate_workspace
     from ..utils import parse_json_object
     from .report import reporter
 
-    main_rank = is_main_process()
+    main_rank = is_main_process()  # read before any work: rank 0 alone prints
     if suite is not None and attacks is not None:
         raise UserError(f"give --suite {suite} or --attacks {attacks}, not both: a suite is a list of attacks")
     request = EvalRequest(model=model, arch=arch, arch_kwargs=parse_json_object(arch_kwargs), run=run, suite=suite,
@@ -107,12 +122,53 @@ def eval_cmd(
             err_console.print("interrupted: finished batches are saved; run the same command with --resume to "
                               "continue", highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(130) from None
-    if rec is None:  # a torchrun rank other than 0: rank 0 reports
-        return
     if isinstance(rec, ShardRecord):
         _print_shard(rec, workspace)
-    else:
+    elif rec is not None:  # None: a torchrun rank other than 0 (rank 0 reports)
         print_record(rec)
+
+
+def _command_line_args(ctx) -> list[str]:
+    """This command's options as given on the command line (not defaults), for the ranks torchrun starts."""
+    args: list[str] = []
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name)
+        if p.name == "nproc" or source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[p.name]
+        if getattr(p, "is_flag", False):
+            args.append(p.opts[0] if value else p.secondary_opts[0])
+            continue
+        for v in (value if getattr(p, "multiple", False) else [value]):
+            args += [p.opts[0], str(v)]  # the first spelling: --from-run, which torchrun leaves alone
+    return args
+
+
+def _launch(nproc: int, device: str, ctx: typer.Context) -> None:
+    """`adt-ft eval --nproc N`: check what every rank would refuse alike (the device) here, as one line,
+    then run the same command under `torchrun --standalone --nproc-per-node N`."""
+    import os
+    import subprocess
+    import sys
+
+    from ..utils import resolve_device
+
+    if os.environ.get("WORLD_SIZE"):
+        raise UserError("--nproc starts torchrun itself: drop it when the command already runs under torchrun")
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise UserError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) on this machine: give at "
+                            "most one process per GPU")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "adt_finetune", "eval", *_command_line_args(ctx)]
+    code = subprocess.call(command)
+    if code:
+        raise typer.Exit(code)
 
 
 def _print_shard(rec, workspace: Path) -> None:
