@@ -103,6 +103,16 @@ def format_eps(eps: float) -> str:
     return f"{eps:.4g}"
 
 
+# Seeds reach numpy, whose seeds are 32-bit, and torch generators as seed × a constant in 64 bits.
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: int) -> None:
+    """UserError for a seed the random generators cannot take (torch's is 64-bit, numpy's 32-bit)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"seed must be a whole number in [0, {SEED_LIMIT - 1}], got {seed}")
+
+
 def set_seed(seed: int) -> None:
     import numpy as np
     import torch

@@ -111,6 +111,12 @@ def test_compare_resamples_are_capped(cli, tmp_path):
     assert code == 0, err
 
 
+def test_bench_seed_out_of_range(cli, tmp_path):
+    code, _, err = cli("bench", "--methods", "none", "--attacks", "fgsm", "--seed", "1180591620717411303424",
+                       "-w", tmp_path)
+    assert "seed must be a whole number in [0, 4294967295]" in one_line_error(code, err)
+
+
 def test_bench_arch_arguments_torch_refuses(cli, tmp_path):
     code, _, err = cli("bench", "--arch-kwargs", '{"width": -3}', "--methods", "none", "--attacks", "fgsm")
     one_line_error(code, err)

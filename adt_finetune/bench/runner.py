@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..methods import LOSSES, METHODS, check_loss
 from ..precision import check_dtype
 from ..progress import Reporter, as_reporter
+from ..utils import check_seed
 from .items import attack_item, method_item
 from .model import bench_device
 from .results import BenchResult, BenchRow, fill_ratios
@@ -55,6 +56,7 @@ def run_benchmark(
     with `strict`). `reporter` hears which item is being set up and timed.
     """
     dev, dtype, info = _check_run(batch_size, steps, warmup, device, dtype, dataset, losses)
+    check_seed(seed)
     method_names = _with_baseline(pick(methods, METHODS, "method", list(METHODS)), METHOD_BASELINE)
     default_attacks = PAPER_ATTACKS if dev.type == "cuda" else CPU_DEFAULT_ATTACKS
     attack_names = _with_baseline(pick(attacks, ATTACKS, "attack", default_attacks), ATTACK_BASELINE)

@@ -331,7 +331,8 @@ def _recipes(workspace: Path = _RECIPES_WORKSPACE) -> None:
 def register(app: typer.Typer) -> None:
     params = _config_parameters() + [
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--resume", help="Continue a stopped run from its checkpoint (RUN, default: the latest run).",
+            False, "--resume", help="Continue a stopped run from its checkpoint (RUN, default: the latest unfinished "
+            "run).",
             rich_help_panel="Run")),
         inspect.Parameter("run", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Argument(
             None, metavar="[RUN]", help="With --resume: the run id or folder to continue.", show_default=False)),

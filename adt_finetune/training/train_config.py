@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import TrainConfig, coerce_setting, field_kind, find_recipe, read_recipe
 from ..errors import UserError
-from ..utils import format_eps
+from ..utils import check_seed, format_eps
 
 DEFAULT_LR = {"full": 0.01, "last-layer": 0.1}
 SCOPES = ("full", "last-layer")
@@ -127,10 +127,6 @@ def validate_config(cfg: TrainConfig) -> None:
                         "or drop arch_kwargs")
 
 
-# Seeds reach numpy, whose seeds are 32-bit, and torch generators as seed × a constant in 64 bits.
-SEED_LIMIT = 2**32
-
-
 def _check_ranges(cfg: TrainConfig) -> None:
     """Settings whose type is right but whose value the optimiser or method cannot use: refused here,
     before anything loads, rather than by torch mid-start (a traceback) or never (a silently wrong run)."""
@@ -147,8 +143,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
     if any(m < 1 for m in cfg.milestones):
         raise UserError(f"milestones are 1-based epoch numbers, so each must be at least 1, got "
                         f"{','.join(map(str, cfg.milestones))}")
-    if not 0 <= cfg.seed < SEED_LIMIT:
-        raise UserError(f"seed must be a whole number in [0, {SEED_LIMIT - 1}], got {cfg.seed}")
+    check_seed(cfg.seed)
 
 
 def default_loss(method: str) -> str:
