@@ -201,3 +201,24 @@ def test_unpacked_files_in_torchvisions_layout_read_the_same(tmp_path, fmnist_te
     theirs = datasets.FashionMNIST(str(tmp_path / "d"), train=False, transform=transforms.ToTensor())
     tx, ty = as_tensors(theirs, 500)
     assert torch.equal(x, tx) and torch.equal(y, ty)
+
+
+def test_cifar_batches_are_checked_before_they_are_unpickled(tmp_path):
+    """CIFAR's python batches are pickles: torchvision's reader (kept for them) unpickles a file only
+    after its MD5 is the published one, so a crafted batch in a data folder never runs."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    folder = tmp_path / "d" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ["batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6))]:
+        (folder / name).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError) as refused:
+        load_dataset("cifar10", "test", data_dir=tmp_path / "d")
+    assert "does not match cifar10's published checksums" in str(refused.value) and str(folder) in str(refused.value)
+    assert not marker.exists()
