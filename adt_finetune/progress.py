@@ -31,6 +31,11 @@ class Reporter:
     def advance(self, key: str, n: int = 1, status: str | None = None) -> None:
         """`n` more units of task `key` are done; `status` replaces its short status text."""
 
+    def update(self, key: str, completed: float, status: str | None = None) -> None:
+        """Task `key` has `completed` units done, a fraction of a unit included: how far a long attack
+        is inside its batch (steps, restarts, targets, AutoAttack's parts), so that the bar and its
+        time estimate move while one batch holds every image."""
+
     def finish(self, key: str) -> None:
         """Task `key` is over (a display may keep or drop its bar)."""
 

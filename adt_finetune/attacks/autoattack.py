@@ -125,11 +125,62 @@ class AutoAttackLinf(Attack):
                 adversary.attacks_to_run = [self.part]
             adversary.verbose = self.verbose
             # The whole batch at once: the evaluation layer has already batched.
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+            with self._following_parts(model, adversary):
+                x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
         # pyautoattack leaves robust points at x and projects its own points; projecting
         # again only guards the ε-ball guarantee against float round-off. The robust flag
         # is then computed from the model on exactly what is returned.
         return project_linf(x_adv.to(x.device, x.dtype), x, self.eps)
+
+
+    @contextlib.contextmanager
+    def _following_parts(self, model: nn.Module, adversary) -> Iterator[None]:
+        """Progress inside pyautoattack's run, which runs its parts internally: each sub-attack's
+        `perturb` is wrapped (on this adversary only) to learn which part runs, and a forward hook
+        on the model counts its passes against the part's budget of passes (iterations × restarts
+        × target classes, Square's queries). Parts that stop early jump ahead."""
+        parts = list(adversary.attacks_to_run)
+        state = {"part": -1, "passes": 0, "budget": 1, "name": ""}
+
+        def budget(obj, name: str) -> int:
+            restarts = getattr(obj, "n_restarts", 1) or 1
+            if name == "square":
+                return max(1, int(getattr(obj, "n_queries", 5000)))
+            iters = int(getattr(obj, "n_iter", 100)) * int(getattr(obj, "eot_iter", 1) or 1)
+            targets = int(getattr(obj, "n_target_classes", 1)) if name.endswith("-t") else 1
+            return max(1, restarts * iters * targets * (2 if name.startswith("fab") else 1))  # FAB: 2 passes/iter
+
+        def report() -> None:
+            done = state["part"] + min(state["passes"] / state["budget"], 0.99)
+            self.within_batch(done / max(1, len(parts)), f"{state['name']} ({state['part'] + 1}/{len(parts)}), "
+                                                         f"{state['passes']} passes")
+
+        def wrap(obj, name_of):
+            original = obj.perturb
+
+            def perturb(*args, **kwargs):
+                name = name_of()
+                state.update(part=min(state["part"] + 1, len(parts) - 1), passes=0, budget=budget(obj, name),
+                             name=name)
+                report()
+                return original(*args, **kwargs)
+
+            obj.perturb = perturb  # an instance attribute: the class stays untouched
+
+        wrap(adversary.apgd, lambda: f"apgd-{adversary.apgd.loss}")
+        wrap(adversary.apgd_targeted, lambda: "apgd-t")
+        wrap(adversary.fab, lambda: "fab-t" if adversary.fab.targeted else "fab")
+        wrap(adversary.square, lambda: "square")
+
+        def counted(*_):
+            state["passes"] += 1
+            report()
+
+        hook = model.register_forward_hook(counted)
+        try:
+            yield
+        finally:
+            hook.remove()
 
 
 class AutoAttackPart(AutoAttackLinf):

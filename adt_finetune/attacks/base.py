@@ -68,6 +68,17 @@ class Attack:
             raise UserError(f"attack {self.name!r} has no setting {next(iter(settings))!r}")
         self._reporter: Reporter = as_reporter(None)
         self._cache_dir: Path | None = None
+        self._within: "Callable[[float, str], None] | None" = None
+
+    def follow(self, callback: "Callable[[float, str], None] | None") -> None:
+        """Who hears `within_batch` (the engine, while it attacks a batch; None: nobody)."""
+        self._within = callback
+
+    def within_batch(self, fraction: float, status: str = "") -> None:
+        """How far the attack is inside the batch it is attacking (0 to 1) and what it is doing
+        ("step 40/100"): long attacks call it from their loops, so progress moves within a batch."""
+        if getattr(self, "_within", None) is not None:
+            self._within(min(max(float(fraction), 0.0), 1.0), status)
 
     def bind(self, *, reporter: "Reporter | None" = None, cache_dir: "str | os.PathLike | None" = None) -> None:
         """What the engine lends an attack before `prepare`: where to report long preparation

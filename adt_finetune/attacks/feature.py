@@ -152,11 +152,17 @@ class FeatureAttack(Attack):
         with self._open_tap() as tap:
             for lo in range(0, len(x), images_per_group):
                 hi = min(lo + images_per_group, len(x))
+
+                def report(step: int, lo: int = lo, hi: int = hi) -> None:
+                    # M copies × (steps + 1) rounds per group of images; a group stops early when all break
+                    self.within_batch((lo + (hi - lo) * step / (self.steps + 1)) / len(x),
+                                      f"images {lo + 1}–{hi} of {len(x)}, step {step}/{self.steps}")
+
                 x_adv[lo:hi], robust[lo:hi] = self._attack_group(
-                    model, tap, x[lo:hi], y[lo:hi], target_idx[lo:hi], generators[lo:hi])
+                    model, tap, x[lo:hi], y[lo:hi], target_idx[lo:hi], generators[lo:hi], report)
         return AttackResult(x_adv, robust)
 
-    def _attack_group(self, model, tap, x, y, target_idx, generators):
+    def _attack_group(self, model, tap, x, y, target_idx, generators, report=lambda step: None):
         """All M copies of a few images; copy m of image i is row i·M + m."""
         n_images, m_copies = len(x), self.targets
         x_rep = x.repeat_interleave(m_copies, 0)
@@ -209,6 +215,7 @@ class FeatureAttack(Attack):
                 break
             x_cur[work] = stepped
             active = active[~broken]
+            report(step + 1)
             if len(active) == 0:
                 break
         return x_out, robust

@@ -42,8 +42,10 @@ class SignGradientAttack(Attack):
         # The base __call__ has put the model in eval mode and detached x.
         init = uniform_start(x, self.eps, example_generators(x, f"{self.name}:{self.seed}")) \
             if self.random_start else None
-        return sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                                    loss_fn=self.loss, start=None, momentum=self.momentum(), init=init)
+        steps = self.steps
+        return sign_gradient_ascent(model, x, y, eps=self.eps, step_size=self.step_size, steps=steps,
+                                    loss_fn=self.loss, start=None, momentum=self.momentum(), init=init,
+                                    on_step=lambda i: self.within_batch(i / steps, f"step {i}/{steps}"))
 
 
 @register_attack("fgsm")

@@ -53,6 +53,11 @@ class RichReporter(Reporter):
         else:
             self._progress.update(task, advance=n, status=status)
 
+    def update(self, key: str, completed: float, status: str | None = None) -> None:
+        task = self._tasks.get(key)
+        if task is not None:
+            self._progress.update(task, completed=completed, **({} if status is None else {"status": status}))
+
     def finish(self, key: str) -> None:
         self._tasks.pop(key, None)
 

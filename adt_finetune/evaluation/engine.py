@@ -33,6 +33,7 @@ same flags as one process. The per-example file is described in `result`.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,7 +363,11 @@ class _Run:
         for b in batches:
             ids = torch.from_numpy(pool[b.start:b.stop])
             xb, yb = self.x[ids].to(device), self.y[ids].to(device)
-            robust = self._attack_batch(attack, xb, yb, b.key, st)
+            attack.follow(_within_batch(self.reporter, name, len(st["robust"]), len(ids)))
+            try:
+                robust = self._attack_batch(attack, xb, yb, b.key, st)
+            finally:
+                attack.follow(None)
             robust_so_far += int(robust.sum())
             if len(st["robust"]) == len(pool):
                 st["done"] = True
@@ -437,6 +442,26 @@ def _running_acc(robust: int, done: int, pool: int, n_total: int) -> str:
     if done == 0:
         return "acc   —  "
     return f"acc {100.0 * robust / done * pool / n_total:6.2f}%"
+
+
+#: the clock progress inside a batch is throttled by (tests put a fake one here)
+progress_clock = time.monotonic
+#: at most this many progress updates per second from inside a batch
+PROGRESS_UPDATES_PER_S = 4.0
+
+
+def _within_batch(reporter: Reporter, key: str, done: int, size: int):
+    """The callback an attack reports its progress inside a batch to: `done` examples finished before
+    this batch of `size`; updates at most PROGRESS_UPDATES_PER_S times a second (the first always)."""
+    last = [-math.inf]
+
+    def update(fraction: float, status: str) -> None:
+        now = progress_clock()
+        if now - last[0] >= 1.0 / PROGRESS_UPDATES_PER_S:
+            last[0] = now
+            reporter.update(key, done + fraction * size, status or None)
+
+    return update
 
 
 def _rng_devices(device: torch.device) -> list[int]:

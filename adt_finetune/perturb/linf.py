@@ -53,6 +53,7 @@ def sign_gradient_ascent(
     momentum: float | None = None,
     generator: torch.Generator | None = None,
     init: torch.Tensor | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """x' maximising loss_fn within the L∞ ε-ball: `steps` sign steps of `step_size`.
 
@@ -61,11 +62,12 @@ def sign_gradient_ascent(
     parameters. The caller decides the model's mode (attacks use eval mode).
     `init`, when given, is the starting point instead of `start` (projected onto
     the ball first): the evaluation attacks draw their random starts per example.
+    `on_step(i)` is called after step i (1-based): attacks report their progress with it.
     """
     x = x.detach()
     x_adv = random_start(x, eps, start, generator) if init is None else project_linf(init.detach().clone(), x, eps)
     velocity = torch.zeros_like(x) if momentum is not None else None
-    for _ in range(steps):
+    for i in range(steps):
         x_adv.requires_grad_(True)
         loss = loss_fn(model(x_adv), y).sum()  # sum: each example's gradient is its own
         (grad,) = torch.autograd.grad(loss, x_adv)
@@ -75,6 +77,8 @@ def sign_gradient_ascent(
                 velocity.mul_(momentum).add_(grad / norm)
                 grad = velocity
             x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+        if on_step is not None:
+            on_step(i + 1)
     return x_adv.detach()
 
 
