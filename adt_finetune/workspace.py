@@ -34,12 +34,20 @@ def check_plain_name(value: Any, what: str) -> str:
     return value
 
 
+def _refuse_link(lock_path: Path) -> None:
+    # Older filelock versions open the lock file with O_TRUNC, following a link: a lock file linked to
+    # ~/.bashrc would empty it.
+    if lock_path.is_symlink():
+        raise UserError(f"{lock_path} is a link ({lock_path.resolve()}), not a lock file adt-ft made: delete it")
+
+
 def claim(lock_path: Path, busy: str) -> Any:
     """Take the lock file `lock_path` for as long as the returned lock is held (`.release()`; the
     operating system drops it when the process ends, kill -9 included); UserError `busy` at once
     when another process holds it. How a command owns a run or an entry name for its whole life."""
     from filelock import FileLock, Timeout
 
+    _refuse_link(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path), timeout=0)
     try:
@@ -191,6 +199,7 @@ class Workspace:
             raise UserError(f"{self.state_path.parent} is a file, not adt-ft's state folder: move it away") from None
         except PermissionError:
             raise UserError(f"workspace {self.root} is not writable: choose another --workspace") from None
+        _refuse_link(Path(str(self.state_path) + ".lock"))
         try:
             with FileLock(str(self.state_path) + ".lock"):
                 # Every write happens under this lock, so a temporary here now is a killed command's.

@@ -572,3 +572,41 @@ def test_resume_never_writes_into_a_run_linked_out_of_the_workspace(tmp_path, cl
         _one_line(code, err)
         assert "outside workspace" in err
         assert {p.name: p.stat().st_mtime_ns for p in elsewhere.iterdir()} == before
+
+
+def test_partial_results_and_lock_files_are_never_links(tmp_path, cli, evaluated):
+    """A link planted where eval keeps an entry's partial results, or where a lock file goes (older
+    filelock versions truncate what a lock file links to), is refused; its target is untouched."""
+    ws, outside = _copy_ws(evaluated, tmp_path)
+    precious = outside / "precious.txt"
+    precious.write_text("keep me\n")
+    partial = ws.root / ".adt-ft" / "eval" / "fashion-mnist" / "Linf"
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "new").symlink_to(outside, target_is_directory=True)
+    code, _, err = _eval(cli, ws, "--resume")
+    _one_line(code, err)
+    assert "outside workspace" in err
+    (partial / "new").unlink()
+    (partial / "new.lock").unlink(missing_ok=True)
+    (partial / "new.lock").symlink_to(precious)
+    code, _, err = _eval(cli, ws)
+    _one_line(code, err)
+    assert "is a link" in err
+    assert precious.read_text() == "keep me\n" and sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+
+
+def test_pull_never_downloads_through_a_link(tmp_path, cli, monkeypatch):
+    """models/ -> elsewhere: a zoo download would land there; refused before RobustBench is asked."""
+    from adt_finetune.zoo import robustbench_compat
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "models").symlink_to(outside, target_is_directory=True)
+    monkeypatch.delenv("ADT_FT_OFFLINE", raising=False)
+    asked = []
+    monkeypatch.setattr(robustbench_compat, "robustbench_utils", lambda: asked.append(1))
+    code, _, err = cli("pull", "Zhang2019Theoretically", "-w", tmp_path / "ws")
+    _one_line(code, err)
+    assert "outside workspace" in err and not asked
+    _nothing_outside(outside)

@@ -349,7 +349,7 @@ def _training_data(names: list[str], dataset: str, seed: int, data_dir, root: Pa
 
 def _evaluate_parts(job: _Job) -> tuple[ShardPart, ShardPart | None]:
     """This process's shard of the evaluation (and of the base model's, with --baseline)."""
-    dirs = [job.partial_dir(), job.partial_dir(baseline=True)]
+    dirs = [job.ws.inside(d, "partial results") for d in (job.partial_dir(), job.partial_dir(baseline=True))]
     if not job.resume:
         for d in dirs:
             if d.exists():
