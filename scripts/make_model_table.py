@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Regenerate adt_finetune/zoo/model_info.json from RobustBench's model_info files.
 
-    python scripts/make_model_table.py [FOLDER] [--out PATH]
+    python scripts/make_model_table.py ROBUSTBENCH/model_info [--out PATH]
 
-FOLDER is RobustBench's model_info tree (<dataset>/<threat_model>/<Name>.json;
-default ../shared/data/robustbench-model-info relative to the repository root).
+FOLDER is RobustBench's model_info tree (<dataset>/<threat_model>/<Name>.json), the
+model_info/ folder of a clone of https://github.com/RobustBench/robustbench (the PyPI
+package does not ship it); without it, ../robustbench/model_info beside this checkout.
 RobustBench's installed model table is consulted for how each checkpoint is served
 (one Google-Drive file, an ensemble of files, timm) and names that have a
 checkpoint but no model_info file are added with what is known.
@@ -108,13 +109,15 @@ def dump(table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("folder", nargs="?", default=str(REPO.parent / "shared" / "data" / "robustbench-model-info"),
-                        help="RobustBench's model_info folder")
+    parser.add_argument("folder", nargs="?", default=str(REPO.parent / "robustbench" / "model_info"),
+                        help="RobustBench's model_info folder (from a clone of its repository)")
     parser.add_argument("--out", default=str(TABLE_PATH), help="where to write the table")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     if not folder.is_dir():
-        parser.error(f"{folder} is not a folder: give the path of RobustBench's model_info tree")
+        print(f"error: no RobustBench model_info tree at {folder}: clone https://github.com/RobustBench/robustbench "
+              "and give its model_info/ folder as the argument", file=sys.stderr)
+        return 2
     table = build_table(folder)
     atomic_write_text(args.out, dump(table))
     counts = ", ".join(f"{ds}/{tm} {len(rows)}" for ds, by_tm in table["models"].items() for tm, rows in by_tm.items())

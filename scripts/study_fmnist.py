@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The CPU-scale Fashion-MNIST study of issue 6, as one command.
+"""The CPU-scale Fashion-MNIST study (README, "The Fashion-MNIST study"), as one command.
 
     python scripts/study_fmnist.py [--workspace study-ws] [--out leaderboard/fashion-mnist/Linf] [--smoke]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The robust-base study of issue 14, as one command.
+"""The robust-base study (README, "The robust-base study"), as one command.
 
     python scripts/study_robust.py [--workspace study-robust-ws] [--out leaderboard/robust-base] [--smoke]
 
