@@ -9,6 +9,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -37,6 +39,45 @@ def _watch_one_forward(model: nn.Module, example: torch.Tensor, handles: list) -
             h.remove()
 
 
+# Modules that pass a map on without making a new one (`nn.Identity`: ConvNeXt's `norm_pre`, a
+# transformer's `k_norm`): tapping them would name a layer that did not produce the map.
+_NOT_A_PRODUCER = (nn.Identity, nn.Dropout)
+
+
+def _is_feature_map(output) -> bool:
+    """A spatial map (B, C, H, W) with more than one position, or a token sequence (B, N, D) with more
+    than one token: what a transformer has before its pooling (class token or mean). A pooled
+    sequence (B, D, 1) is neither. A spatial pool that keeps a map (SmallCNN's and AlexNet's
+    adaptive pools to 4×4 and 6×6) is still a spatial map."""
+    if not isinstance(output, torch.Tensor):
+        return False
+    if output.dim() == 4:
+        return output.shape[-1] * output.shape[-2] > 1
+    return output.dim() == 3 and output.shape[1] > 1 and output.shape[2] > 1
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor | None]]:
+    """(module, output) for every submodule call of one forward pass, in the order the calls finish;
+    the output only where it is a feature map (see `_is_feature_map`), else None."""
+    events: list[tuple[nn.Module, torch.Tensor | None]] = []
+
+    def on_output(module, inputs, output):
+        keep = not isinstance(module, _NOT_A_PRODUCER) and _is_feature_map(output)
+        events.append((module, output if keep else None))
+
+    _watch_one_forward(model, example, [m.register_forward_hook(on_output) for m in model.modules() if m is not model])
+    return events
+
+
+def _last_linear(model: nn.Module, events) -> nn.Linear:
+    linears = [m for m, _ in events if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"{type(model).__name__} has no nn.Linear layer in its forward pass (binary or otherwise "
+                        "custom final layer): fine-tuning and the feature attack need one, so only the other "
+                        "attacks can evaluate it")
+    return linears[-1]
+
+
 def find_last_linear(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Linear]:
     """The last nn.Linear that the forward pass reaches, found by running it once.
 
@@ -44,12 +85,8 @@ def find_last_linear(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.L
     watch a forward pass instead of trusting `named_modules()`.
     """
     names = {m: n for n, m in model.named_modules()}
-    seen: list[nn.Module] = []
-    _watch_one_forward(model, example, [m.register_forward_hook(lambda mod, i, o: seen.append(mod))
-                                        for m in model.modules() if isinstance(m, nn.Linear)])
-    if not seen:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer in its forward pass")
-    return names[seen[-1]], seen[-1]
+    head = _last_linear(model, _trace(model, example))
+    return names[head], head
 
 
 class FeatureTap:
@@ -76,40 +113,82 @@ class FeatureTap:
 FEATURE_LAYERS = ("pre-pool", "penultimate")
 
 
-def find_feature_map(model: nn.Module, example: torch.Tensor, head: nn.Module) -> tuple[str, nn.Module] | None:
-    """The module whose output is the last spatial feature map (4-D, more than 1×1) produced
-    before `head` (the final linear layer) runs, or None if there is none.
-
-    Found by watching one forward pass, so it works when the global pooling is a
-    functional call (RobustBench's WideResNet ends `relu(bn(x))`, then `F.avg_pool2d`):
-    the map that feeds the pooling is the last 4-D module output. A 1×1 map is
-    already pooled and does not count. Containers report the same tensor as their
-    last child, and an in-place activation returns its input tensor: of the modules
-    that produced the final map, the last leaf module is kept (`relu`, not `bn1` or the
-    block that contains them).
-    """
-    names = {m: n for n, m in model.named_modules()}
-    seen: list[tuple[nn.Module, torch.Tensor]] = []
-    state = {"head_ran": False}
-
-    def on_output(module, inputs, output):
-        if (not state["head_ran"] and isinstance(output, torch.Tensor) and output.dim() == 4
-                and output.shape[-1] * output.shape[-2] > 1):
-            seen.append((module, output))
-
-    def on_head(module, inputs):
-        state["head_ran"] = True
-
-    handles = [m.register_forward_hook(on_output) for m in model.modules() if m is not model]
-    handles.append(head.register_forward_pre_hook(on_head))
-    _watch_one_forward(model, example, handles)
+def _map_before(events, head: nn.Module) -> nn.Module | None:
+    """Of the feature maps finished before `head` first ran, the module that produced the last one."""
+    first_head = next((i for i, (m, _) in enumerate(events) if m is head), len(events))
+    seen = [(m, out) for m, out in events[:first_head] if out is not None]
     if not seen:
         return None
     last = seen[-1][1]
     producers = [m for m, out in seen if out is last]
     leaves = [m for m in producers if next(m.children(), None) is None]
-    module = (leaves or producers)[-1]
-    return names[module], module
+    return (leaves or producers)[-1]
+
+
+def find_feature_map(model: nn.Module, example: torch.Tensor, head: nn.Module) -> tuple[str, nn.Module] | None:
+    """The module whose output is the last feature map produced before `head` (the final linear
+    layer) runs, or None if there is none: for a CNN the last spatial map (4-D, more than 1×1) before
+    global pooling, for a transformer the tokens (3-D, more than one token) before pooling.
+
+    Found by watching one forward pass, so it works when the global pooling is a
+    functional call (RobustBench's WideResNet ends `relu(bn(x))`, then `F.avg_pool2d`):
+    the map that feeds the pooling is the last module output of that shape. A 1×1 map is
+    already pooled and does not count, nor do identity and dropout modules. Containers
+    report the same tensor as their last child, and an in-place activation returns its input
+    tensor: of the modules that produced the final map, the last leaf module is kept (`relu`, not
+    `bn1` or the block that contains them). A transformer's attention tensors (4-D) come before its
+    final norm's tokens, so they are never the last map.
+    """
+    module = _map_before(_trace(model, example), head)
+    return None if module is None else ({m: n for n, m in model.named_modules()}[module], module)
+
+
+def find_head_and_feature_map(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Linear, str | None]:
+    """`find_last_linear` and `find_feature_map` from one forward pass: (head name, head, tap name or None)."""
+    names = {m: n for n, m in model.named_modules()}
+    events = _trace(model, example)
+    head = _last_linear(model, events)
+    tap = _map_before(events, head)
+    return names[head], head, None if tap is None else names[tap]
+
+
+def head_refusal(head: nn.Linear, name: str, num_classes: int) -> str | None:
+    """Why the last linear layer is not a classifier head (it does not give one logit per class, as in
+    an adaptive ensemble whose mixing network runs last), or None when it is one."""
+    if head.out_features == num_classes:
+        return None
+    return (f"its last linear layer {name} gives {head.out_features} outputs, not the {num_classes} class logits "
+            "(a mixing network runs after the classifiers): there is no classifier head to fine-tune or tap")
+
+
+def train_mode_refusal(model: nn.Module, example: torch.Tensor, only: nn.Module | None = None) -> str | None:
+    """Why `model` cannot run a forward pass in train mode (its forward asserts eval mode, as
+    RobustBench's MixedNUTS ensembles do for their base classifiers), or None when it can. With
+    `only`, just that submodule is in train mode (--scope last-layer: the head), the rest in eval.
+
+    One forward of `example` (two images or more: BatchNorm needs them in train mode) with the
+    model's buffers (BatchNorm statistics), modes and random streams restored afterwards, so checking
+    changes nothing.
+    """
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    flags = [(m, m.training) for m in model.modules()]
+    devices = [example.device] if example.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            model.train(only is None)
+            if only is not None:
+                only.train()
+            model(example)
+    except AssertionError as e:
+        first_line = (str(e).strip().splitlines() or ["an assertion fails"])[0]  # the message stays one line
+        return f"its forward pass refuses train mode ({first_line})"
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return None
 
 
 class OutputTap:

@@ -26,12 +26,18 @@ def models_cmd(
     dataset: str = DatasetOpt,
     threat_model: str = ThreatOpt,
     workspace: Path = WorkspaceOpt,
+    check: bool = typer.Option(False, "--check", help="Build the architecture(s) with random weights (nothing is "
+                                                      "downloaded) and say which training scopes and attacks apply, "
+                                                      "and why not where they do not."),
 ) -> None:
     """List RobustBench zoo entries with their reported accuracies."""
     from ..workspace import Workspace
     from ..zoo import search
 
     ws = Workspace(workspace)
+    if check:
+        _check(query, dataset, threat_model)
+        return
     entries = search(query, dataset, threat_model)
     if not entries:
         raise UserError(f"no {dataset}/{threat_model} zoo entry matches {query!r}: try a shorter query, "
@@ -56,6 +62,37 @@ def models_cmd(
         status = "yes" if present else ("no" if e.loadable else "-")
         table.add_row(e.name, e.architecture, _pct(e.clean_acc), _pct(e.robust_acc),
                       "yes" if e.additional_data else "no", status)
+    console.print(table)
+
+
+def _check(query: str | None, dataset: str, threat_model: str) -> None:
+    """`models --check`: one entry in detail (an exact name, alias or unique prefix), else a table."""
+    from ..zoo import resolve_name, search
+    from ..zoo.support import check_entry
+
+    try:
+        entries = [resolve_name(query, dataset, threat_model)] if query else []
+    except UserError:
+        entries = []
+    if entries:
+        support = check_entry(entries[0])
+        for line in support.lines():
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+        return
+    entries = [e for e in search(query, dataset, threat_model) if e.loadable]
+    if not entries:
+        raise UserError(f"no loadable {dataset}/{threat_model} zoo entry matches {query!r}: "
+                        "adt-ft models lists them")
+    table = Table(title=f"RobustBench {entries[0].dataset} / {entries[0].threat_model}: what adt-ft can do "
+                        f"with {len(entries)} architectures (random weights, nothing downloaded)")
+    table.add_column("name", style="bold", no_wrap=True, min_width=max(len(e.name) for e in entries))
+    for column in ("verdict", "head", "feature tap", "why not"):
+        table.add_column(column)
+    cache: dict = {}
+    with console.status("building architectures"):
+        for entry in entries:
+            s = check_entry(entry, cache)
+            table.add_row(entry.name, s.verdict, s.head or "-", s.tap or "-", "; ".join(s.why) or "-")
     console.print(table)
 
 

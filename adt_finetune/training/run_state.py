@@ -33,7 +33,7 @@ from ..config import TrainConfig
 from ..data import DatasetInfo
 from ..distributed import World, all_reduce_sum_
 from ..errors import UserError
-from ..nets import eval_mode, find_last_linear, unusable_tensors
+from ..nets import eval_mode, find_last_linear, head_refusal, train_mode_refusal, unusable_tensors
 from . import parallel
 from .batches import _SeededAugmentation, epoch_batches
 
@@ -151,6 +151,7 @@ class Session:
         # Through the seeded wrapper when there is one, so finding the head draws nothing from the global RNG.
         first_image = (self.augmented if self.augmented is not None else train_set)[0][0]
         self.head_name, self.head = find_last_linear(self.model, first_image.unsqueeze(0).to(device))
+        self._refuse_untrainable(info, device)
         self._set_scope(reinit_head)
         # --sync-bn only matters with several processes; one process keeps its plain BatchNorm.
         self.sync_bn = cfg.sync_bn and self.world.size > 1 and cfg.scope == "full"
@@ -177,6 +178,21 @@ class Session:
         (collectives: every rank calls this once, after the session is built or restored)."""
         self.trained = parallel.wrap(self.model, self.world)
         self.sync.start()
+
+    def _refuse_untrainable(self, info: DatasetInfo, device: torch.device) -> None:
+        """One line, before anything trains, for a model this scope cannot train: a last linear layer that
+        is not the classifier head, or a forward pass that refuses train mode (MixedNUTS ensembles)."""
+        refusal = head_refusal(self.head, self.head_name, info.num_classes)
+        if refusal is not None:
+            raise UserError(f"cannot fine-tune this model: {refusal}")
+        if len(self.train_set) < 2:  # type: ignore[arg-type]
+            return  # too few images to run BatchNorm in train mode; the run itself says so
+        two = torch.stack([self.train_set[i][0] for i in range(2)]).to(device)
+        only = self.head if self.cfg.scope == "last-layer" else None
+        refusal = train_mode_refusal(self.model, two, only=only)
+        if refusal is not None:
+            hint = "; scope last-layer keeps the body in eval mode" if only is None else ""
+            raise UserError(f"cannot fine-tune this model with scope {self.cfg.scope}: {refusal}{hint}")
 
     def _set_scope(self, reinit_head: bool) -> None:
         if self.cfg.scope == "last-layer":

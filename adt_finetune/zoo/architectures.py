@@ -9,6 +9,7 @@ import importlib
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -16,7 +17,7 @@ from . import robustbench_compat as rb
 from .catalog import ZooEntry, resolve_name
 from .trust import check_trusted, is_builtin, split_arch, trust
 
-_DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 
 def _import_class(spec: str, source: str | None = None):
@@ -66,6 +67,17 @@ def _timm_name(entry: ZooEntry) -> str:
     return f"{entry.name.lower().replace('-', '_')}_{entry.dataset}_{entry.threat_model.lower()}"
 
 
+class _CudaStaysOnCpu(torch.overrides.TorchFunctionMode):
+    """`Tensor.cuda()` returns the tensor itself: RobustBench's BiT constructor (Bai2023Improving) moves
+    its normalisation constants to the GPU with `.cuda()`, which on a machine without one would make
+    the architecture unbuildable; on the CPU they simply stay where the rest of the model is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def _build_zoo(entry: ZooEntry) -> nn.Module:
     if not entry.loadable:
         raise UserError(f"{entry.name} is on RobustBench's {entry.dataset}/{entry.threat_model} leaderboard but "
@@ -76,10 +88,14 @@ def _build_zoo(entry: ZooEntry) -> nn.Module:
         # (a download); the same architecture without weights is this.
         import timm
 
-        return timm.create_model(_timm_name(entry), pretrained=False, num_classes=_DATASET_CLASSES[entry.dataset])
+        return timm.create_model(_timm_name(entry), pretrained=False, num_classes=DATASET_CLASSES[entry.dataset])
     if entry.checkpoint == "torchvision":
         return rb.imagenet_standard_resnet50()
-    return rb.zoo_record(entry.name, entry.dataset, entry.threat_model)["model"]()
+    ctor = rb.zoo_record(entry.name, entry.dataset, entry.threat_model)["model"]
+    if torch.cuda.is_available():
+        return ctor()
+    with _CudaStaysOnCpu():
+        return ctor()
 
 
 def build_architecture(arch: str, dataset: str, threat_model: str = "Linf", arch_kwargs: dict | None = None, *,
