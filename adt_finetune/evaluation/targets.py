@@ -96,9 +96,18 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
         raise UserError(f"the current model {ref.name} is a {ref.dataset} model; --dataset {dataset} is {wanted}")
     from ..zoo import model_from_ref
 
+    _require_linf(ref.threat_model, f"the current model {ref.name}")
     net = model_from_ref(ref, device, source=f"current_model in {ws.state_path}")
     context = {"base_model": ref.name, "model_source": ref.source}
     return Target(ref.name, net, ref.dataset, ref.threat_model, _ref_info(ref), context, ref.name)
+
+
+def _require_linf(threat_model: str, what: str) -> None:
+    """Refuse a model from RobustBench's L2 or corruptions leaderboard: its entry would be filed under
+    that threat model, with numbers from L∞ attacks."""
+    if threat_model != "Linf":
+        raise UserError(f"{what} is a RobustBench {threat_model} model: adt-ft's attacks are L∞ attacks and its "
+                        f"entry would be filed under {threat_model}, so it is not evaluated; evaluate Linf models")
 
 
 def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws, device) -> Target:
@@ -133,6 +142,7 @@ def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, de
     ref, base_ref, meta = info_run.model, info_run.base_model, info_run.meta
     if wanted is not None and wanted != ref.dataset:
         raise UserError(f"run {info_run.id} fine-tuned a {ref.dataset} model; --dataset {dataset} is {wanted}")
+    _require_linf(ref.threat_model, f"run {info_run.id}'s base model {base_ref.name}")
     recorded_in = str(info_run.path / "run.json")
     net = model_from_ref(ref, device, source=recorded_in)
     method = meta.get("method")
