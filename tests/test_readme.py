@@ -114,3 +114,125 @@ def test_every_command_takes_the_workspace_option():
             continue
         opts = {o for p in command.params for o in getattr(p, "opts", [])}
         assert {"--workspace", "-w"} <= opts, f"adt-ft {name} has no --workspace/-w"
+
+
+# ---------------------------------------------------------------- the README's shown output, command by command
+
+def shown_blocks(text: str) -> dict[str, list[str]]:
+    """`$ adt-ft ...` lines in code blocks and the output shown under each (up to the next `$` line or
+    the end of the block), by command line (continuation lines joined, trailing comments dropped)."""
+    out: dict[str, list[str]] = {}
+    in_block, command, pending = False, None, ""
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            in_block, command = not in_block, None
+            continue
+        if not in_block:
+            continue
+        if pending or line.startswith("$ adt-ft "):
+            full = (pending + " " + line.strip()) if pending else line[2:]
+            if full.endswith("\\"):
+                pending = full[:-1]
+                continue
+            pending, command = "", re.sub(r"\s+", " ", full.split("  #")[0]).strip()
+            out[command] = []
+        elif command is not None:
+            out[command].append(line)
+    return out
+
+
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?")
+
+
+def words(lines: list[str], numbers: bool = True) -> list[str]:
+    """Each non-empty line as its words (table rules and padding dropped; numbers as # unless `numbers`)."""
+    out = []
+    for line in lines:
+        line = re.sub(r"[┏┓┗┛┃━┡┩│─└┘┳┻╇┼┴┬├┤╷╵]+", " ", line)
+        if not numbers:
+            line = _NUMBER.sub("#", line)
+        line = " ".join(line.split())
+        if line:
+            out.append(line)
+    return out
+
+
+def run_shown(cli, command: str, *, cwd_ws: Path) -> tuple[int, list[str]]:
+    code, out, err = cli(*shlex.split(command)[1:])
+    return code, (out + err).splitlines()
+
+
+@pytest.fixture(scope="module")
+def blocks() -> dict[str, list[str]]:
+    return shown_blocks(README.read_text())
+
+
+def test_the_readme_shows_output_for_its_commands(blocks):
+    for command in ("adt-ft models zhang2019", "adt-ft pull Zhang2019", "adt-ft pull Zhang2019You", "adt-ft recipes",
+                    "adt-ft compare study-pgd-at-ce-full_paper study-exp-ce-full_paper -w ."):
+        assert blocks.get(command), command
+
+
+def test_models_block_prints_what_the_readme_shows(blocks, cli, tmp_path):
+    ws = tmp_path / "ws"
+    pulled = ws / "models" / "cifar10" / "Linf" / "Zhang2019Theoretically.pt"  # "in workspace: yes", as shown
+    pulled.parent.mkdir(parents=True)
+    pulled.write_bytes(b"")
+    code, printed = run_shown(cli, "adt-ft models zhang2019 -w " + str(ws), cwd_ws=ws)
+    assert code == 0
+    assert words(printed) == words(blocks["adt-ft models zhang2019"])  # the zoo table ships: numbers too
+
+
+def test_recipes_block_prints_what_the_readme_shows(blocks, cli, tmp_path):
+    code, printed = run_shown(cli, f"adt-ft recipes -w {tmp_path}", cwd_ws=tmp_path)
+    assert code == 0 and words(printed) == words(blocks["adt-ft recipes"])
+
+
+def test_offline_pull_block_prints_what_the_readme_shows(blocks, cli, tmp_path, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    for name, obj in (("connect", socket.socket), ("create_connection", socket), ("getaddrinfo", socket)):
+        monkeypatch.setattr(obj, name, refuse)
+    monkeypatch.delenv("ADT_FT_OFFLINE", raising=False)
+    ws = tmp_path / "ws"
+    code, printed = run_shown(cli, f"adt-ft pull Zhang2019You -w {ws}", cwd_ws=ws)
+    assert code == 2
+    shown = [line.replace("/home/me/ws", str(ws)) for line in blocks["adt-ft pull Zhang2019You"]]
+    assert printed[:2] == shown[:2]   # the two "downloading" lines, word for word
+    head, tail = shown[2].split("(ConnectionError: ...)")
+    assert printed[2].startswith(head) and printed[2].endswith(tail)  # the error's own text may differ
+    assert not (ws / "models").exists()
+
+
+def test_pull_from_file_block_prints_what_the_readme_shows(blocks, cli, tmp_path):
+    import importlib.util
+
+    (command,) = [c for c in blocks if c.startswith("adt-ft pull --from-file")]
+    site = Path(importlib.util.find_spec("pyautoattack").origin).resolve().parent.parent
+    ws = tmp_path / "ws"
+    code, printed = run_shown(cli, command.replace(".venv/lib/python3.11/site-packages", str(site)) + f" -w {ws}",
+                              cwd_ws=ws)
+    assert code == 0
+    shown = [line.replace(".venv/lib/python3.11/site-packages", str(site)).replace("/home/me/ws", str(ws.resolve()))
+             for line in blocks[command]]
+    assert printed == shown
+
+
+def test_leaderboard_markdown_block_is_what_the_command_prints(cli):
+    text = README.read_text()
+    start = text.index("On the committed study (`adt-ft leaderboard --format markdown -w .` in this repository):")
+    body = text.index("```\n", start) + 4
+    block = text[body:text.index("\n```", body)]
+    code, out, err = cli("leaderboard", "--format", "markdown", "-w", README.parent)
+    assert code == 0, err
+    assert out.strip() == block.strip()  # committed entries: every number too
+
+
+def test_compare_block_is_what_the_command_prints(blocks, cli):
+    command = "adt-ft compare study-pgd-at-ce-full_paper study-exp-ce-full_paper -w ."
+    code, out, err = cli(*shlex.split(command)[1:-1], README.parent)
+    assert code == 0, err
+    assert words(out.splitlines()) == words(blocks[command])
