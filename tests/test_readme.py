@@ -236,3 +236,86 @@ def test_compare_block_is_what_the_command_prints(blocks, cli):
     code, out, err = cli(*shlex.split(command)[1:-1], README.parent)
     assert code == 0, err
     assert words(out.splitlines()) == words(blocks[command])
+
+
+# The blocks that need a trained run or the network are run small (train, eval) or checked for shape only.
+
+_RUN_ID = re.compile(r"\d{8}-\d{6}-[\w-]+?-(ce|trades)-(full|last-layer)")
+
+
+def shape(lines: list[str], replace: dict[str, str]) -> set[str]:
+    """The distinct line shapes: words with numbers as #, run ids as RUN, paths as given in `replace`."""
+    out = set()
+    for line in lines:
+        for old, new in replace.items():
+            line = line.replace(old, new)
+        line = _RUN_ID.sub("RUN", re.sub(r"_set-[0-9a-f]{8}", "", line))
+        out.update(words([line], numbers=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_workspace(tmp_path_factory, _trained_cnn_state):
+    """The quickstart's situation in small: a pretrained SmallCNN as the current model, then one short run."""
+    from adt_finetune.utils import atomic_torch_save
+    from adt_finetune.workspace import ModelRef, Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("readme") / "ws")
+    path = ws.model_path("fashion-mnist", "Linf", "quickstart-SmallCNN")
+    atomic_torch_save(_trained_cnn_state, path)
+    ws.set_current_model(ModelRef(name="quickstart-SmallCNN", arch="adt_finetune.models.small:SmallCNN",
+                                  dataset="fashion-mnist", path=str(path), source="file", arch_kwargs={"width": 16}))
+    return ws
+
+
+def _in_process(*args) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from adt_finetune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_train_and_eval_blocks_have_the_shape_the_commands_print(blocks, trained_workspace):
+    """The README's train and eval blocks, run on 64 training images and 20 test images with fewer attack
+    steps: the same lines, tables and columns (numbers, run ids and dates may differ)."""
+    ws = trained_workspace
+    paths = {"/home/me/workspace": "WS", str(ws.root): "WS"}
+    (train,) = [c for c in blocks if c.startswith("adt-ft train --method exp-am")]
+    code, out, err = _in_process(*shlex.split(train)[1:], "--train-subset", "64", "--gen-width", "4", "--epochs", "1",
+                                 "-w", ws.root)
+    assert code == 0, err
+    assert shape(out.splitlines(), paths) == shape(blocks[train], paths)
+    assert len(shape(blocks[train], paths)) >= 7
+
+    (evaluate,) = [c for c in blocks if c.startswith("adt-ft eval --attacks")]
+    small = ["-n", "20", "--set", "pgd100.steps=3", "--set", "exp-am.steps=2", "--set", "pgd20.steps=2",
+             "--set", "mim.steps=2", "--set", "cw.steps=2"]
+    args = shlex.split(evaluate)[1:]
+    args[args.index("-n") + 1] = "20"
+    code, out, err = _in_process(*args, *small[2:], "-w", ws.root)
+    assert code == 0, err
+    assert shape(out.splitlines(), paths) == shape(blocks[evaluate], paths)
+    assert len(shape(blocks[evaluate], paths)) >= 15
+
+
+def test_network_blocks_have_the_shape_of_what_pull_prints(blocks):
+    """`adt-ft pull Zhang2019` needs the network: its lines are the ones `pull` prints for a zoo model."""
+    from adt_finetune.cli import zoo_cmd
+
+    source = Path(zoo_cmd.__file__).read_text()
+    shown = [line for line in blocks["adt-ft pull Zhang2019"] if line.strip()]
+    assert shown[0] == "Zhang2019 resolved to Zhang2019Theoretically (cifar10/Linf)" and "resolved to" in source
+    for line in shown[1:]:
+        label = line.split(":")[0] + ":" if re.match(r"^[a-z]+:\s", line) else None
+        if label:
+            assert f'"{label}' in source or f"'{label}" in source or f"{label} " in source, label
+    assert shown[-1].startswith("current model of workspace") and "current model of workspace" in source
