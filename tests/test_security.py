@@ -441,6 +441,7 @@ def _refused_busy(proc, what: str) -> None:
     assert what in lines[0] and "another adt-ft command" in lines[0], lines[0]
 
 
+@pytest.mark.slow  # a second adt-ft process (a few seconds of start-up)
 def test_a_run_name_belongs_to_one_train_at_a_time(tmp_path):
     """Two `train --run-name same` at once: both used to exit 0, one run lost. The second one started
     while the first trains is refused in one line, and the first run is whole."""
@@ -457,6 +458,7 @@ def test_a_run_name_belongs_to_one_train_at_a_time(tmp_path):
     assert [p.name for p in (ws / "runs").iterdir() if p.is_dir()] == ["same"]
 
 
+@pytest.mark.slow  # a second adt-ft process (a few seconds of start-up)
 def test_a_run_is_resumed_by_one_command_at_a_time(tmp_path, unfinished_run):
     """Two `train --resume rr` at once both trained the same folder."""
     from adt_finetune import train
@@ -470,6 +472,7 @@ def test_a_run_is_resumed_by_one_command_at_a_time(tmp_path, unfinished_run):
     assert meta["status"] == "finished" and len(meta["resumed"]) == 1
 
 
+@pytest.mark.slow  # a second adt-ft process (a few seconds of start-up)
 def test_an_entry_name_belongs_to_one_eval_at_a_time(tmp_path, evaluated):
     """Two `eval --entry same` at once with different attacks, no --overwrite: both exited 0 and one
     result was gone. The second is refused in one line; the entry is the first one's."""
@@ -511,6 +514,7 @@ def test_merge_waits_for_no_one_and_overwrites_nothing_in_use(tmp_path, cli, eva
     assert code == 0, err
 
 
+@pytest.mark.slow  # a second adt-ft process (a few seconds of start-up)
 def test_nproc_never_imports_from_the_current_folder(tmp_path):
     """`train --nproc` starts `python -m torch.distributed.run ... -m adt_finetune`, and `python -m`
     puts the current folder (by default the workspace) first on sys.path: a numpy.py there ran."""
