@@ -62,12 +62,15 @@ class TrainConfig:
     pgd_steps: int = 7
     trades_steps: int = 10
     step_size: float | None = None    # None: ε/4
-    # wdat (docs/methods.md "wdat")
-    wdat_budget: str | None = None    # None: the dataset's ε
-    wdat_steps: int = 10
-    wdat_ratio: float = 1.875
-    upsilon: str = "batch"            # batch | ema
-    upsilon_momentum: float = 0.9
+    # wdat (docs/methods.md "wdat"; every default marked "guess" there is ours, not the paper's)
+    wdat_budget: str | None = None    # δ, the W_2 budget; None: the dataset's ε
+    wdat_steps: int = 10              # PGD steps inside each image's budget (guess: TRADES' 10)
+    wdat_ratio: float = 1.875         # step = ratio·δ_i/steps (the W-PGD authors' code)
+    wdat_split_loss: str = "redlr"    # redlr | ce: the loss whose input gradients split δ (guess)
+    wdat_upsilon_images: int = 10000  # Υ over the first N training images (guess; capped at the set)
+    wdat_upsilon_every: int = 100     # optimisation steps between refreshes of Υ (guess)
+    wdat_cap: float = 2.0             # per-image budget cap, a multiple of δ (guess)
+    weight_perturb: float = 0.0       # before training: w += σ·rms(w)·N(0, 1) per trained tensor (guess: off)
     # run control
     train_subset: int | None = None
     max_steps: int | None = None

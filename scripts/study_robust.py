@@ -519,9 +519,11 @@ def comparisons(study: Study, entries: list, scope: str) -> str:
 
 def summary(study: Study, entries: dict[str, list], scope: str) -> str:
     """Markdown, one row per method and measure: the control's and the method's accuracy, B − A with
-    its 95% paired bootstrap interval (seed groups), exact McNemar p per seed pair, and the bench's
-    step-time ratio to the control (cost per epoch, the same images per epoch for every method)."""
-    from adt_finetune.leaderboard.compare import compare_entries, format_p
+    its 95% paired bootstrap interval (seed groups), exact McNemar p per seed pair and the same
+    Holm-adjusted over every p-value of the table, and the bench's step-time ratio to the control
+    (cost per epoch, the same images per epoch for every method). W-PGD columns get neither interval
+    nor p-value: their outcomes are coupled through the shared budget (leaderboard.compare)."""
+    from adt_finetune.leaderboard.compare import compare_entries, format_p, holm_adjust
 
     s = study.s
     jobs = [j for j in s.jobs if j.scope == scope]
@@ -533,29 +535,42 @@ def summary(study: Study, entries: dict[str, list], scope: str) -> str:
 
     ratios = study.bench_ratios(scope)
     seeds = s.seeds[scope]
+    tag = "/".join(f"s{x}" for x in seeds)
     head = ["method", "measure", f"control ({'/'.join(s.control)})", "method", "B − A (pp)", "95% CI",
-            "McNemar p " + "/".join(f"s{x}" for x in seeds), "step time × control"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            f"McNemar p {tag}", f"Holm p {tag}", "step time × control"]
+    rows: list[tuple[list[str], list[float | None]]] = []
     for m in [m for m in s.methods if m != s.control]:
         first = True
         for kind in ("aa", "w"):
             comp = compare_entries(side(kind, s.control) + side(kind, m), group_seeds=len(seeds) > 1,
                                    workspace=study.ws.root)[0]
-            p_values: dict[str, list[str]] = {}
+            p_values: dict[str, list[float | None]] = {}
             for seed in seeds:
                 for c in compare_entries(side(kind, s.control, seed) + side(kind, m, seed))[0].columns:
-                    p_values.setdefault(c.column, []).append(format_p(c.p_value))
+                    p_values.setdefault(c.column, []).append(c.p_value)
             for c in comp.columns:
                 # clean and A_rob from the pointwise entry; every Wasserstein column but its clean copy
                 if (kind == "aa" and c.column not in ("clean", "A_rob")) or (kind == "w" and c.column == "clean"):
                     continue
                 ratio = ratios.get(m)
                 cells = ["/".join(m) if first else "", c.column if kind == "aa" else f"W: {c.column}", c.a.text(),
-                         c.b.text(), f"{c.diff:+.2f}", f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]",
-                         " / ".join(p_values.get(c.column, [])),
-                         (f"{ratio:.2f}" if ratio else "—") if first else ""]
-                lines.append("| " + " | ".join(cells) + " |")
+                         c.b.text(), f"{c.diff:+.2f}",
+                         "n/a (coupled)" if c.ci is None else f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]"]
+                rows.append((cells + [(f"{ratio:.2f}" if ratio else "—") if first else ""],
+                             p_values.get(c.column, [])))
                 first = False
+    # One family: every McNemar p-value of the table (each method, measure and seed against the control).
+    flat = [p for _, ps in rows for p in ps if p is not None]
+    adjusted = iter(holm_adjust(flat))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cells, ps in rows:
+        raw = " / ".join("n/a" if p is None else format_p(p) for p in ps) or "—"
+        adj = " / ".join("n/a" if p is None else format_p(next(adjusted)) for p in ps) or "—"
+        lines.append("| " + " | ".join(cells[:-1] + [raw, adj, cells[-1]]) + " |")
+    lines += ["", f"Holm p: Holm's step-down adjustment over the {len(flat)} McNemar tests of this table "
+              "(statsmodels multipletests, method 'holm'). W-PGD columns: the difference only (n/a): W-PGD "
+              "shares one budget over the evaluated set, so images are not independent and neither McNemar "
+              "nor a bootstrap over images is valid."]
     return "\n".join(lines)
 
 
@@ -592,11 +607,14 @@ def forest_plot(study: Study, entries: dict[str, list], path: Path) -> None:
                 if c is None:
                     continue
                 y = row + (k - 1) * 0.22
-                ax.errorbar(c.diff, y, xerr=[[c.diff - c.ci[0]], [c.ci[1] - c.diff]], fmt="o", color=colour,
-                            capsize=3, label=label if row == 0 else None)
+                # A coupled (W-PGD) column has no valid interval: its point only, hollow.
+                xerr = None if c.ci is None else [[c.diff - c.ci[0]], [c.ci[1] - c.diff]]
+                ax.errorbar(c.diff, y, xerr=xerr, fmt="o", color=colour, capsize=3,
+                            mfc="none" if c.ci is None else colour, label=label if row == 0 else None)
         ax.axvline(0.0, color="black", lw=0.8)
         ax.set_yticks(range(len(others)), ["/".join(m) for m in others])
-        ax.set_xlabel(f"difference to {'/'.join(s.control)} (pp), 95% paired bootstrap interval")
+        ax.set_xlabel(f"difference to {'/'.join(s.control)} (pp), 95% paired bootstrap interval "
+                      "(W-PGD: none, hollow)")
         ax.set_title(f"scope {scope} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].invert_yaxis()  # shared: the recipe's order from the top, in every panel
@@ -608,21 +626,36 @@ def forest_plot(study: Study, entries: dict[str, list], path: Path) -> None:
 
 
 def versus_base(study: Study, entries: dict[str, list]) -> str:
-    """Markdown, one row per run: B − A against the base model (no fine-tuning) with exact McNemar p,
-    for clean, A_rob and W-PGD at δ = ε: does fine-tuning the robust base change it at all?"""
-    from adt_finetune.leaderboard.compare import compare_entries, format_p
+    """Markdown, one row per run: B − A against the base model (no fine-tuning) with exact McNemar p
+    (Holm-adjusted over the table), for clean, A_rob and W-PGD at δ = ε (the difference only: coupled
+    outcomes): does fine-tuning the robust base change it at all?"""
+    from adt_finetune.leaderboard.compare import compare_entries, format_p, holm_adjust
 
     base = {kind: entries[kind][0] for kind in ("aa", "w")}
     wpgd = column_at(base["w"], "wpgd", base["aa"].eps)
     head = ["run", "clean", "A_rob", f"W: {wpgd}" if wpgd else "W-PGD"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    found = []
     for i, name in enumerate(study.names()[1:], start=1):
-        cells = {}
+        cols = {}
         for kind in ("aa", "w"):
             for c in compare_entries([base[kind], entries[kind][i]])[0].columns:
-                cells[(kind, c.column)] = f"{c.b.text()} ({c.diff:+.1f}, p {format_p(c.p_value)})"
-        lines.append(f"| {name} | {cells.get(('aa', 'clean'), '—')} | {cells.get(('aa', 'A_rob'), '—')} | "
-                     f"{cells.get(('w', wpgd), '—')} |")
+                cols[(kind, c.column)] = c
+        found.append((name, [cols.get(k) for k in (("aa", "clean"), ("aa", "A_rob"), ("w", wpgd))]))
+    tested = [c for _, cs in found for c in cs if c is not None and c.p_value is not None]
+    adjusted = dict(zip(map(id, tested), holm_adjust([c.p_value for c in tested])))
+
+    def cell(c) -> str:
+        if c is None:
+            return "—"
+        if c.p_value is None:
+            return f"{c.b.text()} ({c.diff:+.1f})"
+        return f"{c.b.text()} ({c.diff:+.1f}, p {format_p(c.p_value)}, Holm {format_p(adjusted[id(c)])})"
+
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += [f"| {name} | " + " | ".join(cell(c) for c in cs) + " |" for name, cs in found]
+    lines += ["", f"p: exact McNemar; Holm: adjusted over the {len(tested)} tests of this table (statsmodels "
+              "multipletests, method 'holm'); W-PGD: the difference only (coupled outcomes, no valid per-example "
+              "test)."]
     return "\n".join(lines)
 
 

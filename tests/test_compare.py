@@ -215,3 +215,83 @@ def test_cli_compare_by_name_and_one_line_errors(cli, tmp_path):
     code, _, err = cli("compare", "a", "b", "-w", ws)
     _one_line_error(code, err)
     assert "more than once" in err
+
+
+# ---------------------------------------------------------------- coupled columns and Holm (issue 24)
+
+ROBUST_BASE = REPO / "leaderboard" / "robust-base"  # committed entries: read, never written
+
+
+def test_holm_adjustment_by_hand_and_against_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    from adt_finetune.leaderboard.compare import holm_adjust
+
+    # By hand: sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04, then made non-decreasing: 0.06.
+    assert holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjust([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    ps = [0.0386, 0.2, 0.001, 0.049, 0.7, 0.012]
+    assert holm_adjust(ps) == pytest.approx(list(multipletests(ps, method="holm")[1]), rel=1e-12)
+    assert holm_adjust([]) == []
+
+
+def test_a_table_of_several_entries_is_holm_adjusted_as_one_family(tmp_path):
+    from statsmodels.stats.multitest import multipletests
+
+    root = tmp_path / "leaderboard"
+    rng = np.random.default_rng(3)
+    entries = [lb.read_entry(write(root, "control", result(A_ROBUST)))]
+    for k in range(3):
+        flips = rng.random(40) < 0.2 * (k + 1)
+        entries.append(lb.read_entry(write(root, f"b{k}", result(np.asarray(A_ROBUST, bool) ^ flips))))
+    comps = compare_entries(entries, n_resamples=200)
+    cols = [c for comp in comps for c in comp.columns if c.p_value is not None]
+    assert len(cols) == 3 * 3  # clean, fgsm, A_rob for each of three entries
+    expected = multipletests([c.p_value for c in cols], method="holm")[1]
+    assert [c.p_adjusted for c in cols] == pytest.approx(list(expected), rel=1e-12)
+    assert any(c.p_adjusted > c.p_value for c in cols)  # the correction did something
+    text = lb_render_all(comps, "table")
+    assert "Holm p" in text and "Holm's step-down method over the 9 tests" in text
+    out = json.loads(lb_render_all(comps, "json"))
+    assert out[0]["correction"] == "holm" and out[0]["columns"][-1]["p_adjusted"] == pytest.approx(cols[2].p_adjusted)
+
+
+def lb_render_all(comps, fmt):
+    from adt_finetune.leaderboard.compare import render_comparisons
+
+    return render_comparisons(comps, fmt)
+
+
+def test_wpgd_columns_get_the_difference_without_per_example_statistics(tmp_path):
+    root = tmp_path / "leaderboard"
+    attacks = ("wpgd@0.1", "pgd20@0.1")
+    a = lb.read_entry(write(root, "a", result(A_ROBUST, attacks=attacks)))
+    b = lb.read_entry(write(root, "b", result(B_ROBUST, attacks=attacks)))
+    (comp,) = compare_entries([a, b], n_resamples=500)
+    cols = {c.column: c for c in comp.columns}
+    w, p = cols["wpgd@0.1"], cols["pgd20@0.1"]
+    assert w.diff == pytest.approx(-20.0) and w.p_value is None and w.ci is None and w.p_adjusted is None
+    assert p.p_value == pytest.approx(mcnemar_by_hand(10, 2)) and p.ci is not None  # pointwise: tested
+    text = lb_render(comp, "table")
+    row = next(line for line in text.splitlines() if "wpgd@0.1" in line)
+    assert "n/a (coupled)" in row and "0.0386" not in row and "-20.00" in row
+    assert "independent outcomes" in text
+    # Only the tested columns form the Holm family: the W-PGD column is not in it.
+    assert "over the 3 tests" in text
+
+
+def test_cli_compare_on_committed_wasserstein_entries_prints_no_wpgd_p_value(cli, tmp_path):
+    control = ROBUST_BASE / "robust-pgd-at-ce-full-s0_w.json"
+    other = ROBUST_BASE / "robust-trades-trades-full-s0_w.json"
+    code, out, err = cli("compare", control, other, "--json", "-w", tmp_path)
+    assert code == 0, err
+    cols = {c["column"]: c for c in json.loads(out)[0]["columns"]}
+    assert {"wpgd@0.05", "wpgd@0.1", "pgd20@0.1"} <= set(cols)
+    for name in ("wpgd@0.05", "wpgd@0.1"):
+        assert cols[name]["p_value"] is None and cols[name]["ci"] is None and cols[name]["coupled"]
+    assert cols["pgd20@0.1"]["p_value"] is not None and cols["pgd20@0.1"]["p_adjusted"] >= cols["pgd20@0.1"]["p_value"]
+    code, out, err = cli("compare", control, other, "-w", tmp_path)
+    assert code == 0, err
+    for line in out.splitlines():
+        if "wpgd@" in line:
+            assert "n/a (coupled)" in line

@@ -29,8 +29,9 @@ STEP = dict(method="pgd-at", loss="ce", epochs=1, train_subset=16, pgd_steps=3, 
 STEPS = dict(STEP, train_subset=48, pgd_steps=0)
 # TRADES' two training passes (clean, adversarial) through DDP, from its keyed start, two steps
 TRADES2 = dict(STEP, method="trades", loss="trades", train_subset=32, trades_steps=0)
-# wdat's running Υ after one step: the mean of ‖g_i‖_1² over the whole batch, not one process's half
-WDAT1 = dict(STEP, method="wdat", loss="ce", upsilon="ema", wdat_steps=1)
+# wdat after one step: every process computes the same Υ over the same training images, and each
+# image's budget is its own, so the step is the one-process step
+WDAT1 = dict(STEP, method="wdat", loss="ce", wdat_steps=1, wdat_upsilon_images=16)
 
 # (b): every method × loss, both scopes, --sync-bn on some full-scope ones; 2 steps of 2 × 4 images
 TINY = dict(epochs=1, train_subset=16, batch_size=4, pgd_steps=1, trades_steps=1, exp_steps=1, exp_samples=1,
@@ -39,11 +40,11 @@ COMBOS = [("pgd-at", "ce", "full", dict(sync_bn=True)), ("trades", "trades", "la
           ("exp", "ce", "last-layer", {}), ("exp", "trades", "full", {}),
           ("exp-am", "ce", "full", dict(sync_bn=True)), ("exp-am", "trades", "last-layer", {}),
           ("imp-am", "ce", "last-layer", {}), ("imp-am", "trades", "full", {}),
-          ("wdat", "trades", "full", dict(upsilon="ema")), ("wdat", "ce", "last-layer", {})]
+          ("wdat", "trades", "full", dict(wdat_upsilon_images=8)), ("wdat", "ce", "last-layer", {})]
 
 # (c): 2 epochs of 3 steps, a checkpoint every 2 steps, all ranks killed after step 5 (mid epoch 2)
-RESUMED = [dict(method="exp-am", loss="trades", gen_width=2), dict(method="wdat", loss="ce", upsilon="ema",
-                                                                    wdat_steps=2)]
+RESUMED = [dict(method="exp-am", loss="trades", gen_width=2),
+           dict(method="wdat", loss="ce", wdat_steps=2, wdat_upsilon_images=8, wdat_upsilon_every=2)]
 LONG = dict(epochs=2, train_subset=24, batch_size=4, device="cpu", checkpoint_every=2, lr=0.05)
 KILL_AT = 5
 
@@ -163,9 +164,10 @@ def test_world2_step_with_sync_bn_equals_one_process_step(world2, tmp_path):
         alone = train(TrainConfig(**kw, batch_size=16, example_seeds=True), workspace=tmp_path).model.state_dict()
         assert _max_diff(ranks[0][f"a-{name}"]["model"], alone) < 1e-5, name
     alone = train(TrainConfig(**WDAT1, batch_size=16, example_seeds=True), workspace=tmp_path)
-    upsilon = [torch.load(path / "checkpoint.pt", weights_only=True)["method"]["wdat"]["upsilon_sq"]
+    assert _max_diff(ranks[0]["a-wdat"]["model"], alone.model.state_dict()) < 1e-5
+    upsilon = [torch.load(path / "checkpoint.pt", weights_only=True)["method"]["wdat"]["split"]["upsilon"]
                for path in (roots["a"] / "runs" / "wdat", alone.path)]
-    assert upsilon[1].item() > 0 and torch.allclose(upsilon[0], upsilon[1], rtol=1e-5, atol=0)
+    assert upsilon[1] > 0 and upsilon[0] == pytest.approx(upsilon[1], rel=1e-5)
     meta = json.loads((roots["a"] / "runs" / "synced" / "run.json").read_text())
     assert (meta["world_size"], meta["global_batch_size"], meta["config"]["batch_size"]) == (2, 16, 8)
     assert meta["config"]["sync_bn"] and meta["config"]["example_seeds"] and meta["backend"] == "gloo"

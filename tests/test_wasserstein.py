@@ -272,37 +272,111 @@ def test_wpgd_attack_is_dataset_level(trained_cnn, fmnist_test):
     assert make_attack("wpgd", 0.1).budget == pytest.approx(0.1)   # default budget: ε
 
 
-# ------------------------------------------------------------------ wdat
+# ------------------------------------------------------------------ wdat (issue 24)
 
-def _ctx():
-    return MethodContext(eps=0.1, in_channels=1, num_classes=10, image_size=28, device=torch.device("cpu"))
+def _ctx(images=None):
+    """wdat's context; `images` (x, y) stand in for the training set Υ is computed over."""
+    train_images = None if images is None else (lambda n: (images[0][:n], images[1][:n]))
+    return MethodContext(eps=0.1, in_channels=1, num_classes=10, image_size=28, device=torch.device("cpu"),
+                         train_images=train_images)
 
 
-def test_wdat_inner_map_in_eval_mode_within_budget_and_resumes_exactly(trained_cnn, fmnist_train):
+def _l1_one_by_one(model, x, y, loss):
+    """‖∇_x J(x_i, y_i)‖_1 image by image: no batching, no shared code with the method."""
+    fn = W.resolve_loss(loss)
+    model.eval()
+    out = []
+    for i in range(len(x)):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(model(xi), y[i:i + 1]).sum(), xi)
+        out.append(float(g.abs().sum()))
+    return out
+
+
+@pytest.mark.parametrize("loss", ["redlr", "ce"])
+def test_wdat_upsilon_over_a_fixed_set_equals_an_independent_computation(trained_cnn, fmnist_train, loss):
+    x, y = fmnist_train[0][:150], fmnist_train[1][:150]
+    method = make_method(TrainConfig(method="wdat", wdat_split_loss=loss, wdat_upsilon_images=120), _ctx((x, y)))
+    split = method.refresh(trained_cnn)
+    norms = _l1_one_by_one(trained_cnn, x[:120], y[:120], loss)  # the first 120 images, as set
+    assert split.n == 120
+    assert split.upsilon == pytest.approx(math.sqrt(sum(n * n for n in norms) / len(norms)), rel=1e-5)
+    # the evaluation suite's Υ (its own code path) agrees on the same set
+    assert split.upsilon == pytest.approx(W.clean_statistics(trained_cnn, x[:120], y[:120], loss=loss).upsilon,
+                                          rel=1e-5)
+
+
+def test_wdat_budget_split_by_hand_sums_to_the_total_and_respects_the_cap():
+    from adt_finetune.perturb.budget_split import make_split, split_budgets, split_scale
+
+    norms = torch.tensor([4.0, 2.0, 1.0, 1.0])
+    # No binding cap: δ_i = δ·n_i/Υ with Υ = sqrt(22/4).
+    c = split_scale(norms, 1.0, 10.0)
+    assert c == pytest.approx(1 / math.sqrt(5.5))
+    # Cap 1.5: the first image sits at the cap, the rest share 4 − 1.5² over Σ n² = 6 → c = sqrt(1.75/6).
+    c = split_scale(norms, 1.0, 1.5)
+    assert c == pytest.approx(math.sqrt(1.75 / 6))
+    b = split_budgets(norms, c, 1.5)
+    assert b.tolist() == pytest.approx([1.5, 2 * c, c, c])
+    assert float(b.pow(2).sum()) == pytest.approx(4 * 1.0 ** 2)   # Σ δ_i² = N·δ²: the whole W_2 budget
+    # A realistic spread: many images beyond the cap, still the whole budget, none above the cap.
+    g = torch.Generator().manual_seed(0)
+    norms = torch.distributions.LogNormal(0.0, 1.5).sample((5000,))
+    norms[:300] = 0.0  # misclassified under ReDLR: no gradient, no budget
+    for cap in (1.2, 2.0, 3.0):
+        s = make_split(norms, 0.1, cap * 0.1)
+        b = split_budgets(norms, s.scale, cap * 0.1)
+        assert float(b.pow(2).sum()) == pytest.approx(5000 * 0.1 ** 2, rel=1e-9)
+        assert float(b.max()) <= cap * 0.1 * (1 + 1e-12) and s.capped > 0 and (b[:300] == 0).all()
+        assert s.rms == pytest.approx(0.1)
+    # A budget that cannot be spent (cap below δ): every image with a gradient at the cap.
+    s = make_split(norms, 0.1, 0.05)
+    assert s.scale == math.inf and s.rms < 0.1
+    assert split_budgets(norms, s.scale, 0.05)[300:].eq(0.05).all()
+    del g
+
+
+def test_wdat_step_budgets_are_per_image_and_do_not_depend_on_the_batch(trained_cnn, fmnist_train):
     x, y = fmnist_train[0][:96], fmnist_train[1][:96]
-    cfg = TrainConfig(method="wdat", loss="trades", wdat_steps=3, upsilon="ema", wdat_budget="0.05")
-    method = make_method(cfg, _ctx())
+    cfg = TrainConfig(method="wdat", loss="trades", wdat_steps=3, wdat_budget="0.05", wdat_upsilon_images=64,
+                      wdat_upsilon_every=1000)
+    method = make_method(cfg, _ctx((x, y)))
     model = trained_cnn.train()
     bn = model.features[1]
     running = bn.running_mean.clone()
-    x_adv, dist = method.adversarial(model, x[:32], y[:32])
+    x_adv, budgets = method.adversarial(model, x[:32], y[:32])
     assert torch.equal(bn.running_mean, running), "the inner map must run the classifier in eval mode"
     assert model.training and bn.training
-    assert dist <= 0.05 + 1e-6 and W.w2_distance(x_adv, x[:32]) == pytest.approx(dist)
-    assert x_adv.min() >= 0 and x_adv.max() <= 1 and dist > 0
+    # Each image inside its own l∞ budget, which is min(cap, c·‖g_i‖_1) of the reference split.
+    norms = torch.tensor(_l1_one_by_one(model, x[:32], y[:32], "redlr"), dtype=torch.float64)
+    model.train()
+    expected = (method.split.scale * norms).clamp(max=2 * 0.05)
+    assert budgets.double().tolist() == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-9)
+    moved = (x_adv - x[:32]).flatten(1).abs().amax(1)
+    assert (moved <= budgets + 1e-6).all() and moved.max() > 0
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # The same image in another batch gets the same budget: nothing is shared within a batch.
+    _, other = method.adversarial(model, torch.cat([x[64:96], x[:1]]), torch.cat([y[64:96], y[:1]]))
+    assert float(other[-1]) == pytest.approx(float(budgets[0]), rel=1e-5)
 
-    opt = torch.optim.SGD(model.parameters(), 0.01)
-    for i in (32, 64):  # two more batches feed the Υ averages
+
+def test_wdat_refreshes_upsilon_on_schedule_and_resumes_exactly(trained_cnn, fmnist_train):
+    x, y = fmnist_train[0][:96], fmnist_train[1][:96]
+    cfg = TrainConfig(method="wdat", loss="trades", wdat_steps=2, wdat_upsilon_images=48, wdat_upsilon_every=2)
+    method = make_method(cfg, _ctx((x, y)))
+    model = trained_cnn.train()
+    opt = torch.optim.SGD(model.parameters(), 0.05)
+    seen = []
+    for i in (0, 32, 64):
         method.zero_grad()
         opt.zero_grad()
         out = method.step(model, x[i:i + 32], y[i:i + 32])
         out.loss.backward()
         opt.step()
-        method.after_backward()
+        seen.append(method.split.upsilon)
+    assert method.refreshes == 2 and seen[0] == seen[1] != seen[2]  # refreshed at steps 0 and 2
     state = method.state_dict()
-    assert state["wdat"]["upsilon_seen"].all() and (state["wdat"]["upsilon_sq"] > 0).all()
-
-    resumed = make_method(cfg, _ctx())
+    resumed = make_method(cfg, _ctx((x, y)))
     resumed.load_state_dict(state)
     twin = SmallCNN(width=16)
     twin.load_state_dict(model.state_dict())
@@ -310,7 +384,70 @@ def test_wdat_inner_map_in_eval_mode_within_budget_and_resumes_exactly(trained_c
     a = method.step(model, x[:32], y[:32])
     b = resumed.step(twin, x[:32], y[:32])
     assert torch.equal(a.x_adv, b.x_adv) and float(a.loss.detach()) == float(b.loss.detach())
-    assert torch.equal(method.upsilon_sq, resumed.upsilon_sq)
+    assert method.split == resumed.split
+    d = method.epoch_diagnostics(model, x[:8], y[:8])
+    assert d["budget_images"] == 4 * 32 and d["upsilon_images"] == 48 and d["upsilon_every"] == 2
+    assert method.epoch_budgets == []  # the next epoch starts its own distribution
+
+
+def test_wdat_run_records_upsilon_and_the_budget_distribution_per_epoch(tmp_path):
+    from adt_finetune.progress import Reporter
+    from adt_finetune.training import train
+
+    from test_trainer import _workspace
+
+    class Messages(Reporter):
+        def __init__(self):
+            self.lines = []
+
+        def message(self, text):
+            self.lines.append(text)
+
+    rep = Messages()
+    cfg = TrainConfig(method="wdat", epochs=2, train_subset=96, batch_size=32, wdat_steps=1, device="cpu",
+                      wdat_upsilon_images=40, wdat_upsilon_every=2, wdat_cap=1.5)
+    result = train(cfg, workspace=_workspace(tmp_path), reporter=rep)
+    meta = json.loads((result.path / "run.json").read_text())
+    assert meta["config"]["wdat_split_loss"] == "redlr" and meta["config"]["wdat_upsilon_every"] == 2
+    assert len(meta["diagnostics"]) == 2
+    # 3 steps per epoch, Υ refreshed at global steps 0, 2 and 4
+    assert [d["upsilon_refreshes"] for d in meta["diagnostics"]] == [2, 1]
+    for d in meta["diagnostics"]:
+        assert d["upsilon"] > 0 and d["upsilon_images"] == 40 and d["upsilon_every"] == 2
+        assert d["budget_images"] == 96
+        assert 0 <= d["budget_median"] <= d["budget_p95"] <= d["budget_max"] <= 0.15 + 1e-6
+        assert 0 <= d["share_beyond_eps"] <= 1 and 0 <= d["share_capped"] <= 1
+    beyond = [line for line in rep.lines if "beyond ε" in line]
+    assert len(beyond) == 2 and f"{100 * meta['diagnostics'][1]['share_beyond_eps']:.1f}% of images" in beyond[1]
+
+
+def test_weight_perturbation_moves_only_trained_weights_by_their_scale(tmp_path):
+    from adt_finetune.training import train
+
+    from test_trainer import _workspace
+
+    ws = _workspace(tmp_path)
+    base = dict(method="pgd-at", loss="ce", epochs=1, train_subset=64, batch_size=32, pgd_steps=1, device="cpu",
+                scope="last-layer", lr=1e-12, momentum=0.0, weight_decay=0.0)
+    plain = train(TrainConfig(**base, run_name="plain"), workspace=ws).model.state_dict()
+    moved = train(TrainConfig(**base, weight_perturb=0.1, run_name="moved"), workspace=ws).model.state_dict()
+    head = [k for k in plain if k.startswith("fc.")]
+    assert head and all(torch.equal(plain[k], moved[k]) for k in plain if k not in head)  # frozen body untouched
+    for k in head:
+        rel = float((moved[k] - plain[k]).pow(2).mean().sqrt() / plain[k].pow(2).mean().sqrt())
+        assert 0.05 < rel < 0.2, (k, rel)
+    with pytest.raises(UserError, match="weight_perturb"):
+        train(TrainConfig(**base, weight_perturb=-1.0), workspace=ws)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(wdat_cap=0.5), "wdat_cap"), (dict(wdat_split_loss="kl"),
+                                       "wdat_split_loss"), (dict(wdat_upsilon_every=0), "wdat_upsilon_every"),
+                                       (dict(wdat_steps=0), "wdat_steps")])
+def test_wdat_settings_are_checked_by_name(bad, match):
+    from adt_finetune.training.train_config import validate_config
+
+    with pytest.raises(UserError, match=match):
+        validate_config(TrainConfig(method="wdat", **bad))
 
 
 @pytest.mark.slow
@@ -320,8 +457,9 @@ def test_wdat_finetune_raises_wpgd_accuracy(trained_cnn, fmnist_train, fmnist_te
     before = next(r["wpgd_acc"] for r in suite_report.rows if r["budget"] == 0.1)
     # β = 1: at the default β = 6 TRADES first trades clean accuracy for smoothness, and
     # 20 updates from a non-robust model are too few to see the robust accuracy rise.
-    cfg = TrainConfig(method="wdat", loss="trades", beta=1.0, wdat_steps=5, upsilon="batch")
-    method = make_method(cfg, _ctx())
+    cfg = TrainConfig(method="wdat", loss="trades", beta=1.0, wdat_steps=5, wdat_upsilon_images=1000,
+                      wdat_upsilon_every=10)
+    method = make_method(cfg, _ctx((x_train, y_train)))
     model = trained_cnn.train()
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     gen = torch.Generator().manual_seed(0)
@@ -335,7 +473,6 @@ def test_wdat_finetune_raises_wpgd_accuracy(trained_cnn, fmnist_train, fmnist_te
             out.loss.backward()
             opt.step()
             method.after_backward()
-            assert out.metrics["w2_dist"] <= 0.1 + 1e-6
     model.eval()
     after = W.wpgd(model, x_test, y_test, budget=0.1, steps=EVAL_STEPS).accuracy
     with torch.no_grad():

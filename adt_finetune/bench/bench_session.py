@@ -50,6 +50,13 @@ class BenchSession:
         self.clf_log.module = self.model  # replays run on the eager module
         self.counter = PassCounter(self.timed_model)
 
+
+    def synthetic_images(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n random images and labels standing in for the training set (wdat's Υ set): a step's cost
+        does not depend on the pixel values."""
+        g = torch.Generator().manual_seed(self.seed + 1)
+        x = torch.rand(n, self.info.channels, self.info.size, self.info.size, generator=g)
+        return x, torch.randint(0, self.info.num_classes, (n,), generator=g)
     def set_scope(self, scope: str) -> None:
         """What the trainer trains under `scope`: everything, or (last-layer) the head on a frozen
         body, whose skipped weight gradients are most of the cost difference."""

@@ -32,7 +32,8 @@ def method_item(s: BenchSession, cfg) -> Item:
 
     def make_step():
         ctx = MethodContext(eps=s.info.eps, in_channels=s.info.channels, num_classes=s.info.num_classes,
-                            image_size=s.info.size, device=dev, head=s.head, amp_dtype=torch_dtype(dtype))
+                            image_size=s.info.size, device=dev, head=s.head, amp_dtype=torch_dtype(dtype),
+                            train_images=s.synthetic_images)
         method = make_method(cfg, ctx)
         for m in method.modules().values():
             m.to(dev)

@@ -72,11 +72,20 @@ _HELP: dict[str, tuple[str, str]] = {
     "pgd_steps": ("PGD-AT attack steps.", "Baselines"),
     "trades_steps": ("TRADES attack steps.", "Baselines"),
     "step_size": ("Baseline attack step. Default: ε/4.", "Baselines"),
-    "wdat_budget": ("wdat Wasserstein budget δ. Default: the dataset's ε.", "WDAT"),
-    "wdat_steps": ("wdat W-PGD steps.", "WDAT"),
-    "wdat_ratio": ("wdat step ratio.", "WDAT"),
-    "upsilon": ("wdat Υ: batch | ema.", "WDAT"),
-    "upsilon_momentum": ("wdat Υ moving-average momentum.", "WDAT"),
+    "wdat_budget": ("wdat: the W_2 budget δ (l∞ ground cost) split over the images. Default: the dataset's ε (our "
+                    "guess).",
+                    "WDAT"),
+    "wdat_steps": ("wdat: PGD steps inside each image's budget (our guess: TRADES' 10).", "WDAT"),
+    "wdat_ratio": ("wdat: PGD step = ratio·δ_i/steps (the W-PGD authors' code).", "WDAT"),
+    "wdat_split_loss": ("wdat: redlr | ce, the loss whose input gradients split δ into per-image budgets "
+                        "(our guess: redlr).", "WDAT"),
+    "wdat_upsilon_images": ("wdat: Υ over the first N training images, never augmented (our guess: 10000; "
+                            "capped at the training set).", "WDAT"),
+    "wdat_upsilon_every": ("wdat: recompute Υ every N optimisation steps (our guess: 100).", "WDAT"),
+    "wdat_cap": ("wdat: cap on one image's budget, as a multiple of δ; what a capped image cannot use goes to "
+                 "the others (our guess: 2).", "WDAT"),
+    "weight_perturb": ("Fine-tuning protocol: before training, add σ·rms(w)·N(0, 1) to every trained weight "
+                       "tensor (our guess of the size; default 0: off). See also --head-init reinit.", "WDAT"),
     "max_steps": ("Stop after N optimisation steps (smoke runs; the schedule stays the full run's). "
                   "Default: no limit.", "Run"),
     "seed": ("Seed for initialisation, data order and the methods' randomness.", "Run"),

@@ -19,6 +19,17 @@ With seed groups (`group_seeds`) each side is several entries (one per seed):
 accuracies are mean ± standard deviation over seeds, the interval resamples
 examples of the seed-averaged outcomes (it covers the choice of images, not of
 seeds), the counts are means over seed pairs, and no p-value is given.
+
+W-PGD columns (`wpgd@δ`) get the difference only. W-PGD spends one W_2 budget on
+the whole evaluation set, so whether one image is broken depends on every other
+image: the outcomes are not independent, and both the per-example McNemar test and
+a bootstrap that resamples images assume they are. (A valid test would re-run
+W-PGD on each resampled set, at the cost of one attack per resample.)
+
+Several tests against one control in one table (several entries, several columns)
+are a family: each p-value is also shown Holm-adjusted over every McNemar p-value
+of the call (statsmodels' `multipletests`, method "holm"), which controls the
+family-wise error rate without assuming the tests independent.
 """
 from __future__ import annotations
 
@@ -37,7 +48,10 @@ from .seeds import Spread, group_by_seed, spread
 
 DEFAULT_RESAMPLES = 10_000
 CONFIDENCE = 0.95
-HEADERS = ["column", "A (control)", "B", "B − A", "95% CI", "McNemar p", "A only", "B only"]
+HEADERS = ["column", "A (control)", "B", "B − A", "95% CI", "McNemar p", "Holm p", "A only", "B only"]
+#: columns whose per-example outcomes are coupled through a budget shared by the whole set
+COUPLED_PREFIXES = ("wpgd@",)
+CORRECTION = "holm"
 
 
 # ---------------------------------------------------------------- statistics
@@ -53,6 +67,20 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     if n == 0:
         return 1.0
     return float(binomtest(min(int(a_only), int(b_only)), n, 0.5, alternative="two-sided").pvalue)
+
+
+def coupled(column: str) -> bool:
+    """Whether a column's outcomes share one budget over the set (no per-example statistics)."""
+    return column.startswith(COUPLED_PREFIXES)
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (statsmodels), in the order given."""
+    if not len(p_values):
+        return []
+    from statsmodels.stats.multitest import multipletests
+
+    return [float(v) for v in multipletests(list(p_values), method=CORRECTION)[1]]
 
 
 def bootstrap_interval(d: np.ndarray, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int | Sequence[int] = 0,
@@ -155,10 +183,15 @@ class ColumnStats:
     a: Spread                 # control accuracy (%), over the side's members
     b: Spread
     diff: float               # B − A, percentage points
-    ci: tuple[float, float]   # paired bootstrap interval of diff
-    p_value: float | None     # exact McNemar; None for seed groups
+    ci: tuple[float, float] | None   # paired bootstrap interval of diff; None for a coupled (W-PGD) column
+    p_value: float | None     # exact McNemar; None for seed groups and coupled columns
     a_only: float             # examples correct for A only (mean over seed pairs for groups)
     b_only: float
+    p_adjusted: float | None = None  # Holm over every p-value of the comparison call
+
+    @property
+    def coupled(self) -> bool:
+        return coupled(self.column)
 
 
 @dataclass
@@ -177,7 +210,9 @@ class Comparison:
                 "entry": self.other.label, "entries": self.other.names,
                 "eps": None if self.eps is None else format_eps(self.eps), "n": self.n,
                 "bootstrap": {"resamples": self.n_resamples, "seed": self.seed, "confidence": self.confidence},
-                "columns": [{**asdict(c), "a": c.a.to_json(), "b": c.b.to_json(), "ci": list(c.ci)}
+                "correction": CORRECTION,
+                "columns": [{**asdict(c), "a": c.a.to_json(), "b": c.b.to_json(),
+                             "ci": None if c.ci is None else list(c.ci), "coupled": c.coupled}
                             for c in self.columns]}
 
 
@@ -185,13 +220,16 @@ def _column_stats(a: Side, b: Side, column: str, *, n_resamples: int, seed: int,
     ra, rb = a.rate(column), b.rate(column)
     a_only, b_only = float(np.sum(ra * (1 - rb))), float(np.sum(rb * (1 - ra)))
     single = len(a.members) == 1 and len(b.members) == 1
-    # A fresh generator per column: a column's interval does not depend on which other columns are
-    # compared, and two columns with the same outcomes (AutoAttack alone and A_rob) get the same interval.
-    lo, hi = bootstrap_interval(rb - ra, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    ci, p = None, None
+    if not coupled(column):  # coupled outcomes: neither resampling images nor McNemar is valid
+        # A fresh generator per column: a column's interval does not depend on which other columns are
+        # compared, and two columns with the same outcomes (AutoAttack alone and A_rob) get the same interval.
+        lo, hi = bootstrap_interval(rb - ra, n_resamples=n_resamples, seed=seed, confidence=confidence)
+        ci = (100.0 * lo, 100.0 * hi)
+        p = mcnemar_exact(round(a_only), round(b_only)) if single else None
     return ColumnStats(column, spread(100.0 * m.columns[column].mean() for m in a.members),
                        spread(100.0 * m.columns[column].mean() for m in b.members),
-                       float(100.0 * np.mean(rb - ra)), (100.0 * lo, 100.0 * hi),
-                       mcnemar_exact(round(a_only), round(b_only)) if single else None, a_only, b_only)
+                       float(100.0 * np.mean(rb - ra)), ci, p, a_only, b_only)
 
 
 def compare_sides(a: Side, b: Side, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
@@ -231,8 +269,17 @@ def compare_entries(entries: Sequence[Entry], *, group_seeds: bool = False, work
                             "configurations (the control's first)")
     else:
         sides = [Side(o.entry.entry, [o]) for o in outcomes]
-    return [compare_sides(sides[0], s, n_resamples=n_resamples, seed=seed, confidence=confidence)
-            for s in sides[1:]]
+    comps = [compare_sides(sides[0], s, n_resamples=n_resamples, seed=seed, confidence=confidence)
+             for s in sides[1:]]
+    adjust_family(comps)
+    return comps
+
+
+def adjust_family(comps: Sequence[Comparison]) -> None:
+    """Set every column's Holm-adjusted p-value, over all the p-values of `comps` (one family)."""
+    tested = [c for comp in comps for c in comp.columns if c.p_value is not None]
+    for c, adjusted in zip(tested, holm_adjust([c.p_value for c in tested])):
+        c.p_adjusted = adjusted
 
 
 # ---------------------------------------------------------------- rendering
@@ -250,8 +297,10 @@ def _count_text(x: float) -> str:
 def comparison_section(c: Comparison) -> Section:
     eps = "?" if c.eps is None else format_eps(c.eps)
     title = f"B = {c.other.label} vs A = {c.control.label} (control), ε = {eps}, n = {c.n}"
-    body = [[s.column, s.a.text(), s.b.text(), f"{s.diff:+.2f}", f"[{s.ci[0]:+.2f}, {s.ci[1]:+.2f}]",
-             format_p(s.p_value), _count_text(s.a_only), _count_text(s.b_only)] for s in c.columns]
+    body = [[s.column, s.a.text(), s.b.text(), f"{s.diff:+.2f}",
+             "n/a (coupled)" if s.ci is None else f"[{s.ci[0]:+.2f}, {s.ci[1]:+.2f}]",
+             "n/a (coupled)" if s.coupled else format_p(s.p_value), format_p(s.p_adjusted),
+             _count_text(s.a_only), _count_text(s.b_only)] for s in c.columns]
     return Section(title, list(HEADERS), body)
 
 
@@ -260,6 +309,15 @@ def comparison_notes(comps: Sequence[Comparison]) -> list[str]:
     out = [f"accuracy (%) on the same n images; B − A in percentage points; {round(100 * c.confidence)}% CI: paired bootstrap over examples "
            f"({c.n_resamples} resamples, seed {c.seed}); McNemar p: exact two-sided test on the examples correct "
            "for A only vs B only"]
+    k = sum(s.p_value is not None for x in comps for s in x.columns)
+    if k:
+        out.append(f"Holm p: the McNemar p-value adjusted by Holm's step-down method over the {k} test"
+                   f"{'' if k == 1 else 's'} of this table (statsmodels multipletests, method 'holm'), which "
+                   "controls the chance of any false positive among them")
+    if any(s.coupled for x in comps for s in x.columns):
+        out.append("wpgd@δ columns: the difference only. W-PGD spends one Wasserstein budget on the whole set, so "
+                   "an image's outcome depends on every other image's; McNemar and a bootstrap over images assume "
+                   "independent outcomes, so neither p-value nor interval would be valid (\"n/a (coupled)\")")
     if any(len(x.control.members) > 1 or len(x.other.members) > 1 for x in comps):
         out.append("seed groups: accuracy mean ± sd over seeds; the interval resamples examples of the "
                    "seed-averaged outcomes; A only / B only are means over seed pairs; no p-value")

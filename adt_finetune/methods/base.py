@@ -3,7 +3,7 @@
 A method turns a batch into a loss: `step(model, x, y)` finds the adversarial
 input(s) it needs and returns a StepOutput whose `loss` the shared trainer
 back-propagates exactly once. Methods with parameters of their own (the ADT
-generators, ADT-EXP's nothing, wdat's Υ average) expose them through `modules()`,
+generators, wdat's Υ and budget split) expose them through `modules()`,
 `optimizers()` and `state_dict()` so the trainer saves and resumes them; the
 trainer calls `after_backward()` right after the classifier's optimiser step so
 a method can step its own optimisers on the gradients that same backward left.
@@ -39,6 +39,9 @@ class MethodContext:
     #: sums a tensor over the processes of a torchrun world, in place, and returns it; None in a
     #: single process. For statistics a method keeps across the whole batch (wdat's Υ).
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the first n training images, never augmented, as (x, y) tensors; None outside a training run.
+    #: For statistics a method computes over the training set (wdat's Υ).
+    train_images: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -131,6 +134,10 @@ class TrainMethod:
         """TrainConfig fields this method filled in itself where the config left them None
         (e.g. its default λ or step size); the trainer records them in run.json."""
         return {}
+
+    def diagnostics_line(self, diagnostics: dict[str, float]) -> str | None:
+        """One line the trainer prints after each epoch's diagnostics (None: nothing to say)."""
+        return None
 
     def epoch_diagnostics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Numbers worth watching once per epoch, measured on a fixed probe batch of training images.

@@ -1,30 +1,20 @@
-"""`wdat`: Wasserstein-distributional TRADES fine-tuning (docs/methods.md, "wdat").
+"""`wdat`: Wasserstein distributional adversarial training (Bai, He, Jiang, Obłój 2025), as
+docs/methods.md ("wdat") describes it: what is the paper's and what is our guess.
 
-Per mini-batch, the W-PGD map (q = 2, l∞ ground cost) moves the batch inside
-the W_2 ball of radius δ around it, sharing the budget across the batch's
-images; the classifier then minimises CE(f(x), y) + β·KL(f(x) ‖ f(x')).
+Each step:
+1. every `wdat_upsilon_every` optimisation steps (and at the first), Υ is recomputed over the
+   first `wdat_upsilon_images` training images (never augmented) with `wdat_split_loss`
+   (ReDLR or CE), and with it the scale of the budget split (perturb/budget_split.py);
+2. each image of the batch gets its own l∞ budget δ_i = min(κδ, c·‖∇_x J(x_i)‖_1), from its
+   clean gradient: its share of the W_2 budget δ, never redistributed within the batch;
+3. PGD inside each image's budget ascends TRADES' KL(f(x) ‖ f(x')) from x + 0.001·N(0, I)
+   (with `--loss ce`: CE from x), with the classifier in eval mode;
+4. the classifier minimises CE(f(x), y) + β·KL(f(x) ‖ f(x')) (`--loss ce`: CE(f(x'), y)).
 
-Choices (the paper's exact ones are not available; all settable):
-- Inner objective: as in TRADES, the map ascends the per-example
-  KL(f(x) ‖ f(x')) against the clean prediction, computed in eval mode and
-  detached. The KL and its gradient vanish at x' = x and W-PGD has no random
-  start, so the map starts from TRADES' x + 0.001·N(0, I). With `--loss ce`
-  the map ascends CE(f(x'), y) from x and the model minimises CE(f(x'), y):
-  a distributional PGD-AT. TRADES is the method's own loss (`default_loss`).
-- Υ: `--upsilon batch` divides by the batch's own Υ_t at each inner step t (the
-  dataset-level attack restricted to the batch). `--upsilon ema` divides by
-  sqrt of an exponential moving average, across batches, of the batch mean
-  ‖g_i‖_1² at inner step t (one average per t, because the gradient scale
-  changes along the path), so the per-image step follows the dataset-wide
-  sensitivity rather than the batch's. The averages are part of the state dict.
-  Under torchrun both are over the whole (global) batch: each inner step sums
-  ‖g_i‖_1² and the count over the processes, so every process divides by the
-  same Υ_t, the one a single process with the whole batch would use.
-- Budget `wdat_budget` (None: the dataset's ε), `wdat_steps` inner steps of
-  `wdat_ratio`·δ/`wdat_steps`. The projection is per batch: each batch's
-  empirical distribution stays within δ of itself in W_2. Under torchrun it is
-  per process's share of the batch, a tighter constraint (each share within δ
-  puts the whole batch within δ).
+The per-image budgets of each epoch are kept for the epoch diagnostics (median, 95th
+percentile, max, share beyond ε, share at the cap), which run.json records per epoch with
+Υ. Under torchrun every process computes the same Υ (same weights, same images) and the
+diagnostics are rank 0's share of the batches.
 """
 from __future__ import annotations
 
@@ -38,12 +28,31 @@ from torch import nn
 from ..config import TrainConfig
 from ..errors import UserError
 from ..nets import eval_mode
+from ..perturb.budget_split import Split, gradient_l1_norms, make_split, pgd_in_budgets, split_budgets
+from ..perturb.distributional import LOSSES as SPLIT_LOSSES
+from ..perturb.distributional import parse_budgets
 from ..perturb.linf import accuracy
-from ..perturb.distributional import parse_budgets, wpgd_map
 from .base import MethodContext, StepOutput, TrainMethod, register_method
 from .losses import trades_kl, trades_target, training_loss
 
 TRADES_START_STD = 0.001
+SPLIT_LOSS_NAMES = ("redlr", "ce")
+
+
+def check_wdat_settings(cfg: TrainConfig) -> None:
+    """UserError naming the setting when a wdat setting cannot run."""
+    if int(cfg.wdat_steps) < 1:
+        raise UserError(f"wdat_steps must be at least 1, got {cfg.wdat_steps}")
+    if not float(cfg.wdat_ratio) > 0:
+        raise UserError(f"wdat_ratio must be positive, got {cfg.wdat_ratio}")
+    if cfg.wdat_split_loss not in SPLIT_LOSS_NAMES or cfg.wdat_split_loss not in SPLIT_LOSSES:
+        raise UserError(f"unknown wdat_split_loss {cfg.wdat_split_loss!r}: choose {' or '.join(SPLIT_LOSS_NAMES)}")
+    if int(cfg.wdat_upsilon_images) < 1:
+        raise UserError(f"wdat_upsilon_images must be at least 1, got {cfg.wdat_upsilon_images}")
+    if int(cfg.wdat_upsilon_every) < 1:
+        raise UserError(f"wdat_upsilon_every must be at least 1, got {cfg.wdat_upsilon_every}")
+    if not float(cfg.wdat_cap) >= 1.0:
+        raise UserError(f"wdat_cap must be at least 1 (a multiple of the budget δ), got {cfg.wdat_cap}")
 
 
 @register_method("wdat")
@@ -54,56 +63,55 @@ class WDAT(TrainMethod):
 
     def __init__(self, cfg: TrainConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
+        check_wdat_settings(cfg)
         self.budget = float(ctx.eps) if cfg.wdat_budget in (None, "") else parse_budgets([cfg.wdat_budget])[0]
-        if int(cfg.wdat_steps) < 1:
-            raise UserError(f"--wdat-steps must be at least 1, got {cfg.wdat_steps}")
-        if not float(cfg.wdat_ratio) > 0:
-            raise UserError(f"--wdat-ratio must be positive, got {cfg.wdat_ratio}")
-        if cfg.upsilon not in ("batch", "ema"):
-            raise UserError(f"unknown --upsilon {cfg.upsilon!r}: choose batch or ema")
-        if not 0.0 <= float(cfg.upsilon_momentum) < 1.0:
-            raise UserError(f"--upsilon-momentum must be in [0, 1), got {cfg.upsilon_momentum}")
+        self.cap = float(cfg.wdat_cap) * self.budget
         self.steps = int(cfg.wdat_steps)
         self.ratio = float(cfg.wdat_ratio)
-        self.momentum = float(cfg.upsilon_momentum)
-        # One running mean of ‖g_i‖_1² per inner step; `seen` marks which have a value
-        # (the first batch initialises them instead of averaging with zero).
-        self.upsilon_sq = torch.zeros(self.steps, dtype=torch.float64)
-        self.upsilon_seen = torch.zeros(self.steps, dtype=torch.bool)
+        self.every = int(cfg.wdat_upsilon_every)
+        self.split: Split | None = None
+        self.steps_done = 0                 # optimisation steps taken, for the refresh schedule
+        self.refreshes = 0                  # refreshes since the last epoch diagnostics
+        self.epoch_budgets: list[torch.Tensor] = []
+        self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
         # Own generator for the start noise, saved with the state so resume is exact.
         self.generator = torch.Generator().manual_seed(int(cfg.seed) + 0x5DA7)
 
-    # -------------------------------------------------------------- the inner map
+    # -------------------------------------------------------------- Υ and the split
 
-    def _batch_sq(self, l1_norms: torch.Tensor) -> float:
-        """The batch mean of ‖g_i‖_1², over every process's share of the batch under torchrun."""
-        sq = l1_norms.double().pow(2)
-        if self.ctx.all_reduce is None:
-            return float(sq.mean())
-        total = torch.stack([sq.sum(), torch.tensor(float(len(sq)), dtype=torch.float64, device=sq.device)])
-        self.ctx.all_reduce(total)
-        return float(total[0] / total[1])
+    def reference_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images Υ is computed over (loaded once)."""
+        if self._reference is None:
+            if self.ctx.train_images is None:
+                raise UserError("wdat needs the training images to compute Υ: train it with 'adt-ft train' "
+                                "or pass train_images in the method context")
+            x, y = self.ctx.train_images(int(self.cfg.wdat_upsilon_images))
+            self._reference = (x.to(self.ctx.device), y.to(self.ctx.device))
+        return self._reference
 
-    def _global_upsilon(self, t: int, l1_norms: torch.Tensor) -> float:
-        return math.sqrt(self._batch_sq(l1_norms))
+    def refresh(self, model: nn.Module) -> Split:
+        """Υ and the split scale over the reference set, with the current weights."""
+        x, y = self.reference_set()
+        norms = gradient_l1_norms(model, x, y, self.cfg.wdat_split_loss)
+        self.split = make_split(norms, self.budget, self.cap)
+        self.refreshes += 1
+        return self.split
 
-    def _ema_upsilon(self, t: int, l1_norms: torch.Tensor) -> float:
-        batch_sq = self._batch_sq(l1_norms)
-        if self.upsilon_seen[t]:
-            self.upsilon_sq[t] = self.momentum * self.upsilon_sq[t] + (1 - self.momentum) * batch_sq
-        else:
-            self.upsilon_sq[t] = batch_sq
-            self.upsilon_seen[t] = True
-        return float(self.upsilon_sq[t].sqrt())
+    def budgets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each image's l∞ budget from its clean gradient and the current split."""
+        if self.split is None or self.steps_done % self.every == 0:
+            self.refresh(model)
+        assert self.split is not None
+        norms = gradient_l1_norms(model, x, y, self.cfg.wdat_split_loss)
+        return split_budgets(norms, self.split.scale, self.cap).to(x.dtype)
+
+    # -------------------------------------------------------------- the training step
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    target: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """x' from the W-PGD map on this batch, found with the classifier in eval mode
-        (`target`: the eval-mode clean logits, the KL reference of the TRADES loss)."""
-        if self.cfg.upsilon == "ema":
-            upsilon = self._ema_upsilon
-        else:  # the batch's own Υ_t: wpgd_map computes it, unless the batch is spread over processes
-            upsilon = self._global_upsilon if self.ctx.all_reduce is not None else None
+                    target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x', per-image budgets), found with the classifier in eval mode (`target`: the
+        eval-mode clean logits, the KL reference of the TRADES loss)."""
+        budgets = self.budgets(model, x, y)
         if self.cfg.loss == "trades" and target is None:
             with torch.no_grad(), eval_mode(model):
                 target = model(x)
@@ -122,20 +130,21 @@ class WDAT(TrainMethod):
                 def objective(logits: torch.Tensor) -> torch.Tensor:
                     return F.cross_entropy(logits, y, reduction="none")
 
-            return wpgd_map(model, x, objective, budget=self.budget, q=2, steps=self.steps, ratio=self.ratio,
-                            start=start, upsilon=upsilon)
-
-    # -------------------------------------------------------------- the training step
+            x_adv = pgd_in_budgets(model, x, budgets, objective, steps=self.steps, ratio=self.ratio, start=start)
+        return x_adv, budgets
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         logits_clean = target = None
         if self.cfg.loss == "trades":
             logits_clean, target = trades_target(model, x)
-        x_adv, dist = self.adversarial(model, x, y, target)
+        x_adv, budgets = self.adversarial(model, x, y, target)
+        self.steps_done += 1
+        self.epoch_budgets.append(budgets.detach().double().cpu())
         if self.cfg.loss == "trades" and logits_clean is None:
             logits_clean = model(x)  # clean before adversarial, as TRADES does
         logits_adv = model(x_adv)
-        metrics: dict[str, float] = {"w2_dist": dist}
+        assert self.split is not None
+        metrics: dict[str, float] = {"budget_mean": float(budgets.mean()), "upsilon": self.split.upsilon}
         if self.cfg.loss == "trades":
             loss = training_loss("trades", logits_adv, y, logits_clean=logits_clean, beta=self.cfg.beta)
             with torch.no_grad():
@@ -146,20 +155,55 @@ class WDAT(TrainMethod):
         metrics["adv_acc"] = accuracy(logits_adv, y)
         return StepOutput(loss=loss, metrics=metrics, x_adv=x_adv)
 
+    # -------------------------------------------------------------- diagnostics
+
+    def epoch_diagnostics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Υ as last refreshed, and the distribution of this epoch's per-image budgets."""
+        out: dict[str, float] = {}
+        if self.split is not None:
+            s = self.split
+            out.update(upsilon=s.upsilon, upsilon_images=float(s.n), upsilon_every=float(self.every),
+                       upsilon_refreshes=float(self.refreshes), reference_rms=s.rms, reference_capped=s.capped)
+            if math.isfinite(s.scale):  # inf: the budget cannot be spent, every image with a gradient is capped
+                out["split_scale"] = s.scale
+        if self.epoch_budgets:
+            b = torch.cat(self.epoch_budgets)
+            q = torch.quantile(b, torch.tensor([0.5, 0.95], dtype=b.dtype))
+            out.update(budget_median=float(q[0]), budget_p95=float(q[1]), budget_max=float(b.max()),
+                       share_beyond_eps=float((b > float(self.ctx.eps) * (1 + 1e-9)).double().mean()),
+                       share_capped=float((b >= self.cap * (1 - 1e-9)).double().mean()), budget_images=float(len(b)))
+        # A new epoch's distribution starts empty: this is bookkeeping, not training state.
+        self.epoch_budgets, self.refreshes = [], 0
+        return out
+
+    def diagnostics_line(self, diagnostics: dict[str, float]) -> str | None:
+        if "share_beyond_eps" not in diagnostics:
+            return None
+        d = diagnostics
+        return (f"wdat budgets this epoch: median {d['budget_median']:.4g}, 95th percentile {d['budget_p95']:.4g}, "
+                f"max {d['budget_max']:.4g}; {100 * d['share_beyond_eps']:.1f}% of images beyond ε = "
+                f"{float(self.ctx.eps):.4g}, {100 * d['share_capped']:.1f}% at the cap {self.cap:.4g}; "
+                f"Υ = {d.get('upsilon', float('nan')):.4g} over {int(d.get('upsilon_images', 0))} images "
+                f"({self.cfg.wdat_split_loss}, every {self.every} steps)")
+
     # -------------------------------------------------------------- resume
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["wdat"] = {"upsilon_sq": self.upsilon_sq.clone(), "upsilon_seen": self.upsilon_seen.clone(),
+        split = None if self.split is None else dict(vars(self.split))
+        state["wdat"] = {"split": split, "steps_done": self.steps_done, "refreshes": self.refreshes,
+                         "epoch_budgets": torch.cat(self.epoch_budgets) if self.epoch_budgets else torch.zeros(0),
                          "generator": self.generator.get_state()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         own = state["wdat"]
-        if own["upsilon_sq"].shape != self.upsilon_sq.shape:
-            raise UserError(f"the checkpoint's wdat state has {own['upsilon_sq'].numel()} inner steps but "
-                            f"--wdat-steps is {self.steps}: resume with the run's own settings")
-        self.upsilon_sq.copy_(own["upsilon_sq"])
-        self.upsilon_seen.copy_(own["upsilon_seen"])
+        if "steps_done" not in own:
+            raise UserError("the checkpoint holds the state of an earlier wdat (per-batch W_2 projection), which "
+                            "this version no longer trains: start a new run")
+        self.split = None if own["split"] is None else Split(**own["split"])
+        self.steps_done = int(own["steps_done"])
+        self.refreshes = int(own["refreshes"])
+        self.epoch_budgets = [own["epoch_budgets"].double()] if own["epoch_budgets"].numel() else []
         self.generator.set_state(own["generator"])

@@ -424,29 +424,3 @@ def _step_(x_adv: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, l1: torch.
         x_adv[sl] = x_adv[sl] + step_size * move
     project_(x_adv, x, budget, q, batch_size)
 
-
-def wpgd_map(model: nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], *, budget: float,
-             q: int = 2, steps: int = 10, ratio: float = DEFAULT_RATIO, start: torch.Tensor | None = None,
-             upsilon: Callable[[int, torch.Tensor], float | None] | None = None) -> tuple[torch.Tensor, float]:
-    """The W-PGD map on one mini-batch held in memory, returning the last iterate.
-
-    For training (`wdat`): `objective(logits)` is the per-example loss to ascend;
-    `start` an optional starting point (the caller puts it in [0, 1]; it is
-    projected before the first step); `upsilon(t, l1_norms)` may replace the
-    batch's own Υ_t at inner step t (a running average across batches). The
-    caller sets the model's mode. Returns (x', D(x', x)).
-    """
-    q = _check_q(q)
-    budget = _check_budget(budget)
-    x = x.detach()
-    step_size = ratio * budget / steps
-    x_adv = x.clone() if start is None else project_(start.detach().clone(), x, budget, q)
-    for t in range(steps):
-        x_adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(objective(model(x_adv)).sum(), x_adv)
-        with torch.no_grad():
-            l1 = grad.flatten(1).abs().sum(1)
-            d = upsilon(t, l1) if upsilon is not None and q == 2 else None
-            move = grad.sign() * _per_image(direction_scale(l1, q, d).to(grad.dtype), grad)
-            x_adv = project_(x_adv.detach() + step_size * move, x, budget, q)
-    return x_adv.detach(), distance(x_adv, x, q)

@@ -89,8 +89,14 @@ def train_set(cfg: TrainConfig, ws: Workspace, download: bool = True) -> Dataset
     return _subset(ds, cfg)
 
 
+def first_images(cfg: TrainConfig, ws: Workspace, n: int, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first min(n, set size) training images (within --train-subset), never augmented."""
+    ds = load_dataset(cfg.dataset or "", "train", data_dir=cfg.data_dir, workspace=ws.root, augment=False,
+                      download=download)
+    with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
+        return as_tensors(_subset(ds, cfg), n)
+
+
 def probe_batch(cfg: TrainConfig, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
     """The first min(64, n) training images, never augmented: the same batch every epoch."""
-    ds = load_dataset(cfg.dataset or "", "train", data_dir=cfg.data_dir, workspace=ws.root, augment=False)
-    with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG
-        return as_tensors(_subset(ds, cfg), PROBE_SIZE)
+    return first_images(cfg, ws, PROBE_SIZE)

@@ -266,6 +266,9 @@ class _Loop:
             record["diagnostics"] = diagnostics
             self.reporter.advance(key, 0, status=f"{_stats(pos.means())}  {_diagnostics_text(diagnostics)}")
         self.reporter.finish(key)
+        line = self.s.method.diagnostics_line(diagnostics) if diagnostics else None
+        if line:
+            self.reporter.message(f"epoch {pos.epoch + 1}: {line}")
         pos.history.append(record)
         if not stopped_early:
             pos.next_epoch()

@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -139,7 +139,8 @@ class Session:
     """The model, data, optimiser and method of one run, set up identically for a fresh start and a resume."""
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_set: Dataset, info: DatasetInfo,
-                 device: torch.device, *, eps: float, reinit_head: bool, world: World | None = None):
+                 device: torch.device, *, eps: float, reinit_head: bool, world: World | None = None,
+                 train_images: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None):
         from ..methods import MethodContext, make_method
 
         self.cfg = cfg
@@ -163,7 +164,8 @@ class Session:
         ctx = MethodContext(eps=eps, in_channels=info.channels, num_classes=info.num_classes,
                             image_size=info.size, device=device, head=self.head,
                             amp_dtype=torch.bfloat16 if cfg.amp else None,
-                            all_reduce=partial(all_reduce_sum_, self.world) if self.world.size > 1 else None)
+                            all_reduce=partial(all_reduce_sum_, self.world) if self.world.size > 1 else None,
+                            train_images=train_images)
         self.method = make_method(cfg, ctx)
         self.method.train(True)
         self.n_examples = len(train_set)  # type: ignore[arg-type]
@@ -205,6 +207,18 @@ class Session:
                 p.requires_grad_(True)
         if reinit_head:
             self.head.reset_parameters()  # seeded: set_seed(cfg.seed) ran before the session was built
+
+    def perturb_weights(self, sigma: float, seed: int) -> None:
+        """The fine-tuning protocol's small perturbation before training: every trained tensor
+        w += σ·rms(w)·N(0, 1), drawn from its own generator (the global RNG is untouched)."""
+        if not sigma:
+            return
+        g = torch.Generator().manual_seed(int(seed) + 0x77E1)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.requires_grad and p.numel():
+                    noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype)
+                    p.add_(sigma * p.detach().float().pow(2).mean().sqrt().to(p.dtype) * noise)
 
     @property
     def measures_diagnostics(self) -> bool:

@@ -9,6 +9,7 @@ cannot leave the others waiting.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..nets import unusable_tensors, unusable_weights
 from ..utils import format_eps, parse_eps, set_seed
 from ..workspace import ModelRef, Workspace
 from . import run_writer
-from .batches import train_set
+from .batches import first_images, train_set
 from .run_state import Position, Session, first_non_finite
 from .train_config import RESUME_OVERRIDABLE, config_from_record, resolved, validate_config, with_method_settings
 
@@ -124,7 +125,8 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
             raise UserError(f"the base model {base_ref.name} is unusable ({bad[0]}): pull or train a model whose "
                             "weights are finite")
     session = Session(cfg, model, data, info, world.device, eps=eps, reinit_head=cfg.head_init == "reinit",
-                      world=world)
+                      world=world, train_images=partial(first_images, cfg, ws))
+    session.perturb_weights(cfg.weight_perturb, cfg.seed)
     session.cfg = with_method_settings(cfg, session.method)  # record the method's own defaults (λ, step size)
     return session
 
@@ -216,8 +218,10 @@ def _resume_claimed(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspa
         from ..zoo import model_from_ref
 
         model = model_from_ref(info.base_model, device=str(world.device), source=recorded_in)
-        data = train_set(recorded, ws, download=_may_download(recorded, recorded_in))
-        session = Session(recorded, model, data, dinfo, world.device, eps=eps, reinit_head=False, world=world)
+        download = _may_download(recorded, recorded_in)
+        data = train_set(recorded, ws, download=download)
+        session = Session(recorded, model, data, dinfo, world.device, eps=eps, reinit_head=False, world=world,
+                          train_images=partial(first_images, recorded, ws, download=download))
         pos = _restore(session, ckpt, ckpt_path, info.id)
         note = f"resuming at epoch {pos.epoch + 1}, step {pos.step_in_epoch} of {session.steps_per_epoch}"
     if not world.is_main:

@@ -125,6 +125,12 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.arch_kwargs and not cfg.arch:
         raise UserError("arch_kwargs are constructor arguments for arch (package.module:Class): give arch too, "
                         "or drop arch_kwargs")
+    if not cfg.weight_perturb >= 0:
+        raise UserError(f"weight_perturb must be 0 (off) or positive, got {cfg.weight_perturb}")
+    if cfg.method == "wdat":
+        from ..methods.wdat import check_wdat_settings
+
+        check_wdat_settings(cfg)
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
