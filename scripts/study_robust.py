@@ -20,6 +20,11 @@
 5. copy the entries and bench results to --out and write the summary and tables (paired
    statistics against the control method, leaderboard.compare), the plot and <out>/README.md.
 
+Part of a study: `--only wdat/trades` trains and evaluates only those methods' runs (and the base),
+`--reuse leaderboard/robust-base` fills in every other run's entries from a folder of committed ones
+before the write-up (their models are not re-run), and the README says which rows are new and
+whether the base reproduced the one the reused entries were measured on.
+
 Resumable by stage: run the same command again. Finished rounds, runs and entries
 are skipped, an unfinished run continues from its checkpoint (train(resume=...)),
 a half-done evaluation continues from its saved batches.
@@ -177,6 +182,33 @@ class Study:
         self.times_path = self.state / "study-times.json"
         self.times: dict[str, float] = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
         self.base_path = self.state / "study-base.json"
+        self.only: set[tuple[str, str]] | None = None   # --only: the methods this invocation runs
+        self.reuse: Path | None = None                   # --reuse: where the other runs' entries come from
+
+    def selected(self, job: Job) -> bool:
+        return self.only is None or (job.method, job.loss) in self.only
+
+    def reuse_entries(self) -> list[str]:
+        """Copy the entries of every run --only leaves out from --reuse (not the base's: it is evaluated
+        here, so its reproduction can be checked); the copied entry names."""
+        if self.reuse is None:
+            return []
+        dest = self.ws.leaderboard_dir / self.s.dataset / THREAT_MODEL
+        dest.mkdir(parents=True, exist_ok=True)
+        copied = []
+        for job in self.s.jobs:
+            if self.selected(job):
+                continue
+            for kind in ("aa", "w", "parts"):
+                entry = f"{job.run_name}_{kind}"
+                src = self.reuse / f"{entry}.json"
+                if not src.exists() or (dest / src.name).exists():
+                    continue
+                # the per-example file first: an entry never points at a missing file
+                shutil.copy2(self.reuse / f"{entry}.per-example.csv", dest / f"{entry}.per-example.csv")
+                shutil.copy2(src, dest / src.name)
+                copied.append(entry)
+        return copied
 
     def log(self, text: str) -> None:
         print(text, flush=True)
@@ -390,7 +422,7 @@ class Study:
 
     def evaluate(self, poll_s: float = 15.0) -> None:
         """Every entry, skipping those another process holds, until all exist (waits for them)."""
-        models = [(BASE_NAME, None)] + [(j.run_name, j.run_name) for j in self.s.jobs]
+        models = [(BASE_NAME, None)] + [(j.run_name, j.run_name) for j in self.s.jobs if self.selected(j)]
         # the cheap suite first: its answers are in early
         self._evaluate_all([(name, run, kind) for kind in ("w", "aa") for name, run in models], poll_s)
 
@@ -772,6 +804,62 @@ def baseline_text(entries: dict[str, list]) -> str:
             f"{pct(aa.clean)}, PGD-20 {pct(pgd)}, AutoAttack {pct(aa.autoattack)}, A_rob {pct(aa.a_rob)}.")
 
 
+def rerun_text(study: Study, entries: dict[str, list]) -> str:
+    """Which rows are new, which were reused, and whether the base reproduced the reused entries' base."""
+    import csv
+
+    s = study.s
+    new = [j.run_name for j in s.jobs if study.selected(j)]
+    lines = [f"Re-run here (`--only {','.join('/'.join(m) for m in sorted(study.only or ()))}`): "
+             + ", ".join(f"`{n}`" for n in new) + "."]
+    if study.reuse is None:
+        return "\n".join(lines)
+    lines.append(f"Every other run's entries are the committed ones from `{study.reuse}`, not re-run.")
+    old = study.reuse / f"{BASE_NAME}_aa.per-example.csv"
+    here = study.entry_path(f"{BASE_NAME}_aa").with_suffix(".per-example.csv")
+    if old.exists() and here.exists():
+        def flags(path: Path) -> dict[str, tuple[str, str]]:
+            with open(path, newline="") as fh:
+                return {r["index"]: (r["clean"], r["robust"]) for r in csv.DictReader(fh)}
+
+        a, b = flags(old), flags(here)
+        same = sum(a[k] == b.get(k) for k in a)
+        verdict = ("the base reproduced: the reused rows compare against the same model" if same == len(a) else
+                   "the base did NOT reproduce exactly, so the reused rows were fine-tuned from a different "
+                   "base than the re-run ones: compare re-run rows with each other (and the base), and re-run "
+                   "the control with --only to compare against it")
+        lines.append(f"The regenerated base agrees with the reused entries' base on {same} of {len(a)} images "
+                     f"(clean and A_rob outcome): {verdict}.")
+    return "\n".join(lines)
+
+
+def wdat_text(study: Study) -> str:
+    """The wdat runs' per-epoch diagnostics (run.json) and what is the paper's and what is ours."""
+    s = study.s
+    lines = ["`wdat` is W-DAT as the distributional fine-tuning paper (arXiv:2502.09352) summarises it: the "
+             "TRADES-style loss, each image's l∞ budget from the first-order split of the W₂ budget δ "
+             "(δᵢ ∝ ‖∇ₓJ(xᵢ)‖₁/Υ) and PGD inside it; Υ recomputed on the data at an update rate. Ours (guesses, "
+             "docs/methods.md \"wdat\"): δ = ε, J = ReDLR, Υ over the first 10,000 training images (here the "
+             f"{s.train_subset or 'whole'} fine-tuning images) every 100 steps, a per-image cap of 2δ, 10 PGD "
+             "steps, β = 6, and this study's 2-epoch budget; the paper's protocol (re-initialised head or a "
+             "small weight perturbation, long training on the full set) is not used here, every method getting "
+             "the same budget.", "",
+             "| run | epoch | Υ | budget median | 95th pct | max | beyond ε | at the cap |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for job in s.jobs:
+        if job.method != "wdat":
+            continue
+        path = study.ws.runs_dir / job.run_name / "run.json"
+        diags = json.loads(path.read_text()).get("diagnostics", []) if path.exists() else []
+        for k, d in enumerate(diags, start=1):
+            if "share_beyond_eps" not in d:
+                continue  # a run of the earlier wdat: no budget distribution recorded
+            lines.append(f"| {job.run_name} | {k} | {d.get('upsilon', float('nan')):.3g} | "
+                         f"{d['budget_median']:.4f} | {d['budget_p95']:.4f} | {d['budget_max']:.4f} | "
+                         f"{100 * d['share_beyond_eps']:.1f}% | {100 * d['share_capped']:.1f}% |")
+    return "\n".join(lines)
+
+
 def stage_totals(times: dict[str, float]) -> str:
     """'base 21.3, fine-tuning 51.6, ...; in all 400.0' (minutes) from the per-stage seconds."""
     groups = {"base": 0.0, "fine-tuning": 0.0, "AutoAttack + PGD-20 + CW": 0.0, "Wasserstein suite": 0.0,
@@ -825,6 +913,10 @@ def readme_text(study: Study, entries: dict[str, list], wall_s: float) -> str:
         leaderboard.render(entries["aa"], fmt="markdown", title="AutoAttack + PGD-20 + CW (%)").rstrip(), "",
         leaderboard.render(entries["w"], fmt="markdown", title="Wasserstein suite (%)").rstrip(), "",
     ]
+    if study.only is not None:
+        lines += ["## What this invocation re-ran", "", rerun_text(study, entries), ""]
+    if any(m == "wdat" for m, _ in s.methods):
+        lines += ["## wdat", "", wdat_text(study), ""]
     if s.masking:
         lines += ["## Gradient-masking check", "", masking_text(study, study.masking_rows()), ""]
     for kind, title in (("aa", "pointwise attacks"), ("w", "Wasserstein suite")):
@@ -847,6 +939,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny budget, to check the pipeline end to end")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-progress", action="store_true", help="no per-batch progress bars")
+    p.add_argument("--only", default=None, help="run only these methods' runs (and the base), e.g. wdat/trades")
+    p.add_argument("--reuse", default=None, help="with --only: take every other run's entries from this folder "
+                   "(e.g. leaderboard/robust-base) for the write-up")
     p.add_argument("--eval-worker", action="store_true",
                    help="only evaluate, beside a process that runs the study: each model once its run has finished")
     args = p.parse_args(argv)
@@ -857,6 +952,15 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/study_robust.py" + "".join(
         f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     study = Study(s, workspace, out, command, args.data_dir, progress=not args.no_progress)
+    if args.only:
+        study.only = {_method(m, Path(args.recipe)) for m in args.only.split(",") if m.strip()}
+        unknown = study.only - set(s.methods)
+        if unknown:
+            sys.exit(f"error: --only {args.only}: {sorted(unknown)} not among the recipe's methods")
+    if args.reuse:
+        if not args.only:
+            sys.exit("error: --reuse needs --only (which runs to re-run)")
+        study.reuse = Path(args.reuse)
     study.log(f"study: base + {len(s.jobs)} runs + {2 * (len(s.jobs) + 1)} evaluations in {workspace}"
               f"{' (smoke)' if args.smoke else ''}")
     study.check_settings()
@@ -868,7 +972,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     study.base()
     for job in s.jobs:
-        study.train(job)
+        if study.selected(job):
+            study.train(job)
+    copied = study.reuse_entries()
+    if copied:
+        study.log(f"reused {len(copied)} committed entries from {study.reuse}")
     study.evaluate()
     study.check_masking()
     study.bench()

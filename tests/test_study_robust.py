@@ -220,3 +220,26 @@ def test_entry_locks_keep_an_eval_worker_and_the_study_apart(study, tmp_path):
     (st.ws.runs_dir / "robust-x").mkdir(parents=True)
     assert not st._finished("robust-x") and (st.ws.runs_dir / "robust-x").is_dir()
     assert not st._finished(None)  # the base is not registered yet
+
+
+def test_only_and_reuse_rerun_one_method_and_take_the_rest_from_committed_entries(study, tmp_path):
+    s = study.load_settings(study.RECIPE)
+    st = study.Study(s, tmp_path / "ws", tmp_path / "out", "cmd", None, progress=False)
+    st.only, st.reuse = {("wdat", "trades")}, REPO / "leaderboard" / "robust-base"
+    rerun = [j.run_name for j in s.jobs if st.selected(j)]
+    assert rerun == ["robust-wdat-trades-full-s0", "robust-wdat-trades-full-s1", "robust-wdat-trades-last-layer-s0"]
+    copied = st.reuse_entries()
+    assert copied and not any(c.startswith(("robust-wdat", study.BASE_NAME)) for c in copied)
+    assert {f"robust-pgd-at-ce-full-s0_{k}" for k in ("aa", "w", "parts")} <= set(copied)
+    assert all(st.entry_path(c).exists() and st.entry_path(c).with_suffix(".per-example.csv").exists()
+               for c in copied)
+    assert st.reuse_entries() == []  # already there: nothing copied twice
+    # The wdat section reads each run's per-epoch budget diagnostics from its run.json.
+    run = st.ws.runs_dir / "robust-wdat-trades-full-s0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"diagnostics": [
+        {"upsilon": 8.2, "budget_median": 0.07, "budget_p95": 0.2, "budget_max": 0.2, "share_beyond_eps": 0.31,
+         "share_capped": 0.12}]}))
+    text = study.wdat_text(st)
+    assert "| robust-wdat-trades-full-s0 | 1 | 8.2 | 0.0700 | 0.2000 | 0.2000 | 31.0% | 12.0% |" in text
+    assert "Ours (guesses" in text and "arXiv:2502.09352" in text
