@@ -99,7 +99,8 @@ def readme_text(res: "StudyResults", command: str) -> str:
     lines += ["Accuracy in % (mean ± sd over seeds); B − A and its interval from the seed-averaged per-example "
               "outcomes; McNemar p per seed pair (exact, two-sided); Holm-adjusted p: Holm's step-down correction "
               "over every p-value of that table (family-wise error 5% when read against 0.05). W-PGD columns share "
-              "one perturbation budget across the images, so their per-example tests are approximate (docs/study.md); "
+              "one perturbation budget across the images, so an image's outcome depends on the others' and neither "
+              "McNemar nor a bootstrap over images is valid: they show the difference only (n/a (coupled)); "
               "step time × control from `adt-ft bench` (bench-<scope>.json, timed round-robin in one run).", "",
               "## Against the base model (no fine-tuning)", "",
               "Each run's accuracy (%), its difference to the base in pp and the exact McNemar p (same images):", "",

@@ -42,11 +42,13 @@ def forest_plot(res: "StudyResults", path: Path) -> None:
                 if c is None:
                     continue
                 y = row + (k - 1) * 0.22
-                ax.errorbar(c.diff, y, xerr=[[c.diff - c.ci[0]], [c.ci[1] - c.diff]], fmt="o", color=colour,
-                            capsize=3, label=label if row == 0 else None)
+                # A coupled (W-PGD) column has no valid interval: its point only, hollow.
+                xerr = None if c.ci is None else [[c.diff - c.ci[0]], [c.ci[1] - c.diff]]
+                ax.errorbar(c.diff, y, xerr=xerr, fmt="o", color=colour, capsize=3,
+                            mfc="none" if c.ci is None else colour, label=label if row == 0 else None)
         ax.axvline(0.0, color="black", lw=0.8)
         ax.set_yticks(range(len(others)), [a.label for a in others])
-        ax.set_xlabel(f"difference to {s.control.label} (pp), 95% paired bootstrap interval")
+        ax.set_xlabel(f"difference to {s.control.label} (pp), 95% paired bootstrap interval (W-PGD: none, hollow)")
         ax.set_title(f"scope {scope} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].invert_yaxis()  # shared: the file's order from the top, in every panel

@@ -87,7 +87,9 @@ def summary(res: StudyResults, scope: str) -> str:
                     continue
                 ratio = ratios.get(arm.label)
                 cells = [arm.label if first else "", c.column if kind == "pointwise" else f"W: {c.column}", c.a.text(),
-                         c.b.text(), f"{c.diff:+.2f}", f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]",
+                         c.b.text(), f"{c.diff:+.2f}",
+                         # W-PGD: outcomes coupled through the shared budget, no per-example interval or test
+                         "n/a (coupled)" if c.ci is None else f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]",
                          " / ".join(format_p(p) for p in p_values.get(c.column, [])),
                          (f"{ratio:.2f}" if ratio else "—") if first else ""]
                 rows.append((cells, p_values.get(c.column, [])))
@@ -117,7 +119,8 @@ def versus_base(res: StudyResults) -> str:
         cells = {}
         for kind in res.entries:
             for c in compare_entries([base[kind], res.entry(kind, name)])[0].columns:
-                cells[(kind, c.column)] = f"{c.b.text()} ({c.diff:+.1f}, p {format_p(c.p_value)})"
+                p = "" if c.p_value is None else f", p {format_p(c.p_value)}"  # none for coupled W-PGD columns
+                cells[(kind, c.column)] = f"{c.b.text()} ({c.diff:+.1f}{p})"
         row = [name, cells.get(("pointwise", "clean"), "—"), cells.get(("pointwise", "A_rob"), "—")]
         if "w" in base:
             row.append(cells.get(("w", wpgd), "—"))
