@@ -235,7 +235,8 @@ def test_nproc_runs_the_same_command_under_torchrun(tmp_path, cli, monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", FakeTorchrun)
     monkeypatch.setattr(training, "train", fake_train)
     options = ["--method", "exp-am", "--loss", "trades", "--milestones", "3,5", "--schedule", "step",
-               "--gen-betas", "0.5,0.9", "--arch-kwargs", '{"width": 4}', "--no-gen-normalize-gradients",
+               "--gen-betas", "0.5,0.9", "--model", "scratch", "--arch", "adt_finetune.models.small:SmallCNN",
+               "--arch-kwargs", '{"width": 4}', "--dataset", "fashion-mnist", "--no-gen-normalize-gradients",
                "--sync-bn", "--lr", "0.02", "--batch-size", "64", "--workspace", str(tmp_path)]
     code, _, _ = cli("train", "--nproc", "3", *options)
     assert code == 0
@@ -248,6 +249,7 @@ def test_nproc_runs_the_same_command_under_torchrun(tmp_path, cli, monkeypatch):
         assert code == 2 and "captured" in err
     direct, again = seen["configs"]
     assert direct == again and again.sync_bn and again.milestones == [3, 5] and again.gen_betas == (0.5, 0.9)
+    assert again.arch_kwargs == {"width": 4}
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = cli("train", "--nproc", "2", "--workspace", str(tmp_path))
