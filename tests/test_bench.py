@@ -148,7 +148,7 @@ def test_bf16_channels_last_cli_run(cli, tmp_path):
                                "--methods", "pgd-at", "--attacks", "none", "--batch-size", "2", "--steps", "1",
                                "--dtype", "bf16", "--channels-last", "--json", "b.json", "-w", tmp_path / "ws")
     assert code == 0, stderr  # a relative --json lies in the workspace
-    assert "pgd-at" in stdout and "ms/step" in stdout
+    assert "pgd-at" in stdout and "ms/step" in stdout and "ratio÷pred." in stdout and "+MB" in stdout
     data = json.loads(out.read_text())
     assert data["dtype"] == "bf16" and data["channels_last"] is True and data["dataset"] == "fashion-mnist"
     assert [(r["name"], r["status"]) for r in data["rows"]] == [("pgd-at", "ok")]

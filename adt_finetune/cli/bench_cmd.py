@@ -40,7 +40,8 @@ def bench_table(result: "BenchResult") -> "Table":
     t.add_column("item", no_wrap=True)
     t.add_column("loss", no_wrap=True)
     cpu = m["device"]["type"] == "cpu"
-    for col in ("img/s", "ms/step", "f/b", "MB", "ratio", *(["cpu×"] if cpu else []), "pred.", "TFLOP/s"):
+    for col in ("img/s", "ms/step", "f/b", "+MB" if cpu else "MB", "ratio", *(["cpu×"] if cpu else []), "pred.",
+                "ratio÷pred.", "TFLOP/s"):
         t.add_column(col, justify="right", no_wrap=True)
     if notes:
         t.add_column("note", overflow="fold")
@@ -57,11 +58,16 @@ def bench_table(result: "BenchResult") -> "Table":
                  f(None if r.step_time_s is None else 1e3 * r.step_time_s, ",.1f"),
                  "—" if r.forward_passes is None else f"{r.forward_passes}/{r.backward_passes}",
                  f(r.peak_mem_mb, ",.0f"), f(r.ratio, ".2f"), *([f(r.cpu_ratio, ".2f")] if cpu else []),
-                 f(r.predicted_ratio, ".2f"), f(r.tflops, ".2g")]
+                 f(r.predicted_ratio, ".2f"),
+                 f(None if r.ratio is None or not r.predicted_ratio else r.ratio / r.predicted_ratio, ".2f"),
+                 f(r.tflops, ".2g")]
         t.add_row(*cells, *([Text(r.note)] if notes else []))
     caption = [f"ratio: wall time ÷ {METHOD_BASELINE}'s (methods), ÷ {ATTACK_BASELINE}'s (attacks)"
                + ("; cpu×: the same with process CPU time" if cpu else "")
-               + "; pred.: FLOP cost model; f/b: classifier forward/backward passes per step; MB: peak memory",
+               + "; pred.: FLOP cost model's ratio; ratio÷pred.: measured over predicted; f/b: classifier "
+               "forward/backward passes per step; "
+               + ("+MB: growth of resident memory over what earlier items left resident (0: the item fit in it)"
+                  if cpu else "MB: peak memory"),
                f"torch {m['torch']}, {m['device']['threads']} threads",
                f"{m['steps']} timed steps after {m['warmup']} warm-up (median, items interleaved)",
                f"classifier {m['classifier_gflop_per_image']['forward']:.3g} GFLOP/image forward"]
