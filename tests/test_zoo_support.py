@@ -145,6 +145,11 @@ def test_models_check_prints_what_applies_and_why_not(cli):
     assert code == 0, err
     assert "Diffenderfer2021Winning_Binary (cifar10/corruptions, WideResNet-18-2): refused" in out
     assert "attacks: all but feature" in out and "no nn.Linear layer" in out
+    assert "eval refuses corruptions models" in out
+    code, out, err = cli("models", "Kireev", "-t", "corruptions", "--check")  # several entries: a table
+    assert code == 0, err
+    assert "what adt-ft can do with 5 entries" in out
+    assert re.search(r"Kireev2021Effectiveness_RLAT\s+│ all methods │ linear\s+│ bn", out)
     assert "Traceback" not in out + err
 
 

@@ -83,8 +83,10 @@ def _check(query: str | None, dataset: str, threat_model: str) -> None:
     if not entries:
         raise UserError(f"no loadable {dataset}/{threat_model} zoo entry matches {query!r}: "
                         "adt-ft models lists them")
-    table = Table(title=f"RobustBench {entries[0].dataset} / {entries[0].threat_model}: what adt-ft can do "
-                        f"with {len(entries)} architectures (random weights, nothing downloaded)")
+    tm = entries[0].threat_model
+    table = Table(title=f"RobustBench {entries[0].dataset} / {tm}: what adt-ft can do with {len(entries)} "
+                        "entries (random weights, nothing downloaded)",
+                  caption=None if tm == "Linf" else f"adt-ft's attacks and training are L∞: eval refuses {tm} models")
     table.add_column("name", style="bold", no_wrap=True, min_width=max(len(e.name) for e in entries))
     for column in ("verdict", "head", "feature tap", "why not"):
         table.add_column(column)
