@@ -59,6 +59,10 @@ def fresh(cfg: TrainConfig, loss: str, eps_given: float | None, ws: Workspace, w
     """A new run from a validated config and its ε (parsed once by `train`; None: the dataset's);
     rank 0 shares (run folder, run.json) with the others."""
     base_ref = _base_model(cfg, ws, world.is_main)
+    if base_ref is not None and base_ref.threat_model != "Linf":
+        # The run would be recorded under that threat model, and `eval` refuses it: refused before hours of training.
+        raise UserError(f"{base_ref.name} is a RobustBench {base_ref.threat_model} model: adt-ft's training methods "
+                        "and attacks are L∞, and a run fine-tuned from it could not be evaluated; fine-tune a Linf model")
     dataset = cfg.dataset or (base_ref.dataset if base_ref else None)
     if dataset is None:
         raise UserError("--model scratch needs --dataset")
