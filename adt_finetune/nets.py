@@ -56,13 +56,14 @@ def _is_feature_map(output) -> bool:
     return output.dim() == 3 and output.shape[1] > 1 and output.shape[2] > 1
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor | None]]:
+def _trace(model: nn.Module, example: torch.Tensor, maps: bool = True) -> list[tuple[nn.Module, torch.Tensor | None]]:
     """(module, output) for every submodule call of one forward pass, in the order the calls finish;
-    the output only where it is a feature map (see `_is_feature_map`), else None."""
+    the output only where it is a feature map (see `_is_feature_map`) and `maps` asks for them, else None
+    (holding every map of a large model costs memory a head search does not need)."""
     events: list[tuple[nn.Module, torch.Tensor | None]] = []
 
     def on_output(module, inputs, output):
-        keep = not isinstance(module, _NOT_A_PRODUCER) and _is_feature_map(output)
+        keep = maps and not isinstance(module, _NOT_A_PRODUCER) and _is_feature_map(output)
         events.append((module, output if keep else None))
 
     _watch_one_forward(model, example, [m.register_forward_hook(on_output) for m in model.modules() if m is not model])
@@ -85,7 +86,7 @@ def find_last_linear(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.L
     watch a forward pass instead of trusting `named_modules()`.
     """
     names = {m: n for n, m in model.named_modules()}
-    head = _last_linear(model, _trace(model, example))
+    head = _last_linear(model, _trace(model, example, maps=False))
     return names[head], head
 
 
