@@ -34,7 +34,8 @@ def ticking(monkeypatch):
     monkeypatch.setattr(engine, "progress_clock", clock)
 
 
-SETTINGS = {"feature": {"targets": 4, "pool": 40, "steps": 10, "chunk": 16}}
+SETTINGS = {"feature": {"targets": 4, "pool": 40, "steps": 10, "chunk": 16}, "spsa": {"iterations": 5, "samples": 8},
+            "exp": {"steps": 5, "samples": 2}}
 
 
 def _run(model, x, y, attacks, **kw):
@@ -46,8 +47,8 @@ def _run(model, x, y, attacks, **kw):
 
 def test_long_attacks_report_progress_within_one_batch(trained_cnn, fmnist_test, ticking):
     x, y = fmnist_test[0][:24], fmnist_test[1][:24]
-    rec = _run(trained_cnn, x, y, ["pgd20", "cw", "mim", "feature", "autoattack"])
-    minimum = {"pgd20": 20, "cw": 30, "mim": 20, "feature": 10, "autoattack": 30}
+    rec = _run(trained_cnn, x, y, ["pgd20", "cw", "mim", "feature", "autoattack", "spsa", "exp"])
+    minimum = {"pgd20": 20, "cw": 30, "mim": 20, "feature": 10, "autoattack": 30, "spsa": 2, "exp": 5}
     for attack, n in minimum.items():
         ups, total = rec.updates[attack], rec.totals[attack]
         assert len(ups) >= n, (attack, len(ups))

@@ -54,7 +54,8 @@ class EXPAttack(Attack):
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
         generator = example_generators(x, f"{self.name}:{self.seed}")
         mu, v = fit_exp_distribution(model, x, y, eps=self.eps, steps=self.steps, samples=self.samples,
-                                     lr=self.lr, lam=self.lam, accumulate=self.accumulate, generator=generator)
+                                     lr=self.lr, lam=self.lam, accumulate=self.accumulate, generator=generator,
+                                     on_step=lambda i: self.within_batch(i / self.steps, f"step {i}/{self.steps}"))
         deltas = sample_exp(mu, v, self.eps, self.samples, generator=generator)
         # |δ| ≤ ε already; the projection is x' = clip(x + δ) plus a guard against round-off.
         x_samples = project_linf(x.unsqueeze(0) + deltas.to(x.dtype), x.unsqueeze(0), self.eps)

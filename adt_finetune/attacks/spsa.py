@@ -108,6 +108,7 @@ class SPSA(Attack):
                 adam_m[active], adam_v[active] = m, v
                 update = (m / (1 - ADAM_BETAS[0] ** t)) / ((v / (1 - ADAM_BETAS[1] ** t)).sqrt_() + ADAM_EPS)
                 x_cur[active] = project_linf(x_cur[active] - self.lr * update, x[active], self.eps)
+                self.within_batch(t / self.iterations, f"iteration {t}/{self.iterations}, {len(active)} left")
             # The last step's point has not been checked yet: one forward of the survivors.
             final_wrong = ~verdict(model(x_cur[active]), y[active])
         x_adv[active] = x_cur[active]

@@ -28,7 +28,8 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def fit_exp_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, samples: int,
                          lr: float, lam: float, accumulate: bool = True, objective: Objective | None = None,
-                         generator: tg.Rng = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: tg.Rng = None, on_step: Callable[[int], None] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example (μ, v) of the tanh-Gaussian δ = ε·tanh(μ + softplus(v)·r) maximising
     E[objective(f(clip(x + δ)), y)] + lam·H.
 
@@ -50,7 +51,7 @@ def fit_exp_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     example that is loss_i + lam·mean_j h_ij, the released weighting, but each
     example's gradient no longer depends on the batch size (which only mattered where
     gradients fall near Adam's 1e-8). No gradient reaches the model's parameters:
-    only (μ, v) are differentiated. Returns (μ, v), detached.
+    only (μ, v) are differentiated. Returns (μ, v), detached. `on_step(i)` follows step i (1-based).
     """
     if steps < 1 or samples < 1:
         raise UserError(f"ADT-EXP needs at least one step and one sample (got T={steps}, k={samples})")
@@ -63,7 +64,7 @@ def fit_exp_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     x_rep = x.unsqueeze(0).expand(samples, *x.shape)
     y_rep = y.repeat(samples)
     with eval_mode(model), torch.enable_grad():
-        for _ in range(steps):
+        for i in range(steps):
             sigma = F.softplus(v)
             delta, u, r = tg.sample(mu.expand_as(x_rep), sigma.expand_as(x_rep), eps, generator, batch_dim=1)
             x_adv = tg.apply_perturbation(x_rep, delta.to(x.dtype)).flatten(0, 1)
@@ -76,6 +77,8 @@ def fit_exp_distribution(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
             else:
                 mu.grad, v.grad = grad_mu, grad_v
             opt.step()
+            if on_step is not None:
+                on_step(i + 1)
     return mu.detach(), v.detach()
 
 
