@@ -319,3 +319,19 @@ def test_network_blocks_have_the_shape_of_what_pull_prints(blocks):
         if label:
             assert f'"{label}' in source or f"'{label}" in source or f"{label} " in source, label
     assert shown[-1].startswith("current model of workspace") and "current model of workspace" in source
+
+
+@pytest.mark.slow
+def test_quickstart_block_has_the_shape_the_command_prints(tmp_path):
+    """The README's quickstart output, from `adt-ft quickstart` at a small fine-tuning and evaluation budget
+    (the pretraining is the quickstart's own): the same lines, tables, columns and leaderboard rule."""
+    text = README.read_text()
+    start = text.index("[1/4] pretrain:")
+    shown = text[start:text.index("\n```", start)].splitlines()
+    ws = tmp_path / "workspace"
+    code, out, err = _in_process("quickstart", "--train-subset", "256", "--epochs", "1", "-n", "50", "-w", ws)
+    assert code == 0, err
+    # -n 50 is not the default n, so the entry's name says so (README: Entry names)
+    paths = {str(ws.resolve()): "workspace", str(ws): "workspace", "_quick_n50": "_quick"}
+    assert shape(out.splitlines(), paths) == shape(shown, paths)
+    assert len(shape(shown, paths)) >= 20
