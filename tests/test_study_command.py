@@ -203,3 +203,13 @@ def test_a_study_trains_under_torchrun_when_asked(tmp_path, base_checkpoint):
     meta = json.loads((tmp_path / "ws" / "runs" / "smoke-pgd-at-ce-full-s0" / "run.json").read_text())
     assert meta["world_size"] == 2 and meta["status"] == "finished"
     assert (tmp_path / "out" / "README.md").exists()
+
+
+def test_only_reruns_the_named_arms_and_the_base(tmp_path, base_checkpoint, cli):
+    path = _study_file(tmp_path, base_checkpoint, tmp_path / "out")
+    keys = {j.key for j in plan(load_study(path, only="trades/trades"))}
+    assert keys == {"base", "train:smoke-trades-trades-full-s0", "train:smoke-trades-trades-full-s1",
+                    "eval:smoke-base_aa", "eval:smoke-trades-trades-full-s0_aa", "eval:smoke-trades-trades-full-s1_aa"}
+    assert len(plan(load_study(path))) > len(keys)
+    code, _, err = cli("study", "status", str(path), "--only", "wdat/trades", "-w", str(tmp_path / "ws"))
+    assert code == 2 and "wdat/trades" in err and "pgd-at/ce" in err

@@ -20,13 +20,15 @@ FileArg = typer.Argument(..., help="The study file (YAML; the shipped ones are i
                          show_default=False)
 SmokeOpt = typer.Option(False, "--smoke", help="Overlay the file's smoke: section (a tiny end-to-end check).")
 OutOpt = typer.Option(None, "--out", help="Report folder (default: the study file's report.out).")
+OnlyOpt = typer.Option(None, "--only", help="Re-run just these arms (method/loss, comma-separated) and the base; "
+                                           "the report takes every other entry from the report folder.")
 
 
-def _context(file: Path, workspace: Path, smoke: bool, out: Optional[Path]):
+def _context(file: Path, workspace: Path, smoke: bool, out: Optional[Path], only: Optional[str] = None):
     from ..study import Claims, Progress, load_study, worker_id
     from ..workspace import Workspace
 
-    spec = load_study(file, smoke=smoke, out=out)
+    spec = load_study(file, smoke=smoke, out=out, only=only)
     ws = Workspace(workspace)
     progress = Progress(spec, ws)
     progress.state.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ def run_cmd(file: Path = FileArg, workspace: Path = WorkspaceOpt,
             workers: int = typer.Option(1, "--workers", help="Worker processes on this machine (each takes one job "
                                                               "at a time); more machines: run the same command there."),
             data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Dataset folder (offline data)."),
-            smoke: bool = SmokeOpt, out: Optional[Path] = OutOpt,
+            smoke: bool = SmokeOpt, out: Optional[Path] = OutOpt, only: Optional[str] = OnlyOpt,
             retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed jobs again."),
             poll: float = typer.Option(10.0, "--poll", help="Seconds between looks while other workers hold the "
                                                             "jobs the rest needs."),
@@ -57,9 +59,9 @@ def run_cmd(file: Path = FileArg, workspace: Path = WorkspaceOpt,
 
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    spec, ws, prog, claims = _context(file, workspace, smoke, out)
+    spec, ws, prog, claims = _context(file, workspace, smoke, out, only)
     if workers > 1:
-        return _spawn(workers, file, workspace, data_dir, smoke, out, retry_failed, poll)
+        return _spawn(workers, file, workspace, data_dir, smoke, out, retry_failed, poll, only)
     runner = JobRunner(spec, ws, data_dir=data_dir, reporter=lambda: reporter(progress),
                        log=lambda line: console.print(line, highlight=False),
                        offline=bool(os.environ.get("ADT_FT_OFFLINE")))
@@ -71,12 +73,13 @@ def run_cmd(file: Path = FileArg, workspace: Path = WorkspaceOpt,
         raise UserError(f"the study is not complete: jobs depend on failed ones; see 'adt-ft study status {file}'")
 
 
-def _spawn(workers: int, file: Path, workspace: Path, data_dir, smoke, out, retry_failed, poll) -> None:
+def _spawn(workers: int, file: Path, workspace: Path, data_dir, smoke, out, retry_failed, poll, only) -> None:
     """N workers as child processes of this one (the same command, one worker each)."""
     command = [sys.executable, "-m", "adt_finetune", "study", "run", str(file), "-w", str(workspace),
                "--no-progress", "--poll", str(poll)]
     command += (["--data-dir", data_dir] if data_dir else []) + (["--smoke"] if smoke else [])
     command += (["--out", str(out)] if out else []) + (["--retry-failed"] if retry_failed else [])
+    command += ["--only", only] if only else []
     children = [subprocess.Popen(command, env=child_env()) for _ in range(workers)]
     try:
         codes = [c.wait() for c in children]
@@ -89,13 +92,14 @@ def _spawn(workers: int, file: Path, workspace: Path, data_dir, smoke, out, retr
 
 
 @study_app.command("status")
-def status_cmd(file: Path = FileArg, workspace: Path = WorkspaceOpt, smoke: bool = SmokeOpt) -> None:
+def status_cmd(file: Path = FileArg, workspace: Path = WorkspaceOpt, smoke: bool = SmokeOpt,
+               only: Optional[str] = OnlyOpt) -> None:
     """A table of the study's jobs: done, running where, failed why, queued, with time spent and left."""
     from rich.table import Table
 
     from ..study import status_rows
 
-    spec, ws, prog, claims = _context(file, workspace, smoke, None)
+    spec, ws, prog, claims = _context(file, workspace, smoke, None, only)
     rows = status_rows(spec, prog, claims)
     table = Table(title=f"study {spec.name} in {ws.root}")
     for col in ("job", "state", "time (min)", "estimate (min)"):

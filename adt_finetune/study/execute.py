@@ -187,8 +187,10 @@ class JobRunner:
         from ..leaderboard import read_entry
 
         def read(m: str, kind: str):
-            return read_entry(self.progress.entry_path(entry_name(self.spec, m, kind)), self.spec.dataset,
-                              self.spec.threat_model)
+            path = self.progress.entry_path(entry_name(self.spec, m, kind))
+            if not path.exists():  # a partial re-run (--only): the other models' entries are in the report folder
+                path = Path(self.spec.out) / path.name
+            return read_entry(path, self.spec.dataset, self.spec.threat_model)
 
         rows = masking_screen([(m, read(m, "pointwise"), read(m, "w")) for m in self.spec.models()],
                               float(self.spec.masking["screen_pp"]), reference_run(self.spec), False)

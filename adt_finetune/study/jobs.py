@@ -37,29 +37,32 @@ def entry_name(spec: StudySpec, model: str, kind: str) -> str:
 def plan(spec: StudySpec) -> list[Job]:
     """Every job, each after the jobs it needs (the order a single worker runs them in)."""
     jobs = [Job("base", "base", model=spec.base_name)]
-    if spec.bench:
+    if spec.bench and spec.only is None:  # a partial re-run keeps the study's cost ratios
         jobs += [Job(f"bench:{scope}", "bench", detail={"scope": scope}) for scope in spec.seeds]
     model_job = {spec.base_name: "base"}
     for name, arm, scope, seed in spec.runs():
+        if not spec.selected(arm):
+            continue
         jobs.append(Job(f"train:{name}", "train", ("base",), model=name,
                         detail={"arm": arm, "scope": scope, "seed": seed}))
         model_job[name] = f"train:{name}"
+    models = [m for m in spec.models() if m in model_job]
     kinds = ["w"] if spec.wasserstein else []  # the cheap suite first: its answers come in early
     kinds.append("pointwise")
     for kind in kinds:
-        for model in spec.models():
+        for model in models:
             jobs.append(Job(f"eval:{entry_name(spec, model, kind)}", "eval", (model_job[model],), model=model,
                             detail={"kind": kind}))
     if spec.masking:
         screened = not spec.masking.get("check_all", False)
-        for model in spec.models():
+        for model in models:
             # a screened check needs every model's pointwise and Wasserstein entries to decide
-            deps = tuple(f"eval:{entry_name(spec, m, k)}" for m in spec.models() for k in kinds) if screened \
+            deps = tuple(f"eval:{entry_name(spec, m, k)}" for m in models for k in kinds) if screened \
                 else (model_job[model],)
             jobs.append(Job(f"eval:{entry_name(spec, model, 'parts')}", "eval", deps, model=model,
                             detail={"kind": "parts"}))
     if spec.audit is not None:
-        for model in spec.models():
+        for model in models:
             jobs.append(Job(f"eval:{entry_name(spec, model, 'audit')}", "eval", (model_job[model],), model=model,
                             detail={"kind": "audit"}))
     return jobs

@@ -61,6 +61,10 @@ class StudySpec:
     bench: dict[str, Any] | None
     out: Path                            # where `report` writes (entries are copied there by `run`)
     raw: dict[str, Any] = field(default_factory=dict)
+    only: frozenset[str] | None = None   # re-run just these arms (and the base); the rest stays as reported
+
+    def selected(self, arm: Arm) -> bool:
+        return self.only is None or arm.label in self.only
 
     def runs(self) -> list[tuple[str, Arm, str, int]]:
         """(run name, arm, scope, seed) for every fine-tuning run, in the file's order."""
@@ -120,8 +124,10 @@ def read_study_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_study(path: str | Path, smoke: bool = False, out: str | Path | None = None) -> StudySpec:
-    """The study file as a StudySpec; `smoke` overlays its `smoke:` section (a tiny end-to-end check)."""
+def load_study(path: str | Path, smoke: bool = False, out: str | Path | None = None,
+               only: str | None = None) -> StudySpec:
+    """The study file as a StudySpec; `smoke` overlays its `smoke:` section (a tiny end-to-end check);
+    `only` ("method/loss[,method/loss]") restricts the jobs to those arms' runs and the base."""
     from ..methods import METHODS, check_method_loss
 
     path = Path(path)
@@ -185,6 +191,12 @@ def load_study(path: str | Path, smoke: bool = False, out: str | Path | None = N
         audit=dict(data["audit"]) if isinstance(data.get("audit"), dict) else ({} if data.get("audit") else None),
         bench=dict(data["bench"]) if data.get("bench") else None,
         out=Path(out) if out is not None else _out_dir(path, data), raw=data)
+    if only is not None:
+        chosen = {_arm(a.strip(), path).label for a in only.split(",") if a.strip()}
+        unknown = chosen - {a.label for a in arms}
+        if not chosen or unknown:
+            raise UserError(f"only {only!r}: name arms of the study ({', '.join(a.label for a in arms)})")
+        spec.only = frozenset(chosen)
     names = [r[0] for r in spec.runs()]
     if len(set(names)) != len(names) or not all(_NAME.match(n) for n in names):
         raise _fail(path, f"run_name {run_name!r} must give every run its own plain name")
