@@ -15,8 +15,16 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from . import zoo
+from .config import TrainConfig
+from .data import as_tensors, load_dataset
 from .errors import UserError
+from .evaluation import EvalRequest, evaluate_workspace
+from .models import SmallCNN
 from .progress import Reporter, as_reporter
+from .training import train
+from .utils import set_seed
+from .workspace import Workspace
 
 QUICKSTART_MODEL = "quickstart-SmallCNN"
 SMALL_CNN = "adt_finetune.models.small:SmallCNN"
@@ -54,10 +62,6 @@ PRETRAIN_BATCH = 128
 def _pretrain(settings: QuickstartSettings, data_dir, workspace: Path, log: Callable[[str], None],
               reporter: Reporter | None = None):
     """Standard training of the stand-in model; `reporter` gets one task, "pretrain", advanced per step."""
-    from .data import as_tensors, load_dataset
-    from .models import SmallCNN
-    from .utils import set_seed
-
     set_seed(settings.seed)
     x, y = as_tensors(load_dataset("fashion-mnist", "train", data_dir=data_dir, workspace=workspace,
                                    augment=False), settings.pretrain_images)
@@ -92,13 +96,6 @@ def quickstart(workspace: str | Path = ".", *, settings: QuickstartSettings | No
     `reporter` (a progress.Reporter) receives the evaluation's progress, `train_reporter` the
     fine-tuning's, `pretrain_reporter` the pretraining's; None: silent. `on_trained` gets the
     training RunResult before the stage's closing line (the CLI prints its per-epoch table there)."""
-    from . import zoo
-    from .config import TrainConfig
-    from .data import load_dataset
-    from .evaluation import EvalRequest, evaluate_workspace
-    from .training import train
-    from .workspace import Workspace
-
     s = settings or QuickstartSettings()
     ws = Workspace(workspace)
     seconds: dict[str, float] = {}

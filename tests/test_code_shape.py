@@ -155,3 +155,43 @@ def test_the_handoff_check_can_fail(tmp_path):
                    "    kw = dict(a=a, b=b)\n    go(**kw, **options)\n    extra = {'x': 1}\n    go(**extra)\n")
     assert handoffs([bad]) == ["bad.py:1 def run(**options)", "bad.py:2 locals()", "bad.py:3 **args",
                                "bad.py:3 **job.common", "bad.py:5 **kw", "bad.py:5 **options"]
+
+
+# Imports of the project's own modules kept inside a function, each for a reason:
+LAZY_OWN_IMPORTS = {
+    # names are checked against the attack registry when a list is parsed, after every attack registered
+    ("evaluation/suites.py", "..attacks"),
+    # the catalogue and name resolution answer `adt-ft models` without torch; the loader imports it
+    ("zoo/resolve.py", ".loader"),
+    # `leaderboard --html` imports publish without torch; only an export builds architectures
+    ("publish/export.py", "..zoo"),
+}
+
+
+def local_own_imports(paths: list[Path], root: Path = PACKAGE) -> list[str]:
+    """Function-local imports of the project's own modules (`from .x import y` inside a function)."""
+    found = []
+    for path in paths:
+        rel = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+        for fn in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                            "adt_finetune")):
+                        module = "." * node.level + (node.module or "")
+                        if (rel, module) not in LAZY_OWN_IMPORTS:
+                            found.append(f"{rel}:{node.lineno} {fn.name}: from {module}")
+    return found
+
+
+def test_own_modules_are_imported_at_the_top():
+    """The layers allow them there; only heavy third-party imports stay lazy (start-up time, see
+    tests/test_startup.py). The CLI's commands import the library lazily for the same reason."""
+    library = [p for p in _modules() if not {"cli", "study"} & set(p.relative_to(PACKAGE).parts)]
+    assert local_own_imports(library) == []
+
+
+def test_the_local_import_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from .top import x\n\ndef f():\n    from ..data import load_dataset\n    import torch\n")
+    assert local_own_imports([bad], tmp_path) == ["bad.py:4 f: from ..data"]

@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from ..attacks import make_attack
+from ..methods import MethodContext, make_method
 from ..nets import eval_mode
 from ..precision import autocast_context, make_grad_scaler, to_channels_last, torch_dtype
 from .memory import sync
@@ -25,8 +27,6 @@ Item = tuple[BenchRow, Callable]
 def method_item(s: BenchSession, cfg) -> Item:
     """A training method's step: `method.zero_grad(); opt.zero_grad(); out = method.step(model, x, y);
     out.loss.backward(); opt.step(); method.after_backward()`, as the trainer does it."""
-    from ..methods import MethodContext, make_method
-
     row = BenchRow("method", cfg.method, cfg.loss, baseline=METHOD_BASELINE)
     dev, dtype, model, x, y = s.dev, s.dtype, s.model, s.x, s.y
 
@@ -69,8 +69,6 @@ def method_item(s: BenchSession, cfg) -> Item:
 def attack_item(s: BenchSession, name: str) -> Item:
     """One `attack(model, x, y)` call on the batch; `attack.prepare` runs once on the pool
     before, timed on its own as the row's `prepare_s`. Needs `s.prepare_attack_inputs()`."""
-    from ..attacks import make_attack
-
     row = BenchRow("attack", name, None, baseline=ATTACK_BASELINE)
     dev, dtype = s.dev, s.dtype
 

@@ -11,6 +11,7 @@ from ..data import DatasetInfo
 from ..errors import UserError
 from ..nets import eval_mode
 from ..utils import resolve_device
+from ..zoo import build_architecture
 
 
 def bench_device(device: str | torch.device) -> torch.device:
@@ -42,8 +43,6 @@ def _fill_shape_kwargs(arch: str, info: DatasetInfo, arch_kwargs: dict | None) -
 
 def build_model(arch: str, info: DatasetInfo, arch_kwargs: dict | None = None) -> nn.Module:
     """The architecture with random weights, checked against the dataset's shapes."""
-    from ..zoo import build_architecture
-
     model = build_architecture(arch, info.name, "Linf", _fill_shape_kwargs(arch, info, arch_kwargs))
     probe = torch.rand(2, info.channels, info.size, info.size)
     try:

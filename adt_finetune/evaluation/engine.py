@@ -45,6 +45,7 @@ from torch import nn
 
 from ..attacks import make_attack, verdict
 from ..attacks.base import keyed_batch
+from ..perturb.distributional import parse_budgets
 from ..perturb.linf import predicted_class
 from ..errors import UserError
 from ..nets import eval_mode
@@ -56,6 +57,7 @@ from .sanity import check_finite_logits, check_finite_weights
 from .eval_request import EvalSettings
 from .shards import CHUNK_SIZE, Batch, ShardPart, chunk_batches, combine, parse_shard, shard_rows
 from .suites import PSEUDO
+from .wasserstein_suite import wasserstein_suite
 
 
 @dataclass
@@ -203,8 +205,6 @@ def _plan(x, y, s: EvalSettings) -> _Plan:
         raise UserError(f"settings given for {unknown[0]!r}, which is not in the attack list")
     budget_list = None
     if "wasserstein" in names and budgets is not None:
-        from ..perturb.distributional import parse_budgets
-
         budget_list = parse_budgets(budgets)
     device = torch.device(s.device)
     if amp and amp_dtype_name(device, True) != "bf16":
@@ -405,8 +405,6 @@ class _Run:
         """The W-PGD budget grid (the `wasserstein` pseudo-attack): its columns and flags."""
         st = self.state.attack("wasserstein")
         if not st["done"]:
-            from .wasserstein_suite import wasserstein_suite
-
             t0 = time.perf_counter()
             plan = self.plan
             report = wasserstein_suite(self.model, plan.x, plan.y, eps=plan.eps, budgets=plan.budgets,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
+from ..leaderboard import check_entry_name
 from ..workspace import Workspace, check_plain_name
 from .workspace_eval import EvalRecord, _resume_dir, claim_entry, write_record
 from .shard_files import ShardFile, find_shard_files, read_shard_file
@@ -25,8 +26,6 @@ def merge_shards(paths: Sequence[str | Path], *, workspace: str | Path = ".", en
     leaderboard entry of `workspace` (named as the shards say, or `entry`), as one process
     evaluating every example would have written it. Partial flags that the shard jobs left
     in this workspace are removed once the entry is written."""
-    from ..leaderboard import check_entry_name
-
     ws = Workspace(workspace)
     files = [read_shard_file(p) for p in find_shard_files(paths)]
     names = [f.path.name for f in files]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
+from ..leaderboard import check_entry_name
 from ..utils import atomic_write_text
 from .result import jsonable
 from .shards import ShardPart
@@ -55,8 +56,6 @@ def read_shard_file(path: Path) -> ShardFile:
         base = ShardPart.from_json(data["baseline"]) if data.get("baseline") else None
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"shard file {path} is damaged ({type(e).__name__}: {e}): run its shard again") from None
-    from ..leaderboard import check_entry_name
-
     try:
         check_entry_name(data.get("entry"))  # a file name under the workspace's partial results
     except UserError as e:

@@ -12,7 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import as_tensors, canonical_name, dataset_info, is_image_folder, load_dataset
 from ..errors import UserError
+from ..run_folder import load_run
+from ..workspace import Workspace
+from ..zoo import is_checkpoint, model_from_ref, resolve_and_load, resolve_name
 from .suites import GENERATOR_ATTACKS
 
 DEFAULT_N_EXAMPLES = 1000
@@ -49,8 +53,6 @@ def _zoo_info(entry) -> dict[str, Any]:
 def _ref_info(ref) -> dict[str, Any]:
     """RobustBench facts for a ModelRef: the zoo entry's when it is a zoo model."""
     if ref.source == "zoo" and ":" not in ref.arch:
-        from ..zoo import resolve_name
-
         try:
             return _zoo_info(resolve_name(ref.arch, ref.dataset, ref.threat_model))
         except UserError:
@@ -67,8 +69,6 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
 
     Never changes the workspace's current model or latest run.
     """
-    from ..data import dataset_info
-    from ..workspace import Workspace
 
     ws = Workspace(workspace)
     if model is not None and run is not None:
@@ -94,8 +94,6 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
                         "NAME|PATH or --run RUN, or run 'adt-ft pull NAME' first")
     if wanted is not None and wanted != ref.dataset:
         raise UserError(f"the current model {ref.name} is a {ref.dataset} model; --dataset {dataset} is {wanted}")
-    from ..zoo import model_from_ref
-
     _require_linf(ref.threat_model, f"the current model {ref.name}")
     net = model_from_ref(ref, device, source=f"current_model in {ws.state_path}")
     context = {"base_model": ref.name, "model_source": ref.source}
@@ -112,8 +110,6 @@ def _require_linf(threat_model: str, what: str) -> None:
 
 def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws, device) -> Target:
     """--model NAME|FILE through the resolver `train` uses too (zoo.resolve_model)."""
-    from ..zoo import is_checkpoint, resolve_and_load, resolve_name
-
     ref, net = resolve_and_load(model, arch=arch, arch_kwargs=arch_kwargs, dataset=wanted, threat_model=tm,
                                 workspace=ws)
     net = net.to(device).eval()
@@ -133,9 +129,6 @@ def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws
 
 def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, device, baseline: bool) -> Target:
     """A finished run: its fine-tuned model, its base model (for --baseline) and its generator."""
-    from ..run_folder import load_run
-    from ..zoo import model_from_ref
-
     info_run = load_run(run, ws.root)
     if info_run.model is None:  # load_run refuses unfinished runs; this guards a hand-edited run.json
         raise UserError(f"run {info_run.id} has no final model: finish it with 'adt-ft train --resume'")
@@ -169,8 +162,6 @@ def load_examples(model_dataset: str, dataset: str | None = None, n_examples: in
                   workspace: str | Path = ".") -> tuple[torch.Tensor, torch.Tensor, str]:
     """The first N test examples of the model's dataset, or of an image folder whose
     class names must be that dataset's. Default N: 1000 or the whole set if smaller."""
-    from ..data import as_tensors, canonical_name, is_image_folder, load_dataset
-
     if dataset is not None and is_image_folder(dataset):
         full = load_dataset(dataset, "test", expect=model_dataset)
         label = f"image folder {Path(dataset).resolve()}"
@@ -204,8 +195,6 @@ def load_attack_training_data(model_dataset: str, *, seed: int, n: int = TRAIN_I
     """A seeded random sample of the model's dataset's TRAIN split (never the evaluated
     test images), and a record of which images it holds for the leaderboard entry."""
     from torch.utils.data import Subset
-
-    from ..data import as_tensors, load_dataset
 
     full = load_dataset(model_dataset, "train", data_dir=data_dir, workspace=workspace, augment=False)
     indices = training_sample_indices(len(full), n, seed)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..data import DATASETS
 from ..distributed import World, env_world, first_error, gather_to_main, setup as setup_world, teardown
 from ..errors import UserError
+from ..leaderboard import check_entry_name, entry_dir, write_entry
+from ..perturb.distributional import parse_budgets
 from ..progress import Reporter
 from ..utils import format_eps, resolve_device
 from ..workspace import Workspace, claim
@@ -90,8 +93,6 @@ def evaluation_variant(*, custom: bool, eps: float, default_eps: float | None, n
     if seed:
         parts.append(f"seed{seed}")
     if budgets:
-        from ..perturb.distributional import parse_budgets
-
         parts.append("budgets" + "+".join(format_eps(b) for b in parse_budgets(budgets)))
     if settings:
         parts.append(f"set-{_short_hash(settings)}")
@@ -148,8 +149,6 @@ def entry_lock(root: Path, dataset: str, threat_model: str, entry: str) -> Path:
 def claim_entry(ws, dataset: str, threat_model: str, entry: str, overwrite: bool) -> Any:
     """Own the leaderboard entry name for this command's life (see `workspace.claim`), once sure that
     its folder is inside the workspace and that the entry is free (or `overwrite`); returns the lock."""
-    from ..leaderboard import entry_dir
-
     folder = entry_dir(ws.leaderboard_dir, dataset, threat_model)
     ws.inside(folder, "the leaderboard entry")
     lock_path = entry_lock(ws.root, dataset, threat_model, entry)
@@ -272,9 +271,6 @@ def _group_initialized() -> bool:
 def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: EvalRequest, reporter: Reporter | None) -> _Job:
     """Resolve the model, the attacks, ε and the images of the request; check what will be written
     where, before any compute."""
-    from ..data import DATASETS
-    from ..leaderboard import check_entry_name, entry_dir
-
     if a.entry is not None:
         check_entry_name(a.entry)
     target = resolve_target(model=a.model, arch=a.arch, arch_kwargs=a.arch_kwargs, run=a.run, dataset=a.dataset,
@@ -317,8 +313,6 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: EvalRequest,
 
 
 def _default_name(a: EvalRequest, target: Target, suite_label: str, names: list[str], eps: float, n: int) -> str:
-    from ..data import DATASETS
-
     folder = a.dataset is not None and Path(str(a.dataset)).expanduser().is_dir()
     custom = a.attacks is not None
     variant = evaluation_variant(
@@ -386,8 +380,6 @@ def _write(job: _Job, gathered: list[tuple[ShardPart, ShardPart | None]]) -> Eva
 def write_record(ws, target: Target, entry_name: str, context: dict[str, Any], suite: str, data_source: str,
                  result: EvalResult, base_result: EvalResult | None) -> EvalRecord:
     """Write the leaderboard entry of a finished evaluation (and drop a stale baseline file)."""
-    from ..leaderboard import write_entry
-
     json_path = write_entry(result, root=ws.leaderboard_dir, dataset=target.dataset,
                             threat_model=target.threat_model, entry=entry_name, info=dict(target.info),
                             context=dict(context), baseline=base_result,

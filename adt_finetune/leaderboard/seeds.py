@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import UserError
+from ..run_folder import load_run
 from ..utils import format_pct
 from .entries import Entry
 from .render import (Section, attack_columns, autoattack_standard, check_format, comparable_groups, notes,
@@ -41,8 +42,6 @@ def train_seed(entry: Entry, workspace: str | Path | None = None) -> int | None:
     run_id = entry.extra.get("run_id")
     if workspace is None or not run_id:
         return None
-    from ..run_folder import load_run
-
     try:
         seed = load_run(run_id, workspace, require_finished=False).meta.get("seed")
     except (UserError, OSError, ValueError, KeyError, TypeError):

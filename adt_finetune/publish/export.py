@@ -24,8 +24,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..leaderboard.entries import Entry, read_entries, read_entry
+from ..run_folder import load_run
 from ..utils import atomic_torch_save, atomic_write_json, atomic_write_text, format_eps, format_pct, sha256_file
 from ..workspace import ModelRef, Workspace
+from ..zoo import catalog, resolve_name
 
 #: RobustBench's leaderboards adt-ft can submit to: (ε, size of the test set it evaluates on).
 LEADERBOARDS = {("cifar10", "Linf"): (8 / 255, 10_000), ("cifar100", "Linf"): (8 / 255, 10_000),
@@ -73,8 +75,6 @@ def _weights(e: Entry, ws: Workspace) -> ModelRef:
     """How to rebuild the evaluated model: its run's final weights, or the checkpoint file it was given."""
     x = e.extra
     if x.get("run_id"):
-        from ..run_folder import load_run
-
         try:
             model = load_run(x["run_id"], ws.root).model
         except UserError as why:
@@ -99,8 +99,6 @@ def _weights(e: Entry, ws: Workspace) -> ModelRef:
 
 def _zoo_architecture(ref: ModelRef, dataset: str, threat_model: str):
     """The zoo entry whose architecture RobustBench builds for this model, or a refusal."""
-    from ..zoo import resolve_name
-
     if ":" in ref.arch:
         raise UserError(f"architecture {ref.arch} is not one RobustBench can build: its loader only builds the "
                         "architectures of its model zoo; fine-tune a zoo model, or evaluate a checkpoint with "
@@ -158,8 +156,6 @@ def default_name(e: Entry) -> str:
 
 
 def _check_name(name: str, dataset: str, threat_model: str) -> str:
-    from ..zoo import catalog
-
     if not _NAME.match(name):
         raise UserError(f"--name {name!r}: a RobustBench model name is letters, digits, '_' and '-', starting "
                         "with a letter (e.g. Smith2025Distributional_WRN-28-10)")

@@ -33,6 +33,7 @@ from ..config import TrainConfig
 from ..data import DatasetInfo
 from ..distributed import World, all_reduce_sum_
 from ..errors import UserError
+from ..methods import MethodContext, TrainMethod, make_method
 from ..nets import eval_mode, find_last_linear, head_refusal, train_mode_refusal, unusable_tensors
 from . import parallel
 from .batches import _SeededAugmentation, epoch_batches
@@ -141,8 +142,6 @@ class Session:
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_set: Dataset, info: DatasetInfo,
                  device: torch.device, *, eps: float, reinit_head: bool, world: World | None = None,
                  train_images: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None):
-        from ..methods import MethodContext, make_method
-
         self.cfg = cfg
         self.device = device
         self.world = world or World(0, 1, 0, device, None)
@@ -223,8 +222,6 @@ class Session:
     @property
     def measures_diagnostics(self) -> bool:
         """Whether the method reports epoch diagnostics (the base class's default reports none)."""
-        from ..methods import TrainMethod
-
         return type(self.method).epoch_diagnostics is not TrainMethod.epoch_diagnostics
 
     def set_train_modes(self) -> None:

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..nets import unusable_tensors, unusable_weights
 from ..utils import format_eps, parse_eps, set_seed
 from ..workspace import ModelRef, Workspace
+from ..zoo import build_architecture, model_from_ref, resolve_model
 from . import run_writer
 from .batches import first_images, train_set
 from .run_state import Position, Session, first_non_finite
@@ -101,8 +102,6 @@ def _base_model(cfg: TrainConfig, ws: Workspace, main: bool) -> ModelRef | None:
         return None
     if cfg.model is None:
         return ws.require_current_model()
-    from ..zoo import resolve_model
-
     ref = resolve_model(cfg.model, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, dataset=cfg.dataset, workspace=ws)
     if main:
         ws.set_current_model(ref)
@@ -117,12 +116,8 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
     data = train_set(cfg, ws, download=_may_download(cfg, source))
     set_seed(cfg.seed)
     if base_ref is None:
-        from ..zoo import build_architecture
-
         model = build_architecture(cfg.arch or "", info.name, "Linf", cfg.arch_kwargs, source=source)
     else:
-        from ..zoo import model_from_ref
-
         model = model_from_ref(base_ref, device=str(world.device), source=source)
         bad = unusable_weights(model)
         if bad:  # training it would only report "diverged" at the first step
@@ -219,8 +214,6 @@ def _resume_claimed(info: run_folder.RunInfo, recorded: TrainConfig, ws: Workspa
     else:
         ckpt = _read_checkpoint(ckpt_path, info.id)
         set_seed(recorded.seed)
-        from ..zoo import model_from_ref
-
         model = model_from_ref(info.base_model, device=str(world.device), source=recorded_in)
         download = _may_download(recorded, recorded_in)
         data = train_set(recorded, ws, download=download)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import TrainConfig, coerce_setting, field_kind, find_recipe, read_recipe
 from ..errors import UserError
+from ..methods import METHODS, default_loss as method_default, loss_for
 from ..utils import check_seed, format_eps
 
 DEFAULT_LR = {"full": 0.01, "last-layer": 0.1}
@@ -64,8 +65,6 @@ def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | N
         if unknown:
             raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train --help'")
         cfg = cfg.updated({k: _coerce(k, v, "option") for k, v in overrides.items()})
-    from ..methods import METHODS
-
     if cfg.method in METHODS:  # an unknown method is reported by train() with the list of methods
         if "loss" not in given_keys:
             cfg = replace(cfg, loss=resolve_loss(cfg, given=False))
@@ -154,8 +153,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
 def default_loss(method: str) -> str:
     """The loss `method` trains with when none is asked for (see `methods.base.default_loss`)."""
-    from ..methods import default_loss as method_default
-
     return method_default(method)
 
 
@@ -167,8 +164,6 @@ def resolve_loss(cfg: TrainConfig, *, given: bool | None = None) -> str:
     not take, counts as not given, so `TrainConfig(method="trades")` works; any other loss must be
     one the method takes. `build_config` (what the CLI uses) knows whether the flag or recipe gave it.
     """
-    from ..methods import loss_for
-
     if given is False:
         return loss_for(cfg.method)
     return loss_for(cfg.method, cfg.loss, strict=given is True or cfg.loss != TrainConfig.loss)

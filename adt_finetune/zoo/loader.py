@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..data import DATASETS
+from ..data import DATASETS, canonical_name, dataset_info, is_image_folder
 from ..errors import UserError
 from ..nets import unusable_weights
 from ..utils import atomic_torch_save
@@ -42,8 +42,6 @@ def _normalize_threat_model(threat_model: str) -> str:
 
 def _dataset_name(dataset: str) -> str:
     """Canonical dataset name for any dataset adt-ft knows, zoo or not (fashion-mnist has no zoo)."""
-    from ..data import canonical_name, dataset_info, is_image_folder
-
     if is_image_folder(dataset):  # an image folder stands for the known dataset its classes match
         return dataset_info(dataset).name
     key = dataset.strip().lower()

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
+from ..utils import atomic_write_text
 
 #: architectures that ship with adt-ft itself or with RobustBench, whose zoo it serves
 BUILTIN_MODULES = ("adt_finetune.models", "robustbench.model_zoo.architectures")
@@ -85,8 +86,6 @@ def trust(arch: str) -> None:
     _session.add(arch)
     if arch in _remembered():
         return
-    from ..utils import atomic_write_text
-
     folder = config_dir()
     lines = sorted(_remembered() | {arch})
     try:
