@@ -98,7 +98,7 @@ class TrainConfig:
         """A copy with `overrides` applied; unknown keys are a UserError naming the key."""
         unknown = sorted(set(overrides) - self.field_names())
         if unknown:
-            raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train --help'")
+            raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train `help`'")
         d = self.to_dict()
         d.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(d.get("gen_betas"), list):

@@ -341,9 +341,9 @@ def load_dataset(name_or_path: str | os.PathLike, split: str = "test", *, data_d
         ds = _load_named(name, split, _search_roots(data_dir, workspace), augment, download, given=bool(data_dir))
     if n_examples is not None:
         if n_examples <= 0:
-            raise UserError(f"--n-examples must be positive, got {n_examples}")
+            raise UserError(f"`n_examples` must be positive, got {n_examples}")
         if n_examples > len(ds):
-            raise UserError(f"--n-examples {n_examples} is larger than the {split} set ({len(ds)} images)")
+            raise UserError(f"`n_examples` {n_examples} is larger than the {split} set ({len(ds)} images)")
         ds = Subset(ds, range(n_examples))
     return ds
 

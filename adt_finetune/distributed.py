@@ -79,7 +79,7 @@ def setup(device: str | torch.device) -> World:
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) on this machine: give "
-                            "torchrun --nproc-per-node at most the number of GPUs")
+                            "torchrun `nproc_per_node` at most the number of GPUs")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

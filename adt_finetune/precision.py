@@ -73,7 +73,7 @@ def amp_dtype_name(device: torch.device | str, amp: bool) -> str:
         return "bf16"
     if device.type == "cuda":
         return "fp16"
-    raise UserError(f"--amp: no mixed precision is available on device {device}; drop --amp")
+    raise UserError(f"`amp`: no mixed precision is available on device {device}; drop `amp`")
 
 
 def check_dtype(device: torch.device | str, dtype: str | None) -> str:
@@ -81,9 +81,9 @@ def check_dtype(device: torch.device | str, dtype: str | None) -> str:
     device = torch.device(device)
     key = parse_dtype(dtype)
     if key == "fp16" and device.type != "cuda":
-        raise UserError(f"--dtype fp16 needs a CUDA device (and a GradScaler); on {device.type} use bf16 or fp32")
+        raise UserError(f"`dtype` fp16 needs a CUDA device (and a GradScaler); on {device.type} use bf16 or fp32")
     if key == "bf16" and not supports_bf16(device):
-        raise UserError(f"--dtype bf16 is not supported on {device}; use fp16 (CUDA) or fp32")
+        raise UserError(f"`dtype` bf16 is not supported on {device}; use fp16 (CUDA) or fp32")
     return key
 
 
@@ -138,5 +138,5 @@ def maybe_compile(model: nn.Module, enabled: bool, **compile_kwargs) -> nn.Modul
     if not enabled:
         return model
     if not hasattr(torch, "compile"):
-        raise UserError("--compile needs torch >= 2.0")
+        raise UserError("`compile` needs torch >= 2.0")
     return torch.compile(model, **compile_kwargs)

@@ -143,7 +143,7 @@ def load_run(run: str | Path | None = None, workspace: str | Path = ".", *,
     info = replace(_info(folder, meta), given_as_path=given_as_path)
     if require_finished and not info.finished:
         raise UserError(f"run {info.id} has no final model yet (status {info.meta.get('status')!r}): "
-                        "finish it with 'adt-ft train --resume' first")
+                        "finish it with 'adt-ft train `resume`' first")
     return info
 
 

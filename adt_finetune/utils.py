@@ -168,7 +168,7 @@ def resolve_device(name: str):
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        raise UserError(f"`device` {name}: no CUDA device is available here; use `device` cpu")
     return dev
 
 

@@ -140,7 +140,7 @@ class Workspace:
         link = next((p for p in [*reversed(path.parents), path] if p.is_symlink()), None)
         how = f"{link} is a link to {link.resolve()}" if link is not None else f"{path} is not in it"
         raise UserError(f"{what} would be written to {resolved}, outside workspace {self.root} ({how}): adt-ft "
-                        "writes only inside its workspace; make it a real folder, or use another --workspace")
+                        "writes only inside its workspace; make it a real folder, or use another `workspace`")
 
     def relative(self, path: str | os.PathLike) -> str:
         """`path` as recorded in workspace files: relative to the root when inside it, so that a copied or
@@ -198,7 +198,7 @@ class Workspace:
         except (FileExistsError, NotADirectoryError):
             raise UserError(f"{self.state_path.parent} is a file, not adt-ft's state folder: move it away") from None
         except PermissionError:
-            raise UserError(f"workspace {self.root} is not writable: choose another --workspace") from None
+            raise UserError(f"workspace {self.root} is not writable: choose another `workspace`") from None
         _refuse_link(Path(str(self.state_path) + ".lock"))
         try:
             with FileLock(str(self.state_path) + ".lock"):
@@ -210,7 +210,7 @@ class Workspace:
                 atomic_write_json(self.state_path, st)
         except PermissionError as e:
             raise UserError(f"cannot write adt-ft's state in {self.state_path.parent} ({e.strerror}): make it "
-                            "writable or choose another --workspace") from None
+                            "writable or choose another `workspace`") from None
 
     def check_state_writable(self) -> None:
         """UserError now, before work that would be left unrecorded, if state.json cannot be updated."""
@@ -223,7 +223,7 @@ class Workspace:
     def require_current_model(self) -> ModelRef:
         ref = self.current_model()
         if ref is None:
-            raise UserError(f"no current model in workspace {self.root}: run 'adt-ft pull NAME' first or pass --model")
+            raise UserError(f"no current model in workspace {self.root}: run 'adt-ft pull NAME' first or pass `model`")
         return ref
 
     def set_current_model(self, ref: ModelRef) -> None:
@@ -235,7 +235,7 @@ class Workspace:
             return None
         if not is_plain_name(run):
             raise UserError(f"latest_run in {self.state_path} is not a run id (got {run!r}): "
-                            "give --run, or delete the file")
+                            "give `run`, or delete the file")
         return self.runs_dir / run
 
     def set_latest_run(self, run_id: str) -> None:

@@ -160,9 +160,9 @@ def test_trades_attack_uses_eval_mode_target(trained_cnn, fmnist_test, monkeypat
 
 
 def test_loss_rules_for_baselines():
-    with pytest.raises(UserError, match="does not apply to --method pgd-at"):
+    with pytest.raises(UserError, match="does not apply to `method` pgd-at"):
         resolve_loss(TrainConfig(method="pgd-at", loss="trades"))
-    with pytest.raises(UserError, match="does not apply to --method trades"):
+    with pytest.raises(UserError, match="does not apply to `method` trades"):
         build_config(overrides={"method": "trades", "loss": "ce"})
     # Left out, the loss is the method's own.
     assert build_config(overrides={"method": "trades"}).loss == "trades"

@@ -195,3 +195,32 @@ def test_the_local_import_check_can_fail(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from .top import x\n\ndef f():\n    from ..data import load_dataset\n    import torch\n")
     assert local_own_imports([bad], tmp_path) == ["bad.py:4 f: from ..data"]
+
+
+FLAG_WORDING = __import__("re").compile(r"(?<![\w`-])--[a-z]")
+
+
+def flag_wording(paths: list[Path]) -> list[str]:
+    """UserError messages of library modules that name a `--flag` (the library names the setting)."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "UserError":
+                texts = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+                found += [f"{path.name}:{node.lineno}" for t in texts if FLAG_WORDING.search(t)]
+    return found
+
+
+def test_library_errors_name_settings_not_flags():
+    library = [p for p in _modules() if "cli" not in p.relative_to(PACKAGE).parts]
+    assert flag_wording(library) == [], "name the setting in backticks (`gen_width`); the CLI shows its flag"
+
+
+def test_the_flag_wording_check_can_fail_and_the_cli_maps_settings_to_flags(tmp_path):
+    from adt_finetune.cli.common import flags_for_settings
+
+    bad = tmp_path / "bad.py"
+    bad.write_text('raise UserError(f"--gen-width must be >= 1, got {w}")\nraise UserError("`gen_width` ok")\n')
+    assert flag_wording([bad]) == ["bad.py:1"]
+    assert flags_for_settings("`gen_width` must be >= 1; give `attack_settings` or `no_amp`, a `run`") == \
+        "--gen-width must be >= 1; give --set or --no-amp, a --run"

@@ -259,5 +259,5 @@ def test_nproc_runs_the_same_command_under_torchrun(tmp_path, cli, monkeypatch):
 def test_sync_bn_is_for_the_full_network():
     from adt_finetune.training import validate_config
 
-    with pytest.raises(UserError, match="--sync-bn applies to --scope full"):
+    with pytest.raises(UserError, match="`sync_bn` applies to `scope` full"):
         validate_config(TrainConfig(sync_bn=True, scope="last-layer"))

@@ -381,7 +381,7 @@ def test_method_loss_rule_lives_with_the_registry():
     from adt_finetune.training import resolve_loss
 
     assert default_loss("wdat") == "trades" and default_loss("trades") == "trades" and default_loss("exp-am") == "ce"
-    with pytest.raises(UserError, match="--loss trades does not apply to --method pgd-at"):
+    with pytest.raises(UserError, match="`loss` trades does not apply to `method` pgd-at"):
         check_method_loss("pgd-at", "trades")
     with pytest.raises(UserError, match="unknown method 'magic'"):
         check_method_loss("magic", "ce")

@@ -69,7 +69,7 @@ class CotrainedGeneratorAttack(_GeneratorAttack):
         super().__init__(eps, seed=seed, samples=samples, **settings)
         if path is None or str(path).strip() == "":
             raise UserError(f"attack {self.name!r} needs path= to the generator.pt of an "
-                            f"`adt-ft train --method {self.kind}` run")
+                            f"{self.kind} training run (method {self.kind})")
         self.path = str(path)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

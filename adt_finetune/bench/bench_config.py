@@ -71,9 +71,9 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--set {item!r}: write KEY=VALUE, e.g. --set gen_width=64")
+            raise UserError(f"`set` {item!r}: write KEY=VALUE, e.g. `set` gen_width=64")
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise UserError(f"--set {item!r}: cannot read the value {value!r}") from None
+            raise UserError(f"`set` {item!r}: cannot read the value {value!r}") from None
     return out

@@ -18,7 +18,7 @@ def bench_device(device: str | torch.device) -> torch.device:
     """`utils.resolve_device`, limited to what the benchmark can time: cpu or cuda."""
     dev = resolve_device(str(device))
     if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: the benchmark runs on cpu or cuda")
+        raise UserError(f"`device` {device}: the benchmark runs on cpu or cuda")
     return dev
 
 
@@ -49,11 +49,11 @@ def build_model(arch: str, info: DatasetInfo, arch_kwargs: dict | None = None) -
         with torch.no_grad(), eval_mode(model):
             out = model(probe)
     except RuntimeError as e:
-        raise UserError(f"--arch {arch} does not run on {info.name} inputs of shape "
+        raise UserError(f"`arch` {arch} does not run on {info.name} inputs of shape "
                         f"{(info.channels, info.size, info.size)}: {str(e).splitlines()[0]} "
-                        f"(pick another --dataset, or pass --arch-kwargs)") from None
+                        f"(pick another `dataset`, or pass `arch_kwargs`)") from None
     if not isinstance(out, torch.Tensor) or out.shape != (2, info.num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"--arch {arch} outputs {shape} for a batch of 2, not (2, {info.num_classes}) "
+        raise UserError(f"`arch` {arch} outputs {shape} for a batch of 2, not (2, {info.num_classes}) "
                         f"logits for {info.name}")
     return model

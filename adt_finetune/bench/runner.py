@@ -82,11 +82,11 @@ def _check_run(batch_size: int, steps: int, warmup: int, device: str | torch.dev
                losses: Sequence[str]) -> tuple[torch.device, str, DatasetInfo]:
     """UserError for a request that cannot run, before anything is built."""
     if int(batch_size) < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"`batch_size` must be at least 1, got {batch_size}")
     if int(steps) < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
+        raise UserError(f"`steps` must be at least 1, got {steps}")
     if int(warmup) < 0:
-        raise UserError(f"--warmup must be 0 or more, got {warmup}")
+        raise UserError(f"`warmup` must be 0 or more, got {warmup}")
     dev = bench_device(device)
     dtype = check_dtype(dev, dtype)
     info = dataset_info(dataset)
@@ -105,10 +105,10 @@ def _settings(dev: torch.device, config_overrides: dict[str, Any] | None) -> dic
     given = dict(config_overrides or {})
     for chosen in ("method", "loss"):
         if chosen in given:
-            raise UserError(f"setting {chosen!r} is chosen by the benchmark: use --methods / --losses")
+            raise UserError(f"setting {chosen!r} is chosen by the benchmark: use `methods` / `losses`")
     unknown = sorted(set(given) - TrainConfig.field_names())
     if unknown:
-        raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train --help'")
+        raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train `help`'")
     given = {k: coerce_setting(k, v, f"--set {k}={v}") for k, v in given.items()}
     return {**(CPU_DEFAULT_OVERRIDES if dev.type == "cpu" else {}), **given}
 

@@ -20,7 +20,7 @@ import typer  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from ..errors import UserError
-from .common import WorkspaceOpt, err_console
+from .common import WorkspaceOpt, err_console, flags_for_settings
 
 app = typer.Typer(
     name="adt-ft",
@@ -65,7 +65,7 @@ def version_cmd(workspace: Path = WorkspaceOpt) -> None:
     try:  # a damaged state file must not hide the versions a bug report needs
         current, latest = ws.current_model(), ws.latest_run()
     except UserError as e:
-        typer.echo(f"workspace state: unreadable ({e})")
+        typer.echo(f"workspace state: unreadable ({flags_for_settings(str(e))})")
         return
     typer.echo(f"current model: {current.name if current else '—'}")
     typer.echo(f"latest run: {latest.name if latest else '—'}")
@@ -97,7 +97,8 @@ def _one_line(message: str) -> None:
     # Under torchrun every rank meets the same bad input: rank 0 alone says so, once.
     if os.environ.get("RANK", "").strip() in ("", "0"):
         # The message is plain text: file names and module paths must not be read as markup or emoji.
-        err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error: ", "bold red"), flags_for_settings(message)), highlight=False,
+                          soft_wrap=True)
     sys.exit(2)
 
 

@@ -1,6 +1,7 @@
 """Options and consoles shared by every command."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,17 @@ from rich.text import Text
 from ..registry import declared_names
 
 _PACKAGE = Path(__file__).resolve().parent.parent
+
+
+#: settings whose flag is not `--` and the name with dashes (`batch_size` is --batch-size)
+FLAG_EXCEPTIONS = {"attack_settings": "--set", "config_overrides": "--set"}
+_SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def flags_for_settings(message: str) -> str:
+    """A library error as the CLI says it: each setting it names in backticks becomes that setting's
+    flag (the library speaks of settings, the command line of flags)."""
+    return _SETTING.sub(lambda m: FLAG_EXCEPTIONS.get(m.group(1), "--" + m.group(1).replace("_", "-")), message)
 
 
 def method_names() -> list[str]:

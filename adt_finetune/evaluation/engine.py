@@ -189,7 +189,7 @@ def _check_shardable(plan: "_Plan") -> None:
     shared = [a for a in plan.names if a == "wasserstein" or (a in plan.attacks and plan.attacks[a].dataset_level)]
     if shared:
         raise UserError(f"attack {shared[0]!r} shares its budget across the whole evaluated set, so its work cannot "
-                        "be split into shards: evaluate it in one process (no --shard, no torchrun)")
+                        "be split into shards: evaluate it in one process (no `shard`, no torchrun)")
 
 
 def _plan(x, y, s: EvalSettings) -> _Plan:
@@ -210,7 +210,7 @@ def _plan(x, y, s: EvalSettings) -> _Plan:
     if amp and amp_dtype_name(device, True) != "bf16":
         # fp16 without loss scaling underflows the input gradients of confident examples
         # (sign(0) = 0 stalls the attack): a weaker attack would report too high a number.
-        raise UserError(f"--amp: evaluation searches in bf16, which device {device} does not support; drop --amp")
+        raise UserError(f"`amp`: evaluation searches in bf16, which device {device} does not support; drop `amp`")
     x, y = x.detach().float().cpu(), y.detach().long().cpu()
     n = len(x)
     idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -325,7 +325,7 @@ class _Run:
 
     def _mismatch(self):
         raise UserError(f"the partial evaluation state in {self.resume_dir} does not match this evaluation "
-                        "(attack order or examples): rerun without --resume")
+                        "(attack order or examples): rerun without `resume`")
 
     def _prepare(self, attack) -> None:
         """Hand the attack what it may use, then let it prepare on the whole evaluation set

@@ -82,5 +82,5 @@ class EvalSettings:
         object.__setattr__(self, "attacks", check_attack_names(list(self.attacks)))
         check_mode(self.mode)
         if self.batch_size <= 0:
-            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+            raise UserError(f"`batch_size` must be positive, got {self.batch_size}")
         object.__setattr__(self, "chunk_size", check_chunk_size(self.chunk_size))

@@ -58,7 +58,7 @@ def _combine_baselines(files: list[ShardFile], names: list[str]):
     with_base = [f.baseline is not None for f in files]
     if any(with_base) and not all(with_base):
         odd = names[with_base.index(not with_base[0])]
-        raise UserError(f"{odd} and {names[0]} are shards of different evaluations (one has --baseline, the other "
+        raise UserError(f"{odd} and {names[0]} are shards of different evaluations (one has `baseline`, the other "
                         "not): merge the shards of one evaluation")
     return combine([f.baseline for f in files], names) if with_base[0] else None
 

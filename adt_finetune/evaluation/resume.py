@@ -51,7 +51,7 @@ class _ResumeState:
                                 "start again")
             if saved.get("fingerprint") != fp or saved.get("format") != RESUME_FORMAT:
                 raise UserError(f"the partial evaluation in {path.parent} is for a different model, examples or "
-                                "settings: rerun without --resume to start over")
+                                "settings: rerun without `resume` to start over")
             self.data = saved
 
     def attack(self, name: str) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def check_finite_weights(model: nn.Module, label: str = "the model") -> None:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise UserError(f"{label} has non-finite or invalid weights or buffers ({shown}), so its predictions mean "
                         "nothing and no number was computed: evaluate a checkpoint from before training diverged, or "
-                        "train again with a smaller --lr")
+                        "train again with a smaller `lr`")
 
 
 def check_finite_logits(n_bad: int, n: int, label: str = "the model") -> SanityCheck:

@@ -73,9 +73,9 @@ def find_shard_files(paths: Sequence[str | Path]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            raise UserError(f"{p} does not exist: give the shard files or the folder 'adt-ft eval --shard' wrote "
-                            "them to (--shard-dir)")
+            raise UserError(f"{p} does not exist: give the shard files or the folder 'adt-ft eval `shard`' wrote "
+                            "them to (`shard_dir`)")
     if not found:
         raise UserError(f"no shard files (*.shard-K-of-N.json) in {', '.join(map(str, paths)) or 'nothing'}: give "
-                        "the folder 'adt-ft eval --shard' wrote them to")
+                        "the folder 'adt-ft eval `shard`' wrote them to")
     return found

@@ -43,13 +43,13 @@ def parse_shard(text: str | Sequence[int]) -> tuple[int, int]:
     except ValueError:
         k = n = -1
     if n < 1 or not 0 <= k < n:
-        raise UserError(f"--shard {shown}: write K/N with 0 <= K < N, e.g. --shard 0/4 for the first of four jobs")
+        raise UserError(f"`shard` {shown}: write K/N with 0 <= K < N, e.g. `shard` 0/4 for the first of four jobs")
     return k, n
 
 
 def check_chunk_size(chunk_size: Any) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
-        raise UserError(f"--chunk-size must be a positive whole number, got {chunk_size!r}")
+        raise UserError(f"`chunk_size` must be a positive whole number, got {chunk_size!r}")
     return int(chunk_size)
 
 
@@ -133,7 +133,7 @@ class ShardPart:
 def check_shards(parts: Sequence[ShardPart], names: Sequence[str] | None = None) -> None:
     """Refuse (one line, naming it) a missing or duplicated shard, or shards of different evaluations."""
     if not parts:
-        raise UserError("no shards to merge: give the shard files (or their folder) that 'adt-ft eval --shard' wrote")
+        raise UserError("no shards to merge: give the shard files (or their folder) that 'adt-ft eval `shard`' wrote")
     names = list(names) if names is not None else [p.label for p in parts]
     first, first_name = parts[0], names[0]
     for p, name in zip(parts[1:], names[1:]):
@@ -154,7 +154,7 @@ def check_shards(parts: Sequence[ShardPart], names: Sequence[str] | None = None)
     if missing:
         raise UserError(f"shard {missing[0]}/{n} is missing" + (f" (and {len(missing) - 1} more)"
                                                                if len(missing) > 1 else "")
-                        + f": run the evaluation with --shard {missing[0]}/{n}, then merge again")
+                        + f": run the evaluation with `shard` {missing[0]}/{n}, then merge again")
 
 
 def combine(parts: Sequence[ShardPart], names: Sequence[str] | None = None) -> EvalResult:

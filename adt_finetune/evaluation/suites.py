@@ -48,7 +48,7 @@ def split_attack_list(text: str) -> list[str]:
     settings are built, `EvalSettings`)."""
     names = [t.strip().lower() for t in str(text).split(",") if t.strip()]
     if not names:
-        raise UserError("--attacks is empty: give a comma-separated list such as fgsm,pgd20")
+        raise UserError("`attacks` is empty: give a comma-separated list such as fgsm,pgd20")
     return ["clean"] + [n for n in names if n != "clean"]
 
 

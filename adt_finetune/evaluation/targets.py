@@ -72,12 +72,12 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
 
     ws = Workspace(workspace)
     if model is not None and run is not None:
-        raise UserError("give --model or --run, not both")
+        raise UserError("give `model` or `run`, not both")
     if (arch is not None or arch_kwargs) and model is None:
-        raise UserError("--arch and --arch-kwargs describe a checkpoint file: use them together with --model PATH")
+        raise UserError("`arch` and `arch_kwargs` describe a checkpoint file: use them together with `model` PATH")
     if baseline and model is not None:
-        raise UserError("--baseline compares a run with the model it started from: use it with --run (or with no "
-                        "--model to take the latest run)")
+        raise UserError("`baseline` compares a run with the model it started from: use it with `run` (or with no "
+                        "`model` to take the latest run)")
     tm = {"linf": "Linf", "l2": "L2"}.get(threat_model.strip().lower(), threat_model)
     if tm != "Linf":
         raise UserError(f"threat model {threat_model!r}: adt-ft's attacks are L∞ attacks; only Linf is supported")
@@ -87,13 +87,13 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
     if run is not None or ws.latest_run() is not None:
         return _run_target(run, wanted, dataset, ws, device, baseline)
     if baseline:
-        raise UserError(f"--baseline needs a run, and workspace {ws.root} has none: train one with 'adt-ft train'")
+        raise UserError(f"`baseline` needs a run, and workspace {ws.root} has none: train one with 'adt-ft train'")
     ref = ws.current_model()
     if ref is None:
-        raise UserError(f"nothing to evaluate in workspace {ws.root}: no run and no current model; pass --model "
-                        "NAME|PATH or --run RUN, or run 'adt-ft pull NAME' first")
+        raise UserError(f"nothing to evaluate in workspace {ws.root}: no run and no current model; pass `model` "
+                        "NAME|PATH or `run` RUN, or run 'adt-ft pull NAME' first")
     if wanted is not None and wanted != ref.dataset:
-        raise UserError(f"the current model {ref.name} is a {ref.dataset} model; --dataset {dataset} is {wanted}")
+        raise UserError(f"the current model {ref.name} is a {ref.dataset} model; `dataset` {dataset} is {wanted}")
     _require_linf(ref.threat_model, f"the current model {ref.name}")
     net = model_from_ref(ref, device, source=f"current_model in {ws.state_path}")
     context = {"base_model": ref.name, "model_source": ref.source}
@@ -131,10 +131,10 @@ def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, de
     """A finished run: its fine-tuned model, its base model (for --baseline) and its generator."""
     info_run = load_run(run, ws.root)
     if info_run.model is None:  # load_run refuses unfinished runs; this guards a hand-edited run.json
-        raise UserError(f"run {info_run.id} has no final model: finish it with 'adt-ft train --resume'")
+        raise UserError(f"run {info_run.id} has no final model: finish it with 'adt-ft train `resume`'")
     ref, base_ref, meta = info_run.model, info_run.base_model, info_run.meta
     if wanted is not None and wanted != ref.dataset:
-        raise UserError(f"run {info_run.id} fine-tuned a {ref.dataset} model; --dataset {dataset} is {wanted}")
+        raise UserError(f"run {info_run.id} fine-tuned a {ref.dataset} model; `dataset` {dataset} is {wanted}")
     _require_linf(ref.threat_model, f"run {info_run.id}'s base model {base_ref.name}")
     recorded_in = str(info_run.path / "run.json")
     net = model_from_ref(ref, device, source=recorded_in)
@@ -167,7 +167,7 @@ def load_examples(model_dataset: str, dataset: str | None = None, n_examples: in
         label = f"image folder {Path(dataset).resolve()}"
     else:
         if dataset is not None and canonical_name(dataset) != model_dataset:
-            raise UserError(f"the model is a {model_dataset} model; --dataset {dataset} does not match")
+            raise UserError(f"the model is a {model_dataset} model; `dataset` {dataset} does not match")
         full = load_dataset(model_dataset, "test", data_dir=data_dir, workspace=workspace, augment=False)
         label = f"{model_dataset} test set"
     if len(full) == 0:
@@ -175,9 +175,9 @@ def load_examples(model_dataset: str, dataset: str | None = None, n_examples: in
     if n_examples is None:
         n_examples = min(DEFAULT_N_EXAMPLES, len(full))
     if n_examples <= 0:
-        raise UserError(f"--n-examples must be positive, got {n_examples}")
+        raise UserError(f"`n_examples` must be positive, got {n_examples}")
     if n_examples > len(full):
-        raise UserError(f"--n-examples {n_examples} is larger than the {label} ({len(full)} images)")
+        raise UserError(f"`n_examples` {n_examples} is larger than the {label} ({len(full)} images)")
     x, y = as_tensors(full, n_examples)
     return x, y, f"first {n_examples} of the {label}"
 

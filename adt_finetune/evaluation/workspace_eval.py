@@ -132,7 +132,7 @@ def check_writable(folder: Path, what: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"cannot write {what} in {folder} ({e.strerror or e}): make it writable or give another "
-                        "--workspace") from None
+                        "`workspace`") from None
     finally:
         for p in made:
             try:
@@ -167,8 +167,8 @@ def claim_entry(ws, dataset: str, threat_model: str, entry: str, overwrite: bool
 def _check_entry_free(json_path: Path, overwrite: bool) -> None:
     csv_path = json_path.with_name(json_path.stem + ".per-example.csv")
     if not overwrite and (json_path.exists() or csv_path.exists()):
-        raise UserError(f"leaderboard entry {json_path.stem} already exists at {json_path}: give --overwrite to "
-                        "replace it, or --entry NAME to keep both")
+        raise UserError(f"leaderboard entry {json_path.stem} already exists at {json_path}: give `overwrite` to "
+                        "replace it, or `entry` NAME to keep both")
 
 
 def _attack_names(suite: str, attacks: str | None, target: Target,
@@ -183,7 +183,7 @@ def _attack_names(suite: str, attacks: str | None, target: Target,
         if name in names and "path" not in settings.get(name, {}):
             if target.generator_path is None:
                 raise UserError(f"attack {name} draws from a run's co-trained generator: evaluate an 'adt-ft train "
-                                f"--method {method}' run, or give --set {name}.path=RUN/generator.pt")
+                                f"`method` {method}' run, or give `set` {name}.path=RUN/generator.pt")
             settings.setdefault(name, {})["path"] = str(target.generator_path)
     return names, suite_label, settings
 
@@ -245,8 +245,8 @@ def evaluate_workspace(request: EvalRequest, *, reporter: Reporter | None = None
     ws = Workspace(request.workspace)
     spec = parse_shard(request.shard) if request.shard is not None else None
     if spec is not None and env_world()[1] > 1:
-        raise UserError("--shard splits the work into independent jobs; under torchrun the ranks already split it: "
-                        "drop --shard or run without torchrun")
+        raise UserError("`shard` splits the work into independent jobs; under torchrun the ranks already split it: "
+                        "drop `shard` or run without torchrun")
     owns_group = not _group_initialized()
     world = setup_world(resolve_device(request.device))
     job = None
@@ -283,7 +283,7 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: EvalRequest,
     if eps is None:
         eps = DATASETS[target.dataset].eps if target.dataset in DATASETS else None
         if eps is None:
-            raise UserError(f"no default ε for dataset {target.dataset}: give --eps")
+            raise UserError(f"no default ε for dataset {target.dataset}: give `eps`")
     # Built (and so checked) before anything is read or written; the training images join it below.
     engine = EvalSettings(attacks=names, eps=eps, mode=a.mode, batch_size=a.batch_size, seed=a.seed,
                           device=world.device, attack_settings=settings, budgets=a.budgets, amp=a.amp,
@@ -404,8 +404,8 @@ def _shard_job(job: _Job, overwrite: bool) -> ShardRecord:
                                             "shard files")
     path = folder / shard_file_name(job.entry, job.shard)
     if path.exists() and not (job.resume or overwrite):
-        raise UserError(f"shard {job.shard[0]}/{job.shard[1]} of {job.entry} is already done ({path}): give --resume "
-                        "to keep its flags, --overwrite to evaluate it again")
+        raise UserError(f"shard {job.shard[0]}/{job.shard[1]} of {job.entry} is already done ({path}): give `resume` "
+                        "to keep its flags, `overwrite` to evaluate it again")
     check_writable(folder, "shard files")
     main, base = _evaluate_parts(job)
     meta = {"dataset": t.dataset, "threat_model": t.threat_model, "label": t.label, "info": t.info,

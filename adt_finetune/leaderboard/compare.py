@@ -158,7 +158,7 @@ def check_same_images(outcomes: Sequence[Outcomes]) -> None:
                                                     and np.array_equal(o.labels, first.labels)):
             raise UserError(f"{a.entry} ({len(first.index)} examples) and {b.entry} ({len(o.index)} examples) "
                             "were not evaluated on the same images: compare entries evaluated on the same "
-                            "examples (same dataset, --n-examples and data)")
+                            "examples (same dataset, `n_examples` and data)")
 
 
 # ---------------------------------------------------------------- comparisons
@@ -251,7 +251,7 @@ def compare_entries(entries: Sequence[Entry], *, group_seeds: bool = False, work
     if len(entries) < 2:
         raise UserError("compare needs at least two entries: the control first, then the entries to compare")
     if n_resamples < 100:
-        raise UserError(f"--resamples {n_resamples} is too few for a 95% interval: give at least 100")
+        raise UserError(f"`resamples` {n_resamples} is too few for a 95% interval: give at least 100")
     if n_resamples > MAX_RESAMPLES:
         # Each resample is a row of counts in memory; past a million the interval's own Monte Carlo
         # error (~1/sqrt(resamples) of its width) is far below the last digit printed.

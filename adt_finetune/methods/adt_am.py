@@ -60,18 +60,18 @@ class _AmortisedADT(TrainMethod):
     def __init__(self, cfg, ctx: MethodContext):
         super().__init__(cfg, ctx)
         if cfg.gen_width < 1:
-            raise UserError(f"--gen-width must be a positive integer (got {cfg.gen_width})")
+            raise UserError(f"`gen_width` must be a positive integer (got {cfg.gen_width})")
         if cfg.gen_lr <= 0:
-            raise UserError(f"--gen-lr must be positive (got {cfg.gen_lr})")
+            raise UserError(f"`gen_lr` must be positive (got {cfg.gen_lr})")
         if cfg.loss == "trades" and cfg.beta <= 0:
-            raise UserError(f"--beta must be positive with --loss trades (got {cfg.beta})")
+            raise UserError(f"`beta` must be positive with `loss` trades (got {cfg.beta})")
         if self.kind == "imp-am" and cfg.imp_entropy not in IMP_ENTROPY_FORMS:
-            raise UserError(f"unknown --imp-entropy {cfg.imp_entropy!r}: choose paper or hinge")
+            raise UserError(f"unknown `imp_entropy` {cfg.imp_entropy!r}: choose paper or hinge")
         if self.kind == "imp-am" and cfg.z_dim < 1:
-            raise UserError(f"--z-dim must be a positive integer (got {cfg.z_dim})")
+            raise UserError(f"`z_dim` must be a positive integer (got {cfg.z_dim})")
         self.lam = default_lambda(self.kind, cfg.imp_entropy) if cfg.adt_lambda is None else float(cfg.adt_lambda)
         if self.lam < 0:
-            raise UserError(f"--adt-lambda must be non-negative (got {self.lam})")
+            raise UserError(f"`adt_lambda` must be non-negative (got {self.lam})")
         self.adversary = build_adversary(self.kind, in_channels=ctx.in_channels, width=cfg.gen_width, eps=ctx.eps,
                                          lam=self.lam, z_dim=cfg.z_dim, imp_entropy=cfg.imp_entropy,
                                          imp_hinge=cfg.imp_hinge, normalize_gradients=cfg.gen_normalize_gradients,

@@ -38,12 +38,12 @@ class ADTExp(TrainMethod):
     def __init__(self, cfg, ctx: MethodContext):
         super().__init__(cfg, ctx)
         if cfg.exp_steps < 1 or cfg.exp_samples < 1:
-            raise UserError(f"--exp-steps and --exp-samples must be at least 1 (got {cfg.exp_steps}, {cfg.exp_samples})")
+            raise UserError(f"`exp_steps` and `exp_samples` must be at least 1 (got {cfg.exp_steps}, {cfg.exp_samples})")
         if cfg.exp_lr <= 0:
-            raise UserError(f"--exp-lr must be positive (got {cfg.exp_lr})")
+            raise UserError(f"`exp_lr` must be positive (got {cfg.exp_lr})")
         self.lam = default_lambda(cfg)
         if self.lam < 0:
-            raise UserError(f"--adt-lambda must be non-negative (got {self.lam})")
+            raise UserError(f"`adt_lambda` must be non-negative (got {self.lam})")
 
     def resolved_settings(self) -> dict:
         return {"adt_lambda": float(self.lam)}

@@ -183,7 +183,7 @@ def loss_for(method: str, loss: str | None = None, *, strict: bool = True) -> st
     if loss not in cls.accepts_loss:
         if not strict:
             return default_loss(method)
-        raise UserError(f"--loss {loss} does not apply to --method {method}: it takes {' or '.join(cls.accepts_loss)}")
+        raise UserError(f"`loss` {loss} does not apply to `method` {method}: it takes {' or '.join(cls.accepts_loss)}")
     return loss
 
 

@@ -307,7 +307,7 @@ def read_generator_file(path: str | os.PathLike,
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(generator in eval mode, meta {kind, eps, kwargs, extra}) from a file written by `save_generator`."""
     if not os.path.exists(path):
-        raise UserError(f"generator file {path} does not exist: train with --method exp-am or imp-am first")
+        raise UserError(f"generator file {path} does not exist: train with `method` exp-am or imp-am first")
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 — any unpickling failure means "not our file"

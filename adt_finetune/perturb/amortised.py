@@ -94,7 +94,7 @@ class ImplicitAdversary:
     def __init__(self, generator: ImplicitGenerator, entropy_net: EntropyNet, eps: float, lam: float,
                  form: str = "paper", hinge: float = IMP_HINGE_THRESHOLD):
         if form not in IMP_ENTROPY_FORMS:
-            raise UserError(f"unknown --imp-entropy {form!r}: choose paper or hinge")
+            raise UserError(f"unknown `imp_entropy` {form!r}: choose paper or hinge")
         self.generator, self.entropy_net = generator, entropy_net
         self.eps, self.lam, self.form, self.hinge = float(eps), float(lam), form, float(hinge)
 
@@ -139,7 +139,7 @@ def build_adversary(kind: str, *, in_channels: int, width: int, eps: float, lam:
         return ExplicitAdversary(gen, eps, lam)
     if kind == "imp-am":
         if imp_entropy not in IMP_ENTROPY_FORMS:
-            raise UserError(f"unknown --imp-entropy {imp_entropy!r}: choose paper or hinge")
+            raise UserError(f"unknown `imp_entropy` {imp_entropy!r}: choose paper or hinge")
         gen = ImplicitGenerator(in_channels, width, z_dim, normalize_gradients, gradient_divisor,
                                 normalize_z=normalize_gradients).to(device)
         return ImplicitAdversary(gen, EntropyNet(in_channels, z_dim).to(device), eps, lam, imp_entropy, imp_hinge)

@@ -58,7 +58,7 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     the denominator makes it invariant to the scale of the logits.
     """
     if logits.shape[1] < 3:
-        raise UserError(f"the DLR losses need at least 3 classes, the model has {logits.shape[1]}: use --loss ce")
+        raise UserError(f"the DLR losses need at least 3 classes, the model has {logits.shape[1]}: use `loss` ce")
     top = logits.topk(3, dim=1).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     is_label = F.one_hot(y, logits.shape[1]).bool()

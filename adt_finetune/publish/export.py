@@ -91,10 +91,10 @@ def _weights(e: Entry, ws: Workspace) -> ModelRef:
                         path=m["path"], source="file")
     if source == "zoo":
         raise UserError(f"entry {e.entry} evaluates RobustBench's own model {x.get('base_model')}: it is in the "
-                        "zoo already; export the entry of a fine-tuning run ('adt-ft eval --run RUN')")
+                        "zoo already; export the entry of a fine-tuning run ('adt-ft eval `run` RUN')")
     raise UserError(f"entry {e.entry} records no weights adt-ft can find (model source {source or 'unknown'!r}): "
-                    "export the entry of a fine-tuning run ('adt-ft eval --run RUN') or of a checkpoint file "
-                    "evaluated with --model FILE --arch ZOO_NAME")
+                    "export the entry of a fine-tuning run ('adt-ft eval `run` RUN') or of a checkpoint file "
+                    "evaluated with `model` FILE `arch` ZOO_NAME")
 
 
 def _zoo_architecture(ref: ModelRef, dataset: str, threat_model: str):
@@ -102,7 +102,7 @@ def _zoo_architecture(ref: ModelRef, dataset: str, threat_model: str):
     if ":" in ref.arch:
         raise UserError(f"architecture {ref.arch} is not one RobustBench can build: its loader only builds the "
                         "architectures of its model zoo; fine-tune a zoo model, or evaluate a checkpoint with "
-                        "--arch <zoo name> when its weights fit a zoo architecture")
+                        "`arch` <zoo name> when its weights fit a zoo architecture")
     zoo = resolve_name(ref.arch, dataset, threat_model)
     if zoo.checkpoint != "gdrive":
         how = {"ensemble": "an ensemble read from several files", "timm": "a timm model served from the "
@@ -142,11 +142,11 @@ def check_exportable(e: Entry, allow_partial: bool = False) -> str | None:
     if e.eps is None or abs(e.eps - eps) > 1e-6:
         raise UserError(f"entry {e.entry} was evaluated at ε = {e.eps_label or 'unknown'}; RobustBench's "
                         f"{e.dataset} {e.threat_model} leaderboard is at ε = {format_eps(eps)}: evaluate again "
-                        f"with --eps {format_eps(eps)}")
+                        f"with `eps` {format_eps(eps)}")
     reason = partial_reason(e)
     if reason and not allow_partial:
         raise UserError(f"entry {e.entry} is not AutoAttack (standard) on the full test set: {reason}; evaluate "
-                        "with 'adt-ft eval --suite aa' on the whole test set, or pass --allow-partial for a draft")
+                        "with 'adt-ft eval `suite` aa' on the whole test set, or pass `allow_partial` for a draft")
     return reason
 
 
@@ -157,11 +157,11 @@ def default_name(e: Entry) -> str:
 
 def _check_name(name: str, dataset: str, threat_model: str) -> str:
     if not _NAME.match(name):
-        raise UserError(f"--name {name!r}: a RobustBench model name is letters, digits, '_' and '-', starting "
+        raise UserError(f"`name` {name!r}: a RobustBench model name is letters, digits, '_' and '-', starting "
                         "with a letter (e.g. Smith2025Distributional_WRN-28-10)")
     taken = {z.name.lower() for z in catalog(dataset, threat_model)}
     if name.lower() in taken:
-        raise UserError(f"--name {name}: RobustBench's {dataset} {threat_model} zoo already has a model of that "
+        raise UserError(f"`name` {name}: RobustBench's {dataset} {threat_model} zoo already has a model of that "
                         "name: choose another")
     return name
 

@@ -51,9 +51,9 @@ def _environment():
 
 def _check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise UserError(f"--html {out} is a file: give a folder for the site")
+        raise UserError(f"`html` {out} is a file: give a folder for the site")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise UserError(f"--html {out} is a folder with other files in it (no {MARKER} from an earlier site): "
+        raise UserError(f"`html` {out} is a folder with other files in it (no {MARKER} from an earlier site): "
                         "give a new or empty folder, the whole folder is replaced on every write")
 
 

@@ -77,7 +77,7 @@ def _subset(ds: Dataset, cfg: TrainConfig) -> Dataset:
     if cfg.train_subset is None:
         return ds
     if cfg.train_subset > len(ds):  # type: ignore[arg-type]
-        raise UserError(f"--train-subset {cfg.train_subset} is larger than the training set ({len(ds)} images)")
+        raise UserError(f"`train_subset` {cfg.train_subset} is larger than the training set ({len(ds)} images)")
     return Subset(ds, range(cfg.train_subset))
 
 

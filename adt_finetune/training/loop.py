@@ -287,7 +287,7 @@ class _Loop:
         kept = (f"its last finite checkpoint is kept in {self.run_dir}" if self.has_checkpoint
                 else f"no checkpoint had been written yet ({self.run_dir})")
         raise UserError(f"training diverged at epoch {self.pos.epoch + 1}, step {self.pos.step_in_epoch}: {bad}; "
-                        f"{kept}. Start a new run with a lower --lr (or without --amp)")
+                        f"{kept}. Start a new run with a lower `lr` (or without `amp`)")
 
     def _save_checkpoint(self) -> None:
         self._check_finite()  # a checkpoint never holds nan/inf: resuming it would only diverge again

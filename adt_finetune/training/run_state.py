@@ -277,7 +277,7 @@ class Session:
         reduced = self.sync.metrics({**local, TOTAL_LOSS: out.loss.item()}, len(y))
         loss = reduced.pop(TOTAL_LOSS)
         if not math.isfinite(loss):
-            raise UserError(f"training diverged (loss {loss}): lower --lr, or drop --amp")
+            raise UserError(f"training diverged (loss {loss}): lower `lr`, or drop `amp`")
         out.loss.backward()
         self.sync.method_gradients()
         self.optimizer.step()

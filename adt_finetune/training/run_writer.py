@@ -45,7 +45,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 
 def check_run_name(name: str) -> None:
     if not _RUN_NAME.fullmatch(name):
-        raise UserError(f"--run-name {name!r}: use letters, digits and . _ + - only")
+        raise UserError(f"`run_name` {name!r}: use letters, digits and . _ + - only")
 
 
 def run_lock(run_dir: Path) -> Path:
@@ -81,8 +81,8 @@ def make_run_dir(ws: Workspace, cfg: TrainConfig) -> tuple[Path, Any]:
         except FileExistsError:
             if not folder.is_dir() or (folder / run_folder.RUN_JSON).exists():
                 lock.release()
-                raise UserError(f"run {cfg.run_name} already exists: continue it with --resume {cfg.run_name} "
-                                "or choose another --run-name") from None
+                raise UserError(f"run {cfg.run_name} already exists: continue it with `resume` {cfg.run_name} "
+                                "or choose another `run_name`") from None
             remove_stale_temporaries(folder)
         return folder, lock
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{cfg.loss}-{cfg.scope}"

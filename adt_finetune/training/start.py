@@ -66,7 +66,7 @@ def fresh(cfg: TrainConfig, loss: str, eps_given: float | None, ws: Workspace, w
                         "and attacks are L∞, and a run fine-tuned from it could not be evaluated; fine-tune a Linf model")
     dataset = cfg.dataset or (base_ref.dataset if base_ref else None)
     if dataset is None:
-        raise UserError("--model scratch needs --dataset")
+        raise UserError("`model` scratch needs `dataset`")
     info = dataset_info(dataset)
     eps = eps_given if eps_given is not None else info.eps
     cfg = resolved(cfg, dataset=str(dataset) if is_image_folder(dataset) else info.name, eps=eps, loss=loss)
@@ -144,7 +144,7 @@ def resume_target(cfg: TrainConfig | None, ws: Workspace, run: str | Path | None
     except UserError as e:
         raise UserError(f"nothing to resume: {e}") from None
     if info.finished:
-        raise UserError(f"run {info.id} already finished: nothing to resume (start a new run without --resume)")
+        raise UserError(f"run {info.id} already finished: nothing to resume (start a new run without `resume`)")
     return info, _recorded_config(info, cfg)
 
 
@@ -191,7 +191,7 @@ def _claim_for_resume(info: run_folder.RunInfo, ws: Workspace) -> Any:
     again = run_folder.load_run(info.path, ws.root, require_finished=False)  # it may have ended meanwhile
     if again.finished:
         lock.release()
-        raise UserError(f"run {info.id} already finished: nothing to resume (start a new run without --resume)")
+        raise UserError(f"run {info.id} already finished: nothing to resume (start a new run without `resume`)")
     return lock
 
 
@@ -250,7 +250,7 @@ def _recorded_config(info: run_folder.RunInfo, cfg: TrainConfig | None) -> Train
 
 
 def _damaged(path: Path, run_id: str, why: str) -> UserError:
-    return UserError(f"checkpoint {path} of run {run_id} {why}: delete it and --resume again to restart the run "
+    return UserError(f"checkpoint {path} of run {run_id} {why}: delete it and `resume` again to restart the run "
                      "from the beginning")
 
 

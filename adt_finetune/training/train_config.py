@@ -63,7 +63,7 @@ def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | N
     if overrides:
         unknown = sorted(set(overrides) - TrainConfig.field_names())
         if unknown:
-            raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train --help'")
+            raise UserError(f"unknown setting {unknown[0]!r}: valid settings are the options of 'adt-ft train `help`'")
         cfg = cfg.updated({k: _coerce(k, v, "option") for k, v in overrides.items()})
     if cfg.method in METHODS:  # an unknown method is reported by train() with the list of methods
         if "loss" not in given_keys:
@@ -104,8 +104,8 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.scope not in SCOPES:
         raise UserError(f"unknown scope {cfg.scope!r}: choose {' or '.join(SCOPES)}")
     if cfg.sync_bn and cfg.scope != "full":
-        raise UserError("--sync-bn applies to --scope full: under last-layer the body's BatchNorm keeps its "
-                        "loaded statistics; drop --sync-bn")
+        raise UserError("`sync_bn` applies to `scope` full: under last-layer the body's BatchNorm keeps its "
+                        "loaded statistics; drop `sync_bn`")
     if cfg.head_init not in HEAD_INITS:
         raise UserError(f"unknown head init {cfg.head_init!r}: choose {' or '.join(HEAD_INITS)}")
     if cfg.schedule not in SCHEDULES:
@@ -113,9 +113,9 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.optimizer != "sgd":
         raise UserError(f"unknown optimizer {cfg.optimizer!r}: only sgd (with momentum) is implemented")
     if cfg.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {cfg.workers}")
+        raise UserError(f"`workers` must be 0 or more, got {cfg.workers}")
     if cfg.model == "scratch" and not cfg.arch:
-        raise UserError("--model scratch needs --arch (a zoo name or package.module:Class) to build")
+        raise UserError("`model` scratch needs `arch` (a zoo name or package.module:Class) to build")
     _check_ranges(cfg)
     if (cfg.arch or cfg.arch_kwargs) and cfg.model is None:
         # Without a model the workspace's current model trains, and it knows its own architecture.

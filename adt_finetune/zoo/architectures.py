@@ -127,9 +127,9 @@ def _build(arch: str, dataset: str, threat_model: str = "Linf", arch_kwargs: dic
             model = ctor(**kwargs)
         except (TypeError, ValueError, RuntimeError) as e:  # a wrong argument name, or a value torch refuses
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"--arch {arch}: cannot construct it with arguments {kwargs} ({first})") from None
+            raise UserError(f"`arch` {arch}: cannot construct it with arguments {kwargs} ({first})") from None
         if not isinstance(model, nn.Module):
-            raise UserError(f"--arch {arch} returned a {type(model).__name__}, not a torch.nn.Module")
+            raise UserError(f"`arch` {arch} returned a {type(model).__name__}, not a torch.nn.Module")
         return model
     if arch_kwargs:
         raise UserError(f"architecture arguments {arch_kwargs} only apply to package.module:Class architectures, "

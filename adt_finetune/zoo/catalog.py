@@ -113,7 +113,7 @@ def normalize_dataset(dataset: str) -> str:
     key = _DATASET_SPELLINGS.get(key, key)
     if key not in _table():
         raise UserError(f"the RobustBench zoo has no {dataset!r} models (it has {_available()}): "
-                        "use --from-file with your own checkpoint for other datasets")
+                        "use `from_file` with your own checkpoint for other datasets")
     return key
 
 
@@ -195,5 +195,5 @@ def resolve_name(name: str, dataset: str = "cifar10", threat_model: str = "Linf"
     contains = [e.name.lower() for e in entries if lower in e.name.lower() and e.name.lower() not in close]
     suggestions = [lowered[n] for n in close + contains][:5]
     hint = f"did you mean {_listing(suggestions)}? " if suggestions else ""
-    raise UserError(f"unknown model {query!r} for {ds}/{tm}: {hint}(adt-ft models --dataset {ds} "
-                    f"--threat-model {tm} lists all {len(entries)})")
+    raise UserError(f"unknown model {query!r} for {ds}/{tm}: {hint}(adt-ft models `dataset` {ds} "
+                    f"`threat_model` {tm} lists all {len(entries)})")

@@ -169,7 +169,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         if shapes:
             problems.append(f"shape mismatches (checkpoint vs model) {_few(shapes, 3)}")
         raise UserError(f"the weights in {source} do not fit {type(model).__name__}: {'; '.join(problems)}; "
-                        "check --arch (and its arguments) and --dataset")
+                        "check `arch` (and its arguments) and `dataset`")
     model.load_state_dict(state_dict, strict=True)
     return model
 

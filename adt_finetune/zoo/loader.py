@@ -273,11 +273,11 @@ def check_fits_dataset(model: nn.Module, dataset: str, source: str) -> None:
     except (RuntimeError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"the model in {source} does not take {dataset}'s {shape} images ({first}): give the "
-                        "dataset it was trained for (--dataset)") from None
+                        "dataset it was trained for (`dataset`)") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
         got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"the model in {source} gives outputs of shape {got} for {dataset}'s images, not one score "
-                        f"for each of its {info.num_classes} classes: give the dataset it was trained for (--dataset)")
+                        f"for each of its {info.num_classes} classes: give the dataset it was trained for (`dataset`)")
 
 
 def pull_file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_model: str = "Linf",

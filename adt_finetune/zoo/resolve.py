@@ -50,16 +50,16 @@ def resolve_and_load(model: str | os.PathLike, *, arch: str | None = None, arch_
         if not os.path.isfile(os.path.expanduser(path)):
             raise UserError(f"checkpoint {path} does not exist: give an existing file or a zoo name")
         if not arch:
-            raise UserError(f"{path} is a checkpoint file: also give --arch (a zoo name such as "
+            raise UserError(f"{path} is a checkpoint file: also give `arch` (a zoo name such as "
                             "Zhang2019Theoretically, or package.module:Class)")
         if dataset is None and ":" in arch:
-            raise UserError(f"--arch {arch} does not say which dataset the model is for: give --dataset "
+            raise UserError(f"`arch` {arch} does not say which dataset the model is for: give `dataset` "
                             "(a dataset name or an image folder)")
         return _file_model(path, arch, dataset=dataset or "cifar10", threat_model=threat_model, name=None,
                            arch_kwargs=arch_kwargs)
     if arch is not None or arch_kwargs:
-        raise UserError(f"--arch goes with a checkpoint file, and {str(model)!r} is not a file: give the file's "
-                        "path, or drop --arch to use the zoo model of that name")
+        raise UserError(f"`arch` goes with a checkpoint file, and {str(model)!r} is not a file: give the file's "
+                        "path, or drop `arch` to use the zoo model of that name")
     entry = resolve_name(str(model), dataset or "cifar10", threat_model)
     net = _obtain(entry, ws, download, progress=True).eval()
     return _zoo_ref(entry, ws), net

@@ -106,5 +106,5 @@ def check_trusted(arch: str, source: str) -> None:
         return
     raise UserError(f"{source} names the architecture {arch!r}, which adt-ft would import and run; it is neither a "
                     "RobustBench zoo architecture nor adt-ft's own, and you have never named it yourself: if you "
-                    f"trust that code, give --arch {arch} on the command line once (or add it to "
+                    f"trust that code, give `arch` {arch} on the command line once (or add it to "
                     f"{config_dir() / TRUST_FILE})")
