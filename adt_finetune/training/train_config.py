@@ -16,6 +16,7 @@ from typing import Any
 from ..config import TrainConfig, coerce_setting, field_kind, find_recipe, read_recipe
 from ..errors import UserError
 from ..methods import METHODS, default_loss as method_default, loss_for
+from ..methods.wdat import check_wdat_settings
 from ..utils import check_seed, format_eps
 
 DEFAULT_LR = {"full": 0.01, "last-layer": 0.1}
@@ -127,8 +128,6 @@ def validate_config(cfg: TrainConfig) -> None:
     if not cfg.weight_perturb >= 0:
         raise UserError(f"weight_perturb must be 0 (off) or positive, got {cfg.weight_perturb}")
     if cfg.method == "wdat":
-        from ..methods.wdat import check_wdat_settings
-
         check_wdat_settings(cfg)
 
 
