@@ -16,9 +16,10 @@ from adt_finetune.training import build_config, resolve_loss
 EPS = 0.1
 
 
-def _method(name: str, model: nn.Module, **cfg):
+def _method(name: str, model: nn.Module, train_images=None, **cfg):
     _, head = find_last_linear(model, torch.zeros(1, 1, 28, 28))
-    ctx = MethodContext(eps=EPS, in_channels=1, num_classes=10, image_size=28, device=torch.device("cpu"), head=head)
+    ctx = MethodContext(eps=EPS, in_channels=1, num_classes=10, image_size=28, device=torch.device("cpu"), head=head,
+                        train_images=train_images)
     loss = cfg.pop("loss", {"pgd-at": "ce", "trades": "trades"}.get(name))
     return make_method(TrainConfig(method=name, loss=loss, **cfg), ctx)
 
@@ -175,7 +176,10 @@ def test_loss_rules_for_baselines():
 @pytest.mark.parametrize("name,settings,inner", [
     ("trades", {}, 10),
     ("exp", {"exp_steps": 2, "exp_samples": 3}, 2),
-    ("wdat", {"wdat_steps": 3}, 3),
+    # wdat: 3 PGD steps, plus the forward of Υ's refresh over its reference set and of the batch's
+    # first-order budget split (both need gradients at the clean images, so neither can share the
+    # no-grad clean pass that is counted here)
+    ("wdat", {"wdat_steps": 3}, 3 + 2),
 ])
 def test_trades_loss_shares_the_clean_pass_when_modes_agree(name, settings, inner, trained_cnn, fmnist_test,
                                                              monkeypatch):
@@ -192,7 +196,9 @@ def test_trades_loss_shares_the_clean_pass_when_modes_agree(name, settings, inne
         if force_separate:
             monkeypatch.setattr(losses, "needs_separate_target", lambda model: True)
         torch.manual_seed(0)
-        method = _method(name, trained_cnn, loss="trades", **settings)
+        # wdat computes Υ on training images when it is made (before the counted step)
+        images = (lambda n: (fmnist_test[0][:n], fmnist_test[1][:n])) if name == "wdat" else None
+        method = _method(name, trained_cnn, train_images=images, loss="trades", **settings)
         with PassCounter(trained_cnn) as pc:
             out = method.step(trained_cnn, x, y)
             head.zero_grad(set_to_none=True)
