@@ -159,21 +159,6 @@ def test_an_entry_without_an_architecture_is_a_user_error():
         check_entry(resolve_name(unloadable.name, "cifar10", "Linf"))
 
 
-def test_eval_refuses_an_l2_model_instead_of_filing_linf_numbers_under_l2(tmp_path, cli):
-    """An L2 zoo model as the current model: its entry would land in leaderboard/cifar10/L2/ with
-    numbers from L∞ attacks. Refused before its weights are even read (none exist here)."""
-    from adt_finetune.workspace import ModelRef, Workspace
-
-    ws = Workspace(tmp_path)
-    ws.set_current_model(ModelRef(name="Rice2020Overfitting", arch="Rice2020Overfitting", dataset="cifar10",
-                                  threat_model="L2", path=str(ws.model_path("cifar10", "L2", "Rice2020Overfitting"))))
-    code, out, err = cli("eval", "--attacks", "fgsm", "-n", "8", "-w", tmp_path, "--no-progress")
-    assert code == 2 and "Traceback" not in out + err
-    assert len(err.strip().splitlines()) == 1
-    assert "the current model Rice2020Overfitting is a RobustBench L2 model" in err
-    assert not (tmp_path / "leaderboard").exists()
-
-
 def test_train_refuses_an_l2_base_model_before_training(tmp_path, cli):
     from adt_finetune.workspace import ModelRef, Workspace
 

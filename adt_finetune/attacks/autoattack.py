@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import UserError
 from ..nets import eval_mode
 from .base import Attack, batch_seed, bool_setting, register_attack
+from ..perturb.l2 import project_l2
 from ..perturb.linf import project_linf
 
 VERSIONS = ("standard", "plus", "rand")
@@ -88,6 +89,7 @@ class AutoAttackLinf(Attack):
 
     #: one sub-attack of the standard version run alone (the `AutoAttackPart` subclasses)
     part: ClassVar[str | None] = None
+    threat_models = ("Linf", "L2")  # pyautoattack's norm='Linf' or norm='L2'
 
     def __init__(self, eps: float, *, seed: int = 0, version: Any = "standard", attacks: Any = None,
                  verbose: Any = False, **settings: Any):
@@ -117,7 +119,7 @@ class AutoAttackLinf(Attack):
             return x.clone()
         device = next(iter(model.parameters()), x).device
         with eval_mode(model), preserved_global_rng(), _pyautoattack_output(self.verbose):
-            adversary = AutoAttack(model, attacks=self.attacks, device=device, eps=self.eps, norm="Linf",
+            adversary = AutoAttack(model, attacks=self.attacks, device=device, eps=self.eps, norm=self.threat_model,
                                    seed=self.batch_seed(), version=self.version)
             if self.part is not None:
                 # After the standard version has set every sub-attack's parameters: the part runs
@@ -130,7 +132,8 @@ class AutoAttackLinf(Attack):
         # pyautoattack leaves robust points at x and projects its own points; projecting
         # again only guards the ε-ball guarantee against float round-off. The robust flag
         # is then computed from the model on exactly what is returned.
-        return project_linf(x_adv.to(x.device, x.dtype), x, self.eps)
+        project = project_l2 if self.threat_model == "L2" else project_linf
+        return project(x_adv.to(x.device, x.dtype), x, self.eps)
 
 
     @contextlib.contextmanager

@@ -37,7 +37,7 @@ from ..utils import parse_eps
 
 @dataclass
 class AttackResult:
-    x_adv: torch.Tensor   # (B, C, H, W) in [0, 1], ‖x_adv − x‖∞ ≤ ε
+    x_adv: torch.Tensor   # (B, C, H, W) in [0, 1], ‖x_adv − x‖ ≤ ε in the attack's threat model
     robust: torch.Tensor  # (B,) bool
 
 
@@ -60,10 +60,16 @@ class Attack:
     uses_training_data: ClassVar[bool] = False
     #: with `uses_training_data`: the attack still runs (less faithfully, and says so) without training images
     training_data_optional: ClassVar[bool] = False
+    #: the threat models the attack implements (RobustBench's names); building it for another is refused
+    threat_models: ClassVar[tuple[str, ...]] = ("Linf",)
 
-    def __init__(self, eps: float, *, seed: int = 0, **settings: Any):
+    def __init__(self, eps: float, *, seed: int = 0, threat_model: str = "Linf", **settings: Any):
         self.eps = parse_eps(eps)
         self.seed = int_setting(self.name, "seed", seed)
+        if threat_model not in self.threat_models:
+            raise UserError(f"attack {self.name!r} is an {' / '.join(self.threat_models)} attack and does not run "
+                            f"in the {threat_model} threat model: drop it from the attack list")
+        self.threat_model = threat_model
         if settings:
             raise UserError(f"attack {self.name!r} has no setting {next(iter(settings))!r}")
         self._reporter: Reporter = as_reporter(None)
@@ -120,8 +126,10 @@ class Attack:
         raise NotImplementedError
 
     def settings(self) -> dict[str, Any]:
-        """The settings this attack ran with, recorded in results."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        """The settings this attack ran with, recorded in results (the threat model when it is not Linf,
+        so that L∞ evaluations record, and fingerprint, exactly what they did before L2 existed)."""
+        return {k: v for k, v in vars(self).items()
+                if not k.startswith("_") and not (k == "threat_model" and v == "Linf")}
 
 
 def int_setting(attack: str, name: str, value: Any, minimum: int = 0) -> int:

@@ -52,8 +52,7 @@ def eval_cmd(
                                                                     "latest run, else the current model)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="With a checkpoint file: zoo name or package.module:Class."),
     arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="JSON constructor arguments for a "
-                                                                          "package.module:Class --arch, e.g. "
-                                                                          "'{\"width\": 16}'."),
+                                                                          "package.module:Class --arch, e.g. '{\"width\": 16}'."),
     run: Optional[str] = _RUN,
     suite: Optional[str] = typer.Option(None, "--suite", "-s", help="paper, aa, aa-parts, quick, full or "
                                                                     "wasserstein (default paper).",
@@ -62,7 +61,8 @@ def eval_cmd(
                                                                   f"e.g. fgsm,pgd20,cw; any of {', '.join(attack_names())}."),
     n_examples: Optional[int] = typer.Option(None, "--n-examples", "-n", help="First N test images "
                                                                             "(default 1000, or all if fewer)."),
-    eps: Optional[str] = typer.Option(None, "--eps", help="L∞ budget, e.g. 8/255 or 0.1 (default: the dataset's)."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Budget: L∞ ε, or an L2 model's L2 radius (default: the dataset's)."),
+    threat_model: str = typer.Option("Linf", "--threat-model", "-t", help="Leaderboard of a --model zoo name: Linf or L2."),
     mode: str = typer.Option("independent", "--mode", help="independent (each attack on every example: the "
                                                            "paper's columns) or cascade (only still-robust "
                                                            "examples: fastest A_rob)."),
@@ -113,7 +113,7 @@ def eval_cmd(
                           seed=seed, device=device, baseline=baseline, dataset=dataset, data_dir=data_dir,
                           budgets=budgets, entry=entry, resume=resume, workspace=workspace,
                           attack_settings=parse_settings(settings), amp=amp, overwrite=overwrite, shard=shard,
-                          shard_dir=shard_dir, chunk_size=chunk_size)
+                          shard_dir=shard_dir, chunk_size=chunk_size, threat_model=threat_model)
     try:
         rec = evaluate_workspace(request, reporter=reporter(progress and main_rank))
     except KeyboardInterrupt:

@@ -80,6 +80,7 @@ class _Plan:
     batch_size: int
     seed: int
     amp: bool
+    threat_model: str = "Linf"
 
 
 def evaluate(
@@ -101,6 +102,7 @@ def evaluate(
     amp: bool = False,
     train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = CHUNK_SIZE,
+    threat_model: str = "Linf",
 ) -> EvalResult:
     """Evaluate `model` on (x, y) under `attacks` (registry names, plus "clean"
     and "wasserstein"); see the module docstring for the definitions.
@@ -113,11 +115,12 @@ def evaluate(
     the rows of the per-example file (default 0..N-1). `train_data` are training
     images for the attacks that learn before they attack. `chunk_size` fixes the
     chunks that batches stay inside and that batch-level randomness is keyed to
-    (`shards`). `reporter` receives progress (None: silent).
+    (`shards`). `reporter` receives progress (None: silent). `threat_model` "L2" makes ε an L2 radius:
+    the attacks run their L2 versions (the L∞-only ones refuse) and distances are L2 norms.
     """
     settings = EvalSettings(attacks=attacks, eps=eps, mode=mode, batch_size=batch_size, seed=seed, device=device,
                             attack_settings=attack_settings, indices=indices, budgets=budgets, amp=amp,
-                            train_data=train_data, chunk_size=chunk_size)
+                            train_data=train_data, chunk_size=chunk_size, threat_model=threat_model)
     return combine([evaluate_with(model, x, y, settings, resume_dir=resume_dir, reporter=reporter)])
 
 
@@ -128,14 +131,14 @@ def evaluate_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, shard:
                    resume_dir: str | Path | None = None, indices: Sequence[int] | None = None,
                    budgets: Sequence[float] | str | None = None, amp: bool = False,
                    train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   chunk_size: int = CHUNK_SIZE) -> ShardPart:
+                   chunk_size: int = CHUNK_SIZE, threat_model: str = "Linf") -> ShardPart:
     """Shard k of n of `evaluate`: the same arguments, but only the examples of the chunks
     c with c mod n = k are evaluated (every attack still prepares on the whole set). The
     parts of all n shards combine (`shards.combine`) into what `evaluate` returns.
     `resume_dir` belongs to this shard alone."""
     settings = EvalSettings(attacks=attacks, eps=eps, mode=mode, batch_size=batch_size, seed=seed, device=device,
                             attack_settings=attack_settings, indices=indices, budgets=budgets, amp=amp,
-                            train_data=train_data, chunk_size=chunk_size)
+                            train_data=train_data, chunk_size=chunk_size, threat_model=threat_model)
     return evaluate_with(model, x, y, settings, shard=shard, resume_dir=resume_dir, reporter=reporter)
 
 
@@ -151,6 +154,8 @@ def evaluate_with(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: 
     model = model.to(plan.device)
     check_finite_weights(model)
     extra = {"train_data": plan.train_sha} if plan.train_sha else {}
+    if plan.threat_model != "Linf":
+        extra["threat_model"] = plan.threat_model
     fp = fingerprint(model, plan.x, plan.y, attacks=plan.names, eps=plan.eps, mode=plan.mode, seed=plan.seed,
                      batch_size=plan.batch_size, settings=plan.settings, budgets=plan.budgets, amp=plan.amp,
                      chunk_size=chunk_size, **extra)
@@ -179,6 +184,7 @@ def evaluate_with(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: 
         eps=float(plan.eps), mode=plan.mode, seed=plan.seed, batch_size=plan.batch_size, device=str(plan.device),
         timings_s=run.timings, amp=amp, amp_attacks=[a for a, ob in plan.attacks.items() if amp and ob.amp_search],
         max_linf=run.max_linf, attack_settings=plan.settings, wasserstein=run.wasserstein_json,
+        threat_model=plan.threat_model,
         excluded_from_a_rob=plan.excluded, chunk_size=chunk_size)
     return ShardPart(result, rows, len(plan.x), (k, n_shards), chunk_size, fp, dict(run.ranges),
                      [a for a, ob in plan.attacks.items() if ob.black_box], n_bad, clean_run.predicted,
@@ -218,11 +224,12 @@ def _plan(x, y, s: EvalSettings) -> _Plan:
         raise ValueError(f"indices must have one entry per example ({n}), got shape {idx.shape}")
     for a in attack_names:
         # One ε and one seed for every attack of an evaluation: per-attack ones would make columns incomparable.
-        for key in ("eps", "seed"):
+        for key in ("eps", "seed", "threat_model"):
             if key in settings.get(a, {}):
                 raise UserError(f"attack setting {a}.{key}: {key} is the evaluation's, the same for every attack; "
                                 f"set the evaluation's {key} instead")
-    objs = {a: make_attack(a, eps, seed=seed, **settings.get(a, {})) for a in attack_names}
+    objs = {a: make_attack(a, eps, seed=seed, threat_model=s.threat_model, **settings.get(a, {}))
+            for a in attack_names}
     learners = [a for a, o in objs.items() if o.uses_training_data]
     required = [a for a in learners if not objs[a].training_data_optional]
     if required and s.train_data is None:
@@ -235,7 +242,7 @@ def _plan(x, y, s: EvalSettings) -> _Plan:
     return _Plan(names=names, attacks=objs, settings={a: jsonable(o.settings()) for a, o in objs.items()},
                  excluded=[a for a, o in objs.items() if not o.linf_bounded], x=x, y=y, indices=idx,
                  budgets=budget_list, device=device, train_data=train, train_sha=train_sha, eps=float(eps), mode=s.mode,
-                 batch_size=int(s.batch_size), seed=int(seed), amp=bool(amp))
+                 batch_size=int(s.batch_size), seed=int(seed), amp=bool(amp), threat_model=s.threat_model)
 
 
 class CleanPass(NamedTuple):
@@ -393,7 +400,9 @@ class _Run:
                                f"{tuple(robust.shape)} for a batch of {tuple(xb.shape)}")
         with torch.no_grad():
             x_adv = res.x_adv.detach()
-            dist = (x_adv.float() - xb).abs().flatten(1).amax(1).max().item()
+            delta = (x_adv.float() - xb).flatten(1)
+            # Recorded as `max_linf` for either norm: the result's threat model says which norm it is.
+            dist = (delta.norm(p=2, dim=1) if self.plan.threat_model == "L2" else delta.abs().amax(1)).max().item()
             lo, hi = x_adv.min().item(), x_adv.max().item()
         st["robust"].extend(int(v) for v in robust.tolist())
         st["time_s"] += elapsed

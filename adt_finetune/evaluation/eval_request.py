@@ -32,7 +32,7 @@ class EvalRequest:
     suite: str | None = None                    # default paper; give a suite or attacks, not both
     attacks: str | None = None                  # comma-separated names instead of a suite
     n_examples: int | None = None               # first N test images (default 1000, or all if fewer)
-    eps: float | None = None                    # L∞ budget; text ('8/255') is parsed when the request is made
+    eps: float | None = None                    # L∞ budget or L2 radius; text ('8/255') is parsed when made
     mode: str = "independent"                   # or cascade
     batch_size: int = 256
     seed: int = 0
@@ -50,6 +50,7 @@ class EvalRequest:
     shard: str | tuple[int, int] | None = None  # 'K/N': this job's shard of N
     shard_dir: str | Path | None = None
     chunk_size: int = CHUNK_SIZE
+    threat_model: str = "Linf"                  # the leaderboard a --model zoo name is looked up in
 
     def __post_init__(self) -> None:
         if self.suite is not None and self.attacks is not None:
@@ -58,6 +59,10 @@ class EvalRequest:
             object.__setattr__(self, "suite", "paper")
         if self.eps is not None:
             object.__setattr__(self, "eps", parse_eps(self.eps))
+
+
+#: the threat models the attacks implement (corruptions is not a norm ball)
+THREAT_MODELS = ("Linf", "L2")
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,11 @@ class EvalSettings:
     amp: bool = False
     train_data: "tuple[torch.Tensor, torch.Tensor] | None" = field(default=None, repr=False)
     chunk_size: int = CHUNK_SIZE
+    threat_model: str = "Linf"                  # RobustBench's name: Linf or L2 (ε is then an L2 radius)
 
     def __post_init__(self) -> None:
+        if self.threat_model not in THREAT_MODELS:
+            raise UserError(f"threat model {self.threat_model!r}: evaluation supports {' and '.join(THREAT_MODELS)}")
         object.__setattr__(self, "attacks", check_attack_names(list(self.attacks)))
         check_mode(self.mode)
         if self.batch_size <= 0:

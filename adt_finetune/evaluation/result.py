@@ -55,6 +55,7 @@ class EvalResult:
     batch_size: int
     device: str
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: each attack's largest ‖x'−x‖ in the threat model's norm (L∞, or L2 when threat_model is "L2")
     max_linf: dict[str, float] = field(default_factory=dict)
     attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     sanity: list[SanityCheck] = field(default_factory=list)
@@ -68,6 +69,7 @@ class EvalResult:
     shards: int = 1                 # processes or jobs that shared the work (torchrun ranks or --shard jobs)
     #: each shard's attack seconds when shards > 1 (then `timings_s` holds their sums)
     shard_timings_s: list[dict[str, float]] | None = None
+    threat_model: str = "Linf"      # "L2": ε is an L2 radius and the distances are L2 norms
 
     def in_a_rob(self, column: str) -> bool:
         return column in self.attacks and column not in self.excluded_from_a_rob
@@ -163,7 +165,9 @@ class EvalResult:
             "a_rob": self.a_rob,
             "excluded_from_a_rob": list(self.excluded_from_a_rob),
             "timings_s": dict(self.timings_s),
-            "max_linf": dict(self.max_linf),
+            "threat_model": self.threat_model,
+            # The largest distance under its norm's name: an L2 entry never shows an "L∞" distance.
+            ("max_l2" if self.threat_model == "L2" else "max_linf"): dict(self.max_linf),
             "attack_settings": jsonable(self.attack_settings),
             "sanity": [c.to_json() for c in self.sanity],
             "unreliable": self.unreliable,

@@ -17,6 +17,24 @@ from ..nets import unusable_weights
 from .result import EvalResult, SanityCheck
 
 LINF_TOLERANCE = 1e-6
+#: an L2 norm sums thousands of float32 squares: its rounding is larger than one pixel's
+L2_TOLERANCE = 1e-5
+
+
+def _distance_check(result: EvalResult, bounded: list[str]) -> SanityCheck:
+    """‖x'−x‖ ≤ ε in the result's threat model (L∞, or L2), for the attack that moved furthest."""
+    eps = result.eps
+    l2 = result.threat_model == "L2"
+    tol, norm = (L2_TOLERANCE, "‖x'−x‖₂") if l2 else (LINF_TOLERANCE, "‖x'−x‖∞")
+    worst = max(bounded, key=lambda a: result.max_linf[a])
+    d = result.max_linf[worst]
+    ok = d <= eps + tol
+    # Printed as it is compared: the bound includes the tolerance for float32 rounding, so a distance
+    # a hair above ε never reads as "0.0313726 ≤ ε = 0.0313725". Rounding to 7 digits is monotone,
+    # so the printed numbers always agree with the verdict.
+    bound = f"ε + {tol:g} = {eps + tol:.7g} (ε = {eps:.7g}; the {tol:g} allows for float32 rounding)"
+    return SanityCheck("l2" if l2 else "linf", ok, f"max {norm} = {d:.7g} ({worst}) {'≤' if ok else '>'} {bound}"
+                       + ("" if ok else ": the attack leaves the threat model, its numbers are invalid"))
 
 
 def sanity_checks(result: EvalResult, ranges: dict[str, tuple[float, float]],
@@ -28,16 +46,7 @@ def sanity_checks(result: EvalResult, ranges: dict[str, tuple[float, float]],
 
     bounded = [a for a in result.max_linf if a in pointwise]
     if bounded:
-        worst = max(bounded, key=lambda a: result.max_linf[a])
-        d = result.max_linf[worst]
-        ok = d <= eps + LINF_TOLERANCE
-        # Printed as it is compared: the bound includes the tolerance for float32 rounding, so a distance
-        # a hair above ε never reads as "0.0313726 ≤ ε = 0.0313725". Rounding to 7 digits is monotone,
-        # so the printed numbers always agree with the verdict.
-        bound = f"ε + {LINF_TOLERANCE:g} = {eps + LINF_TOLERANCE:.7g} (ε = {eps:.7g}; the {LINF_TOLERANCE:g} allows " \
-                "for float32 rounding)"
-        checks.append(SanityCheck("linf", ok, f"max ‖x'−x‖∞ = {d:.7g} ({worst}) {'≤' if ok else '>'} {bound}"
-                                  + ("" if ok else ": the attack leaves the threat model, its numbers are invalid")))
+        checks.append(_distance_check(result, bounded))
     # An attack that ran on no example leaves its initial (empty) range: min > max.
     ran = {a: r for a, r in ranges.items() if r[0] <= r[1]}
     if ran:

@@ -105,7 +105,7 @@ class ShardPart:
                 "indices": r.indices.tolist(), "labels": r.labels.tolist(), "clean": r.clean.astype(int).tolist(),
                 "attacks": list(r.attacks), "flags": r.flags.tolist(), "eps": r.eps, "mode": r.mode, "seed": r.seed,
                 "batch_size": r.batch_size, "device": r.device, "timings_s": dict(r.timings_s),
-                "max_linf": dict(r.max_linf), "attack_settings": jsonable(r.attack_settings), "amp": r.amp,
+                "max_linf": dict(r.max_linf), "threat_model": r.threat_model, "attack_settings": jsonable(r.attack_settings), "amp": r.amp,
                 "amp_attacks": list(r.amp_attacks), "excluded_from_a_rob": list(r.excluded_from_a_rob),
                 "ranges": {a: list(v) for a, v in self.ranges.items()}, "black_box": list(self.black_box),
                 "n_bad": self.n_bad, "n_classes": self.n_classes,
@@ -121,7 +121,8 @@ class ShardPart:
             eps=float(d["eps"]), mode=d["mode"], seed=int(d["seed"]), batch_size=int(d["batch_size"]),
             device=d["device"], timings_s=dict(d["timings_s"]), max_linf=dict(d["max_linf"]),
             attack_settings=d["attack_settings"], amp=bool(d["amp"]), amp_attacks=list(d["amp_attacks"]),
-            excluded_from_a_rob=list(d["excluded_from_a_rob"]), chunk_size=int(d["chunk_size"]))
+            excluded_from_a_rob=list(d["excluded_from_a_rob"]), chunk_size=int(d["chunk_size"]),
+            threat_model=d.get("threat_model", "Linf"))
         return cls(result, np.asarray(d["positions"], dtype=np.int64), int(d["n_total"]), tuple(d["shard"]),
                    int(d["chunk_size"]), d["fingerprint"], {a: (float(v[0]), float(v[1])) for a, v in
                                                             d["ranges"].items()}, list(d["black_box"]),
@@ -185,7 +186,7 @@ def combine(parts: Sequence[ShardPart], names: Sequence[str] | None = None) -> E
         seed=fr.seed, batch_size=fr.batch_size, device=", ".join(devices), timings_s=timings, amp=fr.amp,
         amp_attacks=list(fr.amp_attacks), max_linf=max_linf, attack_settings=settings,
         wasserstein=fr.wasserstein, excluded_from_a_rob=list(fr.excluded_from_a_rob), chunk_size=first.chunk_size,
-        shards=len(parts), shard_timings_s=[dict(p.result.timings_s) for p in parts] if len(parts) > 1 else None)
+        threat_model=fr.threat_model, shards=len(parts), shard_timings_s=[dict(p.result.timings_s) for p in parts] if len(parts) > 1 else None)
     finite = check_finite_logits(sum(p.n_bad for p in parts), n)
     degenerate: list = []
     if all(p.predicted is not None for p in parts) and first.n_classes:

@@ -79,8 +79,8 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
         raise UserError("`baseline` compares a run with the model it started from: use it with `run` (or with no "
                         "`model` to take the latest run)")
     tm = {"linf": "Linf", "l2": "L2"}.get(threat_model.strip().lower(), threat_model)
-    if tm != "Linf":
-        raise UserError(f"threat model {threat_model!r}: adt-ft's attacks are L∞ attacks; only Linf is supported")
+    if tm not in ("Linf", "L2"):
+        raise UserError(f"threat model {threat_model!r}: adt-ft's attacks are L∞ and L2 attacks; choose Linf or L2")
     wanted = dataset_info(dataset).name if dataset is not None else None
     if model is not None:
         return _model_target(model, arch, arch_kwargs, wanted, tm, ws, device)
@@ -94,18 +94,19 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
                         "NAME|PATH or `run` RUN, or run 'adt-ft pull NAME' first")
     if wanted is not None and wanted != ref.dataset:
         raise UserError(f"the current model {ref.name} is a {ref.dataset} model; `dataset` {dataset} is {wanted}")
-    _require_linf(ref.threat_model, f"the current model {ref.name}")
+    _require_norm_ball(ref.threat_model, f"the current model {ref.name}")
     net = model_from_ref(ref, device, source=f"current_model in {ws.state_path}")
     context = {"base_model": ref.name, "model_source": ref.source}
     return Target(ref.name, net, ref.dataset, ref.threat_model, _ref_info(ref), context, ref.name)
 
 
-def _require_linf(threat_model: str, what: str) -> None:
-    """Refuse a model from RobustBench's L2 or corruptions leaderboard: its entry would be filed under
-    that threat model, with numbers from L∞ attacks."""
-    if threat_model != "Linf":
-        raise UserError(f"{what} is a RobustBench {threat_model} model: adt-ft's attacks are L∞ attacks and its "
-                        f"entry would be filed under {threat_model}, so it is not evaluated; evaluate Linf models")
+def _require_norm_ball(threat_model: str, what: str) -> None:
+    """Refuse a model from RobustBench's corruptions leaderboard: its entry would be filed under
+    corruptions, with numbers from norm-ball attacks (Linf and L2 models evaluate in their own norm)."""
+    if threat_model not in ("Linf", "L2"):
+        raise UserError(f"{what} is a RobustBench {threat_model} model: adt-ft's attacks are L∞ and L2 attacks and "
+                        f"its entry would be filed under {threat_model}, so it is not evaluated; evaluate Linf or "
+                        "L2 models")
 
 
 def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws, device) -> Target:
@@ -135,7 +136,7 @@ def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, de
     ref, base_ref, meta = info_run.model, info_run.base_model, info_run.meta
     if wanted is not None and wanted != ref.dataset:
         raise UserError(f"run {info_run.id} fine-tuned a {ref.dataset} model; `dataset` {dataset} is {wanted}")
-    _require_linf(ref.threat_model, f"run {info_run.id}'s base model {base_ref.name}")
+    _require_norm_ball(ref.threat_model, f"run {info_run.id}'s base model {base_ref.name}")
     recorded_in = str(info_run.path / "run.json")
     net = model_from_ref(ref, device, source=recorded_in)
     method = meta.get("method")

@@ -105,6 +105,17 @@ def evaluation_variant(*, custom: bool, eps: float, default_eps: float | None, n
     return parts
 
 
+#: RobustBench's L2 budgets (its L2 leaderboard is CIFAR-10's; elsewhere the user gives ε)
+L2_EPS = {"cifar10": 0.5}
+
+
+def default_eps(dataset: str, threat_model: str) -> float | None:
+    """The budget an evaluation uses when none is given: the dataset's L∞ ε, or RobustBench's L2 radius."""
+    if threat_model == "L2":
+        return L2_EPS.get(dataset)
+    return DATASETS[dataset].eps if dataset in DATASETS else None
+
+
 def _resume_dir(workspace: Path, dataset: str, threat_model: str, entry: str) -> Path:
     return workspace / ".adt-ft" / "eval" / dataset / threat_model / entry
 
@@ -274,20 +285,19 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: EvalRequest,
     if a.entry is not None:
         check_entry_name(a.entry)
     target = resolve_target(model=a.model, arch=a.arch, arch_kwargs=a.arch_kwargs, run=a.run, dataset=a.dataset,
+                            threat_model=a.threat_model,
                             workspace=ws.root, device=world.device, baseline=a.baseline)
     for t in (target, target.base):
         if t is not None:
             check_finite_weights(t.model, f"model {t.label}")
     names, suite_label, settings = _attack_names(a.suite, a.attacks, target, a.attack_settings)
-    eps = a.eps
+    eps = a.eps if a.eps is not None else default_eps(target.dataset, target.threat_model)
     if eps is None:
-        eps = DATASETS[target.dataset].eps if target.dataset in DATASETS else None
-        if eps is None:
-            raise UserError(f"no default ε for dataset {target.dataset}: give `eps`")
+        raise UserError(f"no default ε for dataset {target.dataset} in threat model {target.threat_model}: give `eps`")
     # Built (and so checked) before anything is read or written; the training images join it below.
     engine = EvalSettings(attacks=names, eps=eps, mode=a.mode, batch_size=a.batch_size, seed=a.seed,
                           device=world.device, attack_settings=settings, budgets=a.budgets, amp=a.amp,
-                          chunk_size=a.chunk_size)
+                          chunk_size=a.chunk_size, threat_model=target.threat_model)
     x, y, data_source = load_examples(target.dataset, a.dataset, a.n_examples, data_dir=a.data_dir, workspace=ws.root)
     entry_name = a.entry or _default_name(a, target, suite_label, names, eps, len(x))
     if spec is None:  # the entry is written now (by rank 0), not by a later merge
@@ -316,7 +326,7 @@ def _default_name(a: EvalRequest, target: Target, suite_label: str, names: list[
     folder = a.dataset is not None and Path(str(a.dataset)).expanduser().is_dir()
     custom = a.attacks is not None
     variant = evaluation_variant(
-        custom=custom, eps=eps, default_eps=DATASETS[target.dataset].eps if target.dataset in DATASETS else None,
+        custom=custom, eps=eps, default_eps=default_eps(target.dataset, target.threat_model),
         n_examples=a.n_examples, mode=a.mode, seed=a.seed, budgets=a.budgets, settings=a.attack_settings, amp=a.amp,
         chunk_size=a.chunk_size, data=str(Path(str(a.dataset)).expanduser().resolve()) if folder else None)
     return default_entry_name(target.default_entry, suite_label, eps=eps, n_examples=n,

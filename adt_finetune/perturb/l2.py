@@ -10,6 +10,8 @@ it is longer, then clamps x' into [0, 1]. Clamping moves every pixel towards x (
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -56,17 +58,20 @@ def normalized_gradient_ascent(
     steps: int,
     loss_fn: LossFn = ce_loss,
     init: torch.Tensor | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """x' maximising loss_fn within the L2 ε-ball: `steps` steps of `step_size`·∇/‖∇‖₂ from `init`
     (projected onto the ball first) or from x itself. One forward and one backward per step; no
     gradient reaches the model's parameters; the caller decides the model's mode."""
     x = x.detach()
     x_adv = x.clone() if init is None else project_l2(init.detach().clone(), x, eps)
-    for _ in range(steps):
+    for i in range(steps):
         x_adv.requires_grad_(True)
         loss = loss_fn(model(x_adv), y).sum()  # sum: each example's gradient is its own
         (grad,) = torch.autograd.grad(loss, x_adv)
         with torch.no_grad():
             step = grad / _per_example(l2_norms(grad).clamp_min(_TINY), grad)
             x_adv = project_l2(x_adv.detach() + step_size * step, x, eps)
+        if on_step is not None:
+            on_step(i + 1)
     return x_adv.detach()
