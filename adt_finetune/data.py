@@ -61,6 +61,17 @@ def is_image_folder(name_or_path: str | os.PathLike) -> bool:
     return Path(name_or_path).is_dir()
 
 
+#: RobustBench's L2 radii (its L2 leaderboard is CIFAR-10's; elsewhere the user gives ε)
+L2_EPS = {"cifar10": 0.5}
+
+
+def default_eps(dataset: str, threat_model: str = "Linf") -> float | None:
+    """The budget used when none is given: the dataset's L∞ ε, or RobustBench's L2 radius (None: none)."""
+    if threat_model == "L2":
+        return L2_EPS.get(dataset)
+    return DATASETS[dataset].eps if dataset in DATASETS else None
+
+
 def dataset_info(name_or_path: str | os.PathLike) -> DatasetInfo:
     """Facts about a named dataset, or about an image folder (matched to a known dataset by class names)."""
     if is_image_folder(name_or_path):

@@ -157,16 +157,3 @@ def test_an_entry_without_an_architecture_is_a_user_error():
     unloadable = next(e for e in catalog("cifar10", "Linf") if not e.loadable)
     with pytest.raises(UserError, match="ships no checkpoint or architecture"):
         check_entry(resolve_name(unloadable.name, "cifar10", "Linf"))
-
-
-def test_train_refuses_an_l2_base_model_before_training(tmp_path, cli):
-    from adt_finetune.workspace import ModelRef, Workspace
-
-    ws = Workspace(tmp_path)
-    ws.set_current_model(ModelRef(name="Rice2020Overfitting", arch="Rice2020Overfitting", dataset="cifar10",
-                                  threat_model="L2", path=str(ws.model_path("cifar10", "L2", "Rice2020Overfitting"))))
-    code, out, err = cli("train", "--method", "pgd-at", "--epochs", "1", "-w", tmp_path)
-    assert code == 2 and "Traceback" not in out + err
-    assert len(err.strip().splitlines()) == 1
-    assert "Rice2020Overfitting is a RobustBench L2 model" in err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..data import DATASETS
+from ..data import default_eps
 from ..distributed import World, env_world, first_error, gather_to_main, setup as setup_world, teardown
 from ..errors import UserError
 from ..leaderboard import check_entry_name, entry_dir, write_entry
@@ -103,17 +103,6 @@ def evaluation_variant(*, custom: bool, eps: float, default_eps: float | None, n
     if data:
         parts.append(f"data-{_short_hash(data)}")
     return parts
-
-
-#: RobustBench's L2 budgets (its L2 leaderboard is CIFAR-10's; elsewhere the user gives ε)
-L2_EPS = {"cifar10": 0.5}
-
-
-def default_eps(dataset: str, threat_model: str) -> float | None:
-    """The budget an evaluation uses when none is given: the dataset's L∞ ε, or RobustBench's L2 radius."""
-    if threat_model == "L2":
-        return L2_EPS.get(dataset)
-    return DATASETS[dataset].eps if dataset in DATASETS else None
 
 
 def _resume_dir(workspace: Path, dataset: str, threat_model: str, entry: str) -> Path:

@@ -42,6 +42,8 @@ class MethodContext:
     #: the first n training images, never augmented, as (x, y) tensors; None outside a training run.
     #: For statistics a method computes over the training set (wdat's Υ).
     train_images: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: the base model's threat model (RobustBench's name): "L2" makes ε an L2 radius
+    threat_model: str = "Linf"
 
 
 @dataclass
@@ -55,6 +57,8 @@ class TrainMethod:
     name: ClassVar[str] = ""
     #: whether --loss trades is meaningful for this method
     accepts_loss: ClassVar[tuple[str, ...]] = ("ce", "trades")
+    #: the threat models whose inner maximisation the method implements (docs/methods.md)
+    threat_models: ClassVar[tuple[str, ...]] = ("Linf",)
 
     def __init__(self, cfg: TrainConfig, ctx: MethodContext):
         self.cfg = cfg
@@ -212,4 +216,8 @@ def default_loss(method: str) -> str:
 def make_method(cfg: TrainConfig, ctx: MethodContext) -> TrainMethod:
     """The method of `cfg`, built for `ctx`; a loss it does not take is refused (`loss_for`)."""
     loss_for(cfg.method, cfg.loss)
-    return METHODS[cfg.method](cfg, ctx)
+    cls = METHODS[cfg.method]
+    if ctx.threat_model not in cls.threat_models:
+        raise UserError(f"method {cfg.method!r} is defined in the {' / '.join(cls.threat_models)} threat model and "
+                        f"does not train an {ctx.threat_model} model: use pgd-at or trades for {ctx.threat_model}")
+    return cls(cfg, ctx)

@@ -48,6 +48,14 @@ def l2_start(x: torch.Tensor, eps: float, generators: list[torch.Generator]) -> 
     return project_l2(x + delta, x, eps)
 
 
+def l2_start_from_noise(x: torch.Tensor, eps: float, noise: torch.Tensor) -> torch.Tensor:
+    """`l2_start`'s distribution from given standard-normal noise (training's per-example draws): the
+    direction is the noise's, the radius ε·Φ(first element), Φ(z) being U(0, 1) for a standard normal z."""
+    direction = noise / _per_example(l2_norms(noise).clamp_min(_TINY), x)
+    radius = 0.5 * (1.0 + torch.erf(noise.flatten(1)[:, 0] / 2 ** 0.5))
+    return project_l2(x + direction * _per_example(radius * eps, x), x, eps)
+
+
 def normalized_gradient_ascent(
     model: nn.Module,
     x: torch.Tensor,

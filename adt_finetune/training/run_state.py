@@ -141,6 +141,7 @@ class Session:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_set: Dataset, info: DatasetInfo,
                  device: torch.device, *, eps: float, reinit_head: bool, world: World | None = None,
+                 threat_model: str = "Linf",
                  train_images: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.cfg = cfg
         self.device = device
@@ -164,7 +165,7 @@ class Session:
                             image_size=info.size, device=device, head=self.head,
                             amp_dtype=torch.bfloat16 if cfg.amp else None,
                             all_reduce=partial(all_reduce_sum_, self.world) if self.world.size > 1 else None,
-                            train_images=train_images)
+                            train_images=train_images, threat_model=threat_model)
         self.method = make_method(cfg, ctx)
         self.method.train(True)
         self.n_examples = len(train_set)  # type: ignore[arg-type]

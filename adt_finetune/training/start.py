@@ -17,7 +17,7 @@ import torch
 
 from .. import run_folder
 from ..config import TrainConfig
-from ..data import DatasetInfo, dataset_info, is_image_folder
+from ..data import DatasetInfo, dataset_info, default_eps, is_image_folder
 from ..distributed import World
 from ..errors import UserError
 from ..nets import unusable_tensors, unusable_weights
@@ -60,15 +60,19 @@ def fresh(cfg: TrainConfig, loss: str, eps_given: float | None, ws: Workspace, w
     """A new run from a validated config and its ε (parsed once by `train`; None: the dataset's);
     rank 0 shares (run folder, run.json) with the others."""
     base_ref = _base_model(cfg, ws, world.is_main)
-    if base_ref is not None and base_ref.threat_model != "Linf":
+    if base_ref is not None and base_ref.threat_model not in ("Linf", "L2"):
         # The run would be recorded under that threat model, and `eval` refuses it: refused before hours of training.
         raise UserError(f"{base_ref.name} is a RobustBench {base_ref.threat_model} model: adt-ft's training methods "
-                        "and attacks are L∞, and a run fine-tuned from it could not be evaluated; fine-tune a Linf model")
+                        "and attacks are L∞ and L2, and a run fine-tuned from it could not be evaluated; fine-tune a "
+                        "Linf or L2 model")
     dataset = cfg.dataset or (base_ref.dataset if base_ref else None)
     if dataset is None:
         raise UserError("`model` scratch needs `dataset`")
     info = dataset_info(dataset)
-    eps = eps_given if eps_given is not None else info.eps
+    threat_model = base_ref.threat_model if base_ref is not None else "Linf"
+    eps = eps_given if eps_given is not None else default_eps(info.name, threat_model)
+    if eps is None:
+        raise UserError(f"no default ε for {info.name} in threat model {threat_model}: give `eps`")
     cfg = resolved(cfg, dataset=str(dataset) if is_image_folder(dataset) else info.name, eps=eps, loss=loss)
     # Keyed randomness whenever the batch is split: a step then does not depend on the split.
     cfg = replace(cfg, example_seeds=cfg.example_seeds or world.size > 1)
@@ -124,7 +128,8 @@ def start_session(cfg: TrainConfig, base_ref: ModelRef | None, info: DatasetInfo
             raise UserError(f"the base model {base_ref.name} is unusable ({bad[0]}): pull or train a model whose "
                             "weights are finite")
     session = Session(cfg, model, data, info, world.device, eps=eps, reinit_head=cfg.head_init == "reinit",
-                      world=world, train_images=partial(first_images, cfg, ws))
+                      world=world, train_images=partial(first_images, cfg, ws),
+                      threat_model=base_ref.threat_model if base_ref is not None else "Linf")
     session.perturb_weights(cfg.weight_perturb, cfg.seed)
     session.cfg = with_method_settings(cfg, session.method)  # record the method's own defaults (λ, step size)
     return session
