@@ -94,6 +94,14 @@ def test_an_l2_zoo_model_evaluates_into_the_l2_leaderboard(tmp_path, cli, image_
     assert '"threat_model": "L2"' in text and '"eps": 0.5' in text
     assert '"max_l2"' in text and '"max_linf"' not in text
     assert not (tmp_path / "ws" / "leaderboard" / "cifar10" / "Linf").exists()
+    # RobustBench's CIFAR-10 L2 leaderboard takes it (ε 0.5), but only as a draft: APGD-CE alone on 4 images.
+    from adt_finetune.leaderboard import read_entry
+    from adt_finetune.publish.export import check_exportable
+
+    e = read_entry(tmp_path / "ws" / "leaderboard" / "cifar10" / "L2" / "rice-l2.json")
+    assert "not 'standard'" in check_exportable(e, allow_partial=True)
+    with pytest.raises(UserError, match="not AutoAttack \\(standard\\)"):
+        check_exportable(e)
 
 
 def test_corruptions_models_are_still_refused(tmp_path, cli):

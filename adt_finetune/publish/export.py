@@ -31,7 +31,7 @@ from ..zoo import catalog, resolve_name
 
 #: RobustBench's leaderboards adt-ft can submit to: (ε, size of the test set it evaluates on).
 LEADERBOARDS = {("cifar10", "Linf"): (8 / 255, 10_000), ("cifar100", "Linf"): (8 / 255, 10_000),
-                ("imagenet", "Linf"): (4 / 255, 5_000)}
+                ("imagenet", "Linf"): (4 / 255, 5_000), ("cifar10", "L2"): (0.5, 10_000)}
 #: Keys every RobustBench model_info file has, then the optional ones, in RobustBench's order.
 REQUIRED_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
                  "architecture", "eps", "clean_acc", "reported", "autoattack_acc")
