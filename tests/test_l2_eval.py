@@ -94,6 +94,12 @@ def test_an_l2_zoo_model_evaluates_into_the_l2_leaderboard(tmp_path, cli, image_
     assert '"threat_model": "L2"' in text and '"eps": 0.5' in text
     assert '"max_l2"' in text and '"max_linf"' not in text
     assert not (tmp_path / "ws" / "leaderboard" / "cifar10" / "Linf").exists()
+    # The site's entry page heads the distance column with the L2 norm and shows the L2 distance.
+    code, out, err = cli("leaderboard", "--html", tmp_path / "site", "-w", tmp_path / "ws")
+    assert code == 0, err
+    page = (tmp_path / "site" / "cifar10" / "L2" / "rice-l2.html").read_text()
+    assert "max ‖x′−x‖₂" in page and "‖x′−x‖∞" not in page
+    assert f"{entry['adt_ft']['max_l2']['autoattack']:.6g}" in page
     # RobustBench's CIFAR-10 L2 leaderboard takes it (ε 0.5), but only as a draft: APGD-CE alone on 4 images.
     from adt_finetune.leaderboard import read_entry
     from adt_finetune.publish.export import check_exportable

@@ -18,7 +18,7 @@ _TRAINING = ("base_model", "model_source", "method", "loss", "scope", "epochs", 
 _EVALUATION = ("suite", "mode", "data", "n_examples", "eps_str", "seed", "batch_size", "device", "amp",
                "amp_attacks", "excluded_from_a_rob", "per_attack_note")
 _SHOWN = set(_TRAINING) | set(_EVALUATION) | {
-    "attacks", "clean_acc", "per_attack", "cumulative", "a_rob", "timings_s", "max_linf", "attack_settings",
+    "attacks", "clean_acc", "per_attack", "cumulative", "a_rob", "timings_s", "max_linf", "max_l2", "attack_settings",
     "sanity", "unreliable", "versions", "created", "baseline", "per_example_file", "per_example_sha256", "eps",
     "wasserstein"}
 
@@ -86,10 +86,12 @@ def _bars(e: Entry) -> tuple[str | None, bool]:
 
 
 def _attack_rows(x: dict[str, Any]) -> list[dict[str, str]]:
-    settings, timings, linf = x.get("attack_settings") or {}, x.get("timings_s") or {}, x.get("max_linf") or {}
+    # An L2 entry records its distances as max_l2 (the page heads the column with the entry's norm).
+    dist = x.get("max_l2") or x.get("max_linf") or {}
+    settings, timings, linf = x.get("attack_settings") or {}, x.get("timings_s") or {}, dist
     rows = []
     for a in x.get("attacks") or []:
-        own = {k: v for k, v in (settings.get(a) or {}).items() if k not in ("eps", "seed")}
+        own = {k: v for k, v in (settings.get(a) or {}).items() if k not in ("eps", "seed", "threat_model")}
         t, m = timings.get(a), linf.get(a)
         rows.append({"attack": a, "settings": _value(own) if own else "defaults",
                      "seconds": "—" if t is None else f"{t:.1f}", "max_linf": "—" if m is None else f"{m:.6g}"})
@@ -119,7 +121,7 @@ def entry_view(e: Entry, files: dict[str, Any]) -> dict[str, Any]:
     bars, hatched = _bars(e)
     return {
         "entry": e.entry, "name": e.data.get("name") or e.entry, "dataset": e.dataset,
-        "threat_model": e.threat_model, "unreliable": bool(e.data.get("unreliable")),
+        "threat_model": e.threat_model, "norm": "₂" if e.threat_model == "L2" else "∞", "unreliable": bool(e.data.get("unreliable")),
         "problem": e.problem, "cards": cards, "bars_svg": bars, "hatched": hatched,
         "weaker": not autoattack_standard(e), "before_after": before_after(e),
         "training": _kv(x, _TRAINING), "evaluation": _kv(x, _EVALUATION), "attacks": _attack_rows(x),
