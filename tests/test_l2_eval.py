@@ -110,6 +110,24 @@ def test_an_l2_zoo_model_evaluates_into_the_l2_leaderboard(tmp_path, cli, image_
         check_exportable(e)
 
 
+def test_an_l2_zoo_name_evaluates_with_threat_model_l2(tmp_path, cli, image_folder):
+    """--model NAME --threat-model L2: the name is looked up in the L2 leaderboard (Rice2020Overfitting is in
+    both; its L2 weights are the ones written here), and the entry lands under L2."""
+    from adt_finetune.workspace import Workspace
+    from adt_finetune.zoo import build_architecture
+
+    ws = Workspace(tmp_path / "ws")
+    path = ws.model_path("cifar10", "L2", "Rice2020Overfitting")
+    path.parent.mkdir(parents=True)
+    torch.save(build_architecture("Rice2020Overfitting", "cifar10", "L2").state_dict(), path)
+    root, _ = image_folder(tmp_path / "images", CIFAR10_CLASSES)
+    code, out, err = cli("eval", "--model", "Rice2020Overfitting", "--threat-model", "L2", "--attacks", "fgsm",
+                         "-n", "2", "--dataset", str(root), "-w", tmp_path / "ws", "--no-progress", "--entry", "r")
+    assert code == 0, err
+    entry = json.loads((tmp_path / "ws" / "leaderboard" / "cifar10" / "L2" / "r.json").read_text())
+    assert entry["adt_ft"]["threat_model"] == "L2" and entry["adt_ft"]["max_l2"]["fgsm"] <= 0.5 + 1e-5
+
+
 def test_corruptions_models_are_still_refused(tmp_path, cli):
     from adt_finetune.workspace import ModelRef, Workspace
 

@@ -39,7 +39,7 @@ _HELP: dict[str, tuple[str, str]] = {
     "loss": ("ce | trades. Default: the method's own (ce for ADT and pgd-at, trades for trades and wdat).", "Method"),
     "scope": ("full | last-layer.", "Method"),
     "head_init": ("keep | reinit the final linear layer.", "Method"),
-    "eps": ("L∞ budget, e.g. 8/255 or 0.031. Default: the dataset's.", "Method"),
+    "eps": ("Budget: L∞, e.g. 8/255 or 0.031, or an L2 model's L2 radius. Default: the dataset's (0.5 for CIFAR-10 L2).", "Method"),
     "beta": ("TRADES β.", "Method"),
     "epochs": ("Epochs.", "Optimisation"),
     "batch_size": ("Batch size per process: under torchrun each step trains on this × the number of processes.",
