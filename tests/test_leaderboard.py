@@ -181,10 +181,11 @@ def test_only_autoattack_standard_entries_are_ranked_in_every_format(tmp_path):
     md = lb.render(entries, "markdown").splitlines()
     assert md[0] == "### fashion-mnist / Linf, ε = 8/255, n = 4: 2 entries"
     assert md[2].startswith("| entry | base model | method | ε | n | clean | AutoAttack | A_rob | fgsm | pgd20 |")
-    assert md[4].startswith("| top | b | exp | 8/255 | 4 | 75.00 | 50.00 | 50.00 |")
+    assert md[4].startswith("| top ° | b | exp | 8/255 | 4 | 75.00 | 50.00 | 50.00 |")
+    assert "° no audit recorded" in lb.render(entries, "markdown")  # none of these entries was audited
     assert f"### fashion-mnist / Linf, {weaker}" in md
     fast_row = md.index(f"### fashion-mnist / Linf, {weaker}") + 4
-    assert md[fast_row].startswith("| fast | b | exp | 8/255 | 4 | 75.00 | — | 75.00 | 75.00 | 75.00 |")
+    assert md[fast_row].startswith("| fast ° | b | exp | 8/255 | 4 | 75.00 | — | 75.00 | 75.00 | 75.00 |")
     assert any("25.00*" in line for line in md)  # cascade columns are cumulative and say so
     assert md[-1] == lb.RANKING_NOTE
 
@@ -232,7 +233,7 @@ def test_entries_at_different_eps_or_n_are_never_ranked_together(tmp_path):
     rows = json.loads(lb.render(entries, "json"))
     assert {r["entry"]: r["rank_in_group"] for r in rows} == {"tiny-eps": 1, "half": 1, "quarter": 2, "small-n": 1}
     md = lb.render(entries, "markdown")
-    assert md.count("### ") == 3 and "| half |  |  | 0.1 | 8 | 100.00 |" in md
+    assert md.count("### ") == 3 and "| half ° |  |  | 0.1 | 8 | 100.00 |" in md
 
 
 def test_entry_names_are_plain_file_names(tmp_path):

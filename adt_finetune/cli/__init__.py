@@ -40,10 +40,11 @@ def _register_commands() -> None:
 
     for mod in (zoo_cmd, train_cmd, eval_cmd, leaderboard_cmd, compare_cmd, bench_cmd, quickstart_cmd):
         mod.register(app)
-    from . import export_cmd, study_cmd
+    from . import audit_cmd, export_cmd, study_cmd
 
     export_cmd.register(app)
     study_cmd.register(app)
+    audit_cmd.register(app)
 
 
 @app.callback()

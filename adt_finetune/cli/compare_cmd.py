@@ -19,6 +19,8 @@ def compare_cmd(
     as_markdown: bool = typer.Option(False, "--markdown", help="Print GitHub Markdown tables."),
     resamples: int = typer.Option(10_000, "--resamples", help="Bootstrap resamples for the 95% interval."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    allow_failed_audit: bool = typer.Option(False, "--allow-failed-audit", "--allow-unaudited",
+                                            help="Compare entries whose recorded audit failed (refused by default)."),
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Compare entries with the first (the control) on the same images: per attack and for A_rob, both
@@ -34,7 +36,13 @@ def compare_cmd(
         raise UserError("--json and --markdown exclude each other: give one")
     ws = Workspace(workspace)
     found = [find_entry(name, ws.leaderboard_dir) for name in entries]
-    comps = compare_entries(found, group_seeds=group_seeds, workspace=ws.root, n_resamples=resamples, seed=seed)
+    try:
+        comps = compare_entries(found, group_seeds=group_seeds, workspace=ws.root, n_resamples=resamples, seed=seed,
+                                allow_failed_audit=allow_failed_audit)
+    except UserError as e:
+        if "allow_failed_audit" in str(e):  # the library names its setting; the flag is this layer's
+            raise UserError(str(e).replace("set allow_failed_audit", "give --allow-failed-audit")) from None
+        raise
     if as_json or as_markdown:
         typer.echo(render_comparisons(comps, "json" if as_json else "markdown"), nl=False)
         return

@@ -32,6 +32,8 @@ _CHUNK_SIZE = typer.Option(256, "--chunk-size", show_default=True,
                            help="Examples per chunk: shards take whole chunks and batch-level randomness is keyed to "
                                 "them, so flags do not depend on the split (part of the evaluation, like --seed; "
                                 "batches never exceed it).")
+_AUDIT = typer.Option(False, "--audit", help="Then audit the evaluation on its first 200 images (see 'adt-ft audit') "
+                                            "and record the verdicts in the entry.")
 
 # --from-run first: under torchrun '--run' is an ambiguous prefix of torchrun's own --run-path and
 # torchrun exits before adt-ft starts; '--run' stays for plain adt-ft.
@@ -91,6 +93,7 @@ def eval_cmd(
     shard_dir: Optional[Path] = _SHARD_DIR,
     chunk_size: int = _CHUNK_SIZE,
     amp: bool = _AMP,
+    audit: bool = _AUDIT,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     nproc: Optional[int] = _NPROC,
     workspace: Path = WorkspaceOpt,
@@ -126,6 +129,33 @@ def eval_cmd(
         _print_shard(rec, workspace)
     elif rec is not None:  # None: a torchrun rank other than 0 (rank 0 reports)
         print_record(rec)
+        _audit_or_hint(rec, request, audit, progress)
+
+
+def _audit_or_hint(rec, request, audit: bool, progress: bool) -> None:
+    if audit:
+        _audit(rec, request, progress)
+    elif rec.suite in ("paper", "aa"):
+        console.print(f"no audit ran: add --audit, or run 'adt-ft audit --entry {rec.json_path.stem}' with the same "
+                      "model, to check this number for gradient masking", highlight=False, soft_wrap=True,
+                      markup=False)
+
+
+def _audit(rec, request, progress: bool) -> None:
+    """`eval --audit`: the audit of the evaluated model on the entry's first images, recorded in the entry."""
+    from ..evaluation.audit import DEFAULT_AUDIT_EXAMPLES
+    from ..evaluation.audit_run import audit_workspace
+    from .audit_cmd import print_audit
+    from .report import reporter
+
+    r = request
+    audited = audit_workspace(model=r.model, arch=r.arch, arch_kwargs=r.arch_kwargs, run=r.run, dataset=r.dataset,
+                              data_dir=r.data_dir, device=r.device, batch_size=r.batch_size, seed=r.seed,
+                              workspace=r.workspace, entry=str(rec.json_path), eps=rec.result.eps,
+                              n_examples=min(DEFAULT_AUDIT_EXAMPLES, rec.result.n_examples),
+                              reporter=reporter(progress), default_model=True)
+    print_audit(audited.report, audited.label)
+    console.print(f"audit recorded in {rec.json_path}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _command_line_args(ctx) -> list[str]:

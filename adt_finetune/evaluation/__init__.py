@@ -7,6 +7,8 @@
     eval_request    EvalRequest (what `adt-ft eval` asks), EvalSettings (what the engine runs)
     shards     chunks, shards, combine()        shard_files  what a --shard job writes
     merge      merge_shards(): shard files into one leaderboard entry
+    audit      audit_model(), audit_entry(): the robustness-evaluation audit (audit_checks: verdicts,
+               audit_probes: gradient/randomness probes, audit_run: audit_workspace(), `adt-ft audit`)
 
 The library draws nothing: progress goes to an optional `progress.Reporter`,
 and the CLI draws the tables.

@@ -7,13 +7,12 @@ from it would be garbage that looks plausible.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from torch import nn
 
 from ..errors import UserError
 from ..nets import unusable_weights
+from .audit_checks import BLACK_BOX_REFERENCE_RATE, black_box_test
 from .result import EvalResult, SanityCheck
 
 LINF_TOLERANCE = 1e-6
@@ -76,13 +75,17 @@ def sanity_checks(result: EvalResult, ranges: dict[str, tuple[float, float]],
         wb_robust = np.all([result.flags[:, cols[a]] == 1 for a in wb], axis=0)
         bb_broken = np.any([result.flags[:, cols[a]] == 0 for a in bb], axis=0)
         only_bb = int((wb_robust & bb_broken).sum())
-        limit = max(2, math.ceil(0.01 * result.n_examples))
-        ok = only_bb < limit
+        # A calibrated one-sided binomial test against healthy models' rate, not a fixed count
+        # (docs/evaluation.md, "Audit"): a fixed count fired on healthy models at n = 200.
+        verdict, p = black_box_test(only_bb, result.n_examples)
+        ok = verdict != "fail"
         checks.append(SanityCheck(
             "black-box vs white-box", ok,
-            f"{only_bb} example(s) broken only by black-box attacks ({', '.join(bb)})" if ok else
+            f"{only_bb} example(s) broken only by black-box attacks ({', '.join(bb)}; binomial p = {p:.2g} against "
+            f"{100 * BLACK_BOX_REFERENCE_RATE:g}%)" if ok else
             f"black-box attacks ({', '.join(bb)}) broke {only_bb} example(s) ({100.0 * only_bb / result.n_examples:.2f}%) "
-            "that every white-box attack missed: the gradients may be masked; trust the lower numbers"))
+            f"that every white-box attack missed (binomial p = {p:.2g} against healthy models' "
+            f"{100 * BLACK_BOX_REFERENCE_RATE:g}%): the gradients may be masked; trust the lower numbers"))
     return checks
 
 

@@ -245,11 +245,17 @@ def compare_sides(a: Side, b: Side, *, n_resamples: int = DEFAULT_RESAMPLES, see
 
 
 def compare_entries(entries: Sequence[Entry], *, group_seeds: bool = False, workspace: str | Path | None = None,
-                    n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                    confidence: float = CONFIDENCE) -> list[Comparison]:
-    """Each entry (or seed group) against the first one, the control."""
+                    n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE,
+                    allow_failed_audit: bool = False) -> list[Comparison]:
+    """Each entry (or seed group) against the first one, the control. An entry whose recorded audit
+    failed (docs/evaluation.md, "Audit") is refused unless `allow_failed_audit`."""
     if len(entries) < 2:
         raise UserError("compare needs at least two entries: the control first, then the entries to compare")
+    failed = [e for e in entries if e.audit_verdict == "fail"]
+    if failed and not allow_failed_audit:
+        raise UserError(f"entry {failed[0].entry} failed its robustness-evaluation audit, so its robust accuracy is "
+                        "likely over-reported and is not ranked: re-evaluate it (see 'adt-ft audit'), or set "
+                        "allow_failed_audit to compare it anyway")
     if n_resamples < 100:
         raise UserError(f"`resamples` {n_resamples} is too few for a 95% interval: give at least 100")
     if n_resamples > MAX_RESAMPLES:

@@ -149,6 +149,13 @@ class Entry:
         return list(self.extra.get("attacks") or [])
 
     @property
+    def audit_verdict(self) -> str | None:
+        """The recorded audit's verdict (pass, warn, fail; docs/evaluation.md, "Audit"), None when none ran."""
+        audit = self.extra.get("audit")
+        verdict = audit.get("verdict") if isinstance(audit, dict) else None
+        return verdict if verdict in ("pass", "warn", "fail") else None
+
+    @property
     def eps(self) -> float | None:
         """The L∞ budget: adt-ft's float, else RobustBench's string ("8/255")."""
         v = self.extra.get("eps")

@@ -37,6 +37,9 @@ AUTOATTACK = "autoattack"
 UNVERIFIED_NOTE = "! per-example file does not match its entry (see the warning)"
 UNRELIABLE_NOTE = ("⚠ unreliable: a sanity check failed (the entry's sanity list says which; e.g. a collapsed model "
                    "or clean accuracy at chance), so its numbers should not be trusted")
+AUDIT_FAILED_NOTE = "✗ audit failed: the robust accuracy is likely over-reported (adt-ft audit --entry NAME shows why)"
+UNAUDITED_NOTE = "° no audit recorded: run 'adt-ft audit' (or eval --audit) to check the number for gradient masking"
+AUDIT_MARKS = {"fail": " ✗", None: " °"}
 
 
 @dataclass
@@ -131,6 +134,7 @@ def _row(e: Entry, group: Group, rank: int | None, attack_cols: list[str]) -> di
         "rank_in_group": rank,
         "per_example_ok": e.verified,
         "unreliable": bool(e.data.get("unreliable")),
+        "audit": e.audit_verdict,
         "per_attack": {},
         "cumulative": {},
     }
@@ -150,7 +154,8 @@ def rows(entries: Iterable[Entry]) -> tuple[list[str], list[dict[str, Any]]]:
 
 def cells(row: dict[str, Any], attack_cols: list[str]) -> list[str]:
     """A row's table cells, in HEADERS + attack columns order."""
-    name = row["entry"] + (" ⚠" if row.get("unreliable") else "") + (" !" if row.get("per_example_ok") is False else "")
+    name = row["entry"] + (" ⚠" if row.get("unreliable") else "") + (" !" if row.get("per_example_ok") is False else "") \
+        + AUDIT_MARKS.get(row.get("audit"), "")
     out = [name, row["base_model"], row["method"], row["eps"] or "?", "?" if row["n"] is None else str(row["n"]),
            format_pct(row["clean"]), format_pct(row["autoattack"]), format_pct(row["a_rob"])]
     for a in attack_cols:
@@ -196,6 +201,10 @@ def notes(all_rows: list[dict[str, Any]]) -> list[str]:
         out.append(UNVERIFIED_NOTE)
     if any(r.get("unreliable") for r in all_rows):
         out.append(UNRELIABLE_NOTE)
+    if any(r.get("audit") == "fail" for r in all_rows):
+        out.append(AUDIT_FAILED_NOTE)
+    if any(r.get("audit") is None for r in all_rows):
+        out.append(UNAUDITED_NOTE)
     return out + [RANKING_NOTE]
 
 

@@ -210,3 +210,17 @@ def _footnote(result, dataset: str, suite: str | None, data: str | None) -> str:
         failed = "; ".join(c.detail for c in result.sanity if c.ok is False)
         text += f" Sanity check failed: {failed}"
     return text
+
+
+def set_audit(json_path: str | Path, audit: dict[str, Any]) -> None:
+    """Record an audit (docs/evaluation.md, "Audit") under the entry's `adt_ft.audit`, atomically.
+    The per-example file is untouched, so its recorded sha256 still holds."""
+    path = Path(json_path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read leaderboard entry {path} ({e}): the audit was not recorded") from None
+    if not isinstance(data, dict):
+        raise UserError(f"leaderboard entry {path} is not a JSON object: the audit was not recorded")
+    data.setdefault("adt_ft", {})["audit"] = audit
+    atomic_write_json(path, data)

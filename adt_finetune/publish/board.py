@@ -102,6 +102,10 @@ def _columns(attacks: list[str], first: list[Column], last: list[Column]) -> lis
         [Column("AutoAttack" if a == AUTOATTACK else a, True) for a in attacks] + last + [Column("s / epoch", True, "training time per epoch")]
 
 
+AUDIT_NOTE = ("✗ audit failed: the robust accuracy is likely over-reported (e.g. masked gradients); ° no audit "
+              "ran: run 'adt-ft audit --entry NAME' with the model")
+#: the entry cell's classes: the site marks a failed audit (✗) and a missing one (°) after the name
+_AUDIT_CLASS = {"fail": "entry audit-failed", None: "entry unaudited"}
 ENTRY_FIRST = [Column("#", True, "rank by AutoAttack (standard) accuracy within this table; — for a weaker "
                                  "evaluation, which is never ranked"), Column("entry")]
 ENTRY_LAST = [Column("method"), Column("loss"), Column("scope"), Column("base model")]
@@ -120,7 +124,8 @@ def entry_table(table_id: str, title: str, entries: Sequence[Entry], hrefs: dict
     for rank, e in enumerate(entries, 1):
         x = e.extra
         cost = cost_per_epoch(e)
-        cells = [_rank_cell(rank if ranked else None), _text(e.entry, hrefs[e.entry], "entry"), _num(e.clean),
+        name = _text(e.entry, hrefs[e.entry], _AUDIT_CLASS.get(e.audit_verdict, "entry"))
+        cells = [_rank_cell(rank if ranked else None), name, _num(e.clean),
                  _num(e.a_rob, cls="key")]
         cells += [_attack_cell(e, a) for a in attacks]
         cells += [_text(x.get(k)) for k in ("method", "loss", "scope", "base_model")]
@@ -133,6 +138,8 @@ def entry_table(table_id: str, title: str, entries: Sequence[Entry], hrefs: dict
         notes.append("* cumulative (cascade mode): robust to this attack and every earlier one")
     if any(e.verified is False for e in entries):
         notes.append("an entry marked unverified has a per-example file that does not match its JSON")
+    if any(e.audit_verdict in ("fail", None) for e in entries):
+        notes.append(AUDIT_NOTE)
     return Table(table_id, title, _columns(attacks, ENTRY_FIRST, ENTRY_LAST), rows, notes + [RANKING_NOTE])
 
 

@@ -88,7 +88,8 @@ def _setup_text(res: "StudyResults") -> str:
 
 def readme_text(res: "StudyResults", command: str) -> str:
     from ..leaderboard import render
-    from .tables import baseline_text, masking_section, summary, versus_base
+    from .masking import AUDIT_HEADING
+    from .tables import audit_section, baseline_text, masking_section, summary, versus_base
 
     s = res.spec
     lines = [f"# {s.title}", "",
@@ -111,6 +112,9 @@ def readme_text(res: "StudyResults", command: str) -> str:
     masking = masking_section(res)
     if masking:
         lines += ["## Gradient-masking check", "", masking, ""]
+    audit = audit_section(res)
+    if audit:
+        lines += [AUDIT_HEADING, "", audit, ""]
     for kind, title in (("pointwise", "pointwise attacks"), ("w", "Wasserstein suite")):
         for scope in s.seeds if kind in res.entries else ():
             text = comparisons(res, kind, scope)

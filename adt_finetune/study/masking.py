@@ -90,9 +90,7 @@ def masking_text(masking: dict[str, Any], n_examples: int, reference: str, contr
               f"{int(masking['n_examples'])} test images). *Square only*: examples broken by gradient-free Square "
               "that every white-box attack missed. *p*: one-sided Fisher exact test of that rate against the "
               f"control's runs pooled ({k_c} of {n_c}); *masked* when p < 0.05 / {len(parts)} (Bonferroni over the "
-              "models checked). The engine's own black-box vs white-box check (at most max(2, 1% of n) such "
-              "examples) is stricter: Square, a strong attack, breaks a few such examples of healthy models too, "
-              "so at n = 200 it also fires on some of them.",
+              "models checked). `adt-ft audit` tests the same rate against a fixed reference instead (next section).",
               "", "| model | clean | " + " | ".join(attacks) + " | Square only | p | verdict |",
               "|---|---:|" + "---:|" * len(attacks) + "---:|---:|---|"]
     for n, e in parts.items():
@@ -102,4 +100,36 @@ def masking_text(masking: dict[str, Any], n_examples: int, reference: str, contr
         cells = [_pct(e.attack_value(a)[0]) for a in attacks]
         lines.append(f"| {n} | {_pct(e.clean)} | " + " | ".join(cells) +
                      f" | {k} ({100 * k / total:.1f}%) | {format_p(p)} | {verdict} |")
+    return "\n".join(lines)
+
+
+AUDIT_HEADING = "## Audit verdicts (`adt-ft audit`)"
+
+
+def audit_text(parts: dict[str, Any]) -> str:
+    """Markdown: each model's `adt-ft audit` verdicts from its `_parts` entry (`parts`: model name ->
+    entry): the checks an entry's flags alone support (docs/evaluation.md, "Audit")."""
+    from ..evaluation.audit import audit_entry
+    from ..evaluation.audit_checks import BLACK_BOX_ALPHA_FAIL, BLACK_BOX_REFERENCE_RATE
+    from ..leaderboard.compare import format_p
+
+    if not parts:
+        return ""
+    lines = ["`adt-ft audit --entry <model>_parts.json --no-write` on each `_parts` entry. From an entry alone the "
+             "audit can only run its black-box vs white-box check: the Square-only rate tested against healthy "
+             f"models' {100 * BLACK_BOX_REFERENCE_RATE:g}% (one-sided exact binomial test, fails at p < "
+             f"{BLACK_BOX_ALPHA_FAIL:g}). The other checks need the models (`adt-ft audit --run <model>`), which are "
+             "not part of the report. A failed model's W-PGD columns (`<model>_w`) are upper bounds, since W-PGD "
+             "is a gradient attack.", "",
+             "| model | Square only | p | audit verdict | W-PGD columns |", "|---|---:|---:|---|---|"]
+    for name, entry in parts.items():
+        report = audit_entry(entry)
+        check = report.check("black-box vs white-box")
+        if check is None:
+            lines.append(f"| {name} | — | — | skipped: {report.skipped['black-box vs white-box']} | — |")
+            continue
+        verdict = f"**{report.verdict}**" if report.verdict == "fail" else report.verdict
+        w = "upper bounds" if check.verdict != "pass" else "stand"
+        lines.append(f"| {name} | {check.numbers['only_black_box']} of {check.numbers['n']} | "
+                     f"{format_p(check.numbers['p_value'])} | {verdict} | {w} |")
     return "\n".join(lines)

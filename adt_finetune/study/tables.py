@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..utils import atomic_write_text
 from .execute import reference_run
 from .jobs import entry_name
-from .masking import column_at, masking_screen, masking_text, pgd20_alone
+from .masking import audit_text, column_at, masking_screen, masking_text, pgd20_alone
 from .spec import StudySpec
 
 KINDS = ("pointwise", "w")
@@ -151,6 +151,12 @@ def masking_section(res: StudyResults) -> str:
     first_scope = next(iter(s.seeds))
     control = [name for name, arm, scope, _ in s.runs() if arm == s.control and scope == first_scope]
     return masking_text(s.masking, s.pointwise["n_examples"], reference_run(s), control, rows, res.parts_entry)
+
+
+def audit_section(res: StudyResults) -> str:
+    """Each checked model's audit verdicts from its `_parts` entry ("" when the study has none)."""
+    parts = {m: res.parts_entry(m) for m in res.spec.models()} if res.spec.masking else {}
+    return audit_text({m: e for m, e in parts.items() if e is not None})
 
 
 def write_report(spec: StudySpec, folder: Path | None = None, command: str | None = None) -> Path:
