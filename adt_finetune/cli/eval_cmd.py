@@ -104,7 +104,7 @@ def eval_cmd(
 
     if nproc is not None:  # checks the device here, then starts torchrun with this command
         return _launch(nproc, device, ctx)
-    from ..evaluation import EvalRequest, ShardRecord, evaluate_workspace
+    from ..evaluation import EvalRequest, evaluate_workspace
     from ..utils import parse_json_object
     from .report import reporter
 
@@ -125,14 +125,18 @@ def eval_cmd(
             err_console.print("interrupted: finished batches are saved; run the same command with --resume to "
                               "continue", highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(130) from None
+    _report(rec, request, audit, progress, workspace)
+
+
+def _report(rec, request, audit: bool, progress: bool, workspace: Path) -> None:
+    """Print what `eval` did; then the audit (--audit), or a hint to run one after paper or aa."""
+    from ..evaluation import ShardRecord
+
     if isinstance(rec, ShardRecord):
-        _print_shard(rec, workspace)
-    elif rec is not None:  # None: a torchrun rank other than 0 (rank 0 reports)
-        print_record(rec)
-        _audit_or_hint(rec, request, audit, progress)
-
-
-def _audit_or_hint(rec, request, audit: bool, progress: bool) -> None:
+        return _print_shard(rec, workspace)
+    if rec is None:  # a torchrun rank other than 0 (rank 0 reports)
+        return None
+    print_record(rec)
     if audit:
         _audit(rec, request, progress)
     elif rec.suite in ("paper", "aa"):
