@@ -36,13 +36,8 @@ def compare_cmd(
         raise UserError("--json and --markdown exclude each other: give one")
     ws = Workspace(workspace)
     found = [find_entry(name, ws.leaderboard_dir) for name in entries]
-    try:
-        comps = compare_entries(found, group_seeds=group_seeds, workspace=ws.root, n_resamples=resamples, seed=seed,
-                                allow_failed_audit=allow_failed_audit)
-    except UserError as e:
-        if "allow_failed_audit" in str(e):  # the library names its setting; the flag is this layer's
-            raise UserError(str(e).replace("set allow_failed_audit", "give --allow-failed-audit")) from None
-        raise
+    comps = compare_entries(found, group_seeds=group_seeds, workspace=ws.root, n_resamples=resamples, seed=seed,
+                            allow_failed_audit=allow_failed_audit)
     if as_json or as_markdown:
         typer.echo(render_comparisons(comps, "json" if as_json else "markdown"), nl=False)
         return

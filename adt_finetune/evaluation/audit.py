@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attacks import make_attack
+from ..attacks import ATTACKS, make_attack
 from ..attacks.eot import ExpectationModel
 from ..errors import UserError
+from ..leaderboard import check_per_example
 from ..progress import Reporter
 from . import audit_checks as ac
 from .audit_probes import attack_flags, gradient_stats, randomness_probe, transfer_flags
@@ -234,8 +235,6 @@ def _wasserstein(checks: list, skipped: dict[str, str], entry: dict[str, Any] | 
 
 
 def _entry_flags(entry) -> tuple[np.ndarray, list[str]]:
-    from ..leaderboard import check_per_example
-
     extra = entry.extra
     attacks = list(extra.get("attacks") or [])
     check = check_per_example(entry)
@@ -252,8 +251,6 @@ def audit_entry(entry) -> AuditReport:
     """What an entry's per-example flags alone support: the black-box check (when it has black-box
     and white-box columns, each black-box one after every white-box one if it ran in cascade) and
     the Wasserstein check; every other check needs the model and is listed as skipped."""
-    from ..attacks import ATTACKS
-
     t0 = time.perf_counter()
     extra = entry.extra
     flags, attacks = _entry_flags(entry)

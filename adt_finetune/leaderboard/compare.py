@@ -254,8 +254,8 @@ def compare_entries(entries: Sequence[Entry], *, group_seeds: bool = False, work
     failed = [e for e in entries if e.audit_verdict == "fail"]
     if failed and not allow_failed_audit:
         raise UserError(f"entry {failed[0].entry} failed its robustness-evaluation audit, so its robust accuracy is "
-                        "likely over-reported and is not ranked: re-evaluate it (see 'adt-ft audit'), or set "
-                        "allow_failed_audit to compare it anyway")
+                        "likely over-reported and is not ranked: re-evaluate it (see 'adt-ft audit'), or give "
+                        "`allow_failed_audit` to compare it anyway")
     if n_resamples < 100:
         raise UserError(f"`resamples` {n_resamples} is too few for a 95% interval: give at least 100")
     if n_resamples > MAX_RESAMPLES:

@@ -9,6 +9,10 @@ import csv
 from pathlib import Path
 from typing import Any, Callable
 
+from ..evaluation.audit import audit_entry
+from ..evaluation.audit_checks import BLACK_BOX_ALPHA_FAIL, BLACK_BOX_REFERENCE_RATE
+from ..leaderboard.compare import format_p
+
 
 def column_at(w_entry, attack: str, budget: float) -> str | None:
     """The Wasserstein entry's column `<attack>@<budget>` (e.g. wpgd@0.1), matched numerically."""
@@ -109,10 +113,6 @@ AUDIT_HEADING = "## Audit verdicts (`adt-ft audit`)"
 def audit_text(parts: dict[str, Any]) -> str:
     """Markdown: each model's `adt-ft audit` verdicts from its `_parts` entry (`parts`: model name ->
     entry): the checks an entry's flags alone support (docs/evaluation.md, "Audit")."""
-    from ..evaluation.audit import audit_entry
-    from ..evaluation.audit_checks import BLACK_BOX_ALPHA_FAIL, BLACK_BOX_REFERENCE_RATE
-    from ..leaderboard.compare import format_p
-
     if not parts:
         return ""
     lines = ["`adt-ft audit --entry <model>_parts.json --no-write` on each `_parts` entry. From an entry alone the "
