@@ -213,3 +213,20 @@ def test_only_reruns_the_named_arms_and_the_base(tmp_path, base_checkpoint, cli)
     assert len(plan(load_study(path))) > len(keys)
     code, _, err = cli("study", "status", str(path), "--only", "wdat/trades", "-w", str(tmp_path / "ws"))
     assert code == 2 and "wdat/trades" in err and "pgd-at/ce" in err
+
+
+@pytest.mark.slow
+def test_a_study_audits_its_models_when_asked(tmp_path, base_checkpoint, cli):
+    path = _study_file(tmp_path, base_checkpoint, tmp_path / "out")
+    data = yaml.safe_load(path.read_text())
+    data["arms"], data["control"], data["seeds"] = ["pgd-at/ce"], "pgd-at/ce", {"full": [0]}
+    data["eval"]["pointwise"]["n_examples"] = 8
+    data["audit"] = {"n_examples": 8, "checks": ["gradient health", "saturated softmax", "randomness"]}
+    path.write_text(yaml.safe_dump(data))
+    code, _, err = cli("study", "run", str(path), "-w", str(tmp_path / "ws"), "--no-progress", "--poll", "0.2")
+    assert code == 0, err
+    spec = load_study(path)
+    assert {"audit:smoke-base", "audit:smoke-pgd-at-ce-full-s0"} <= {j.key for j in plan(spec)}
+    for model in spec.models():
+        audit = json.loads((tmp_path / "out" / f"{model}_aa.json").read_text())["adt_ft"]["audit"]
+        assert {c["name"] for c in audit["checks"]} == {"gradient health", "saturated softmax", "randomness"}

@@ -210,7 +210,18 @@ class JobRunner:
             add_run_timing(record.json_path, self.ws.runs_dir / job.model)
 
     def audit(self, job: Job) -> None:
-        raise UserError("the study file asks for an audit, which this version of adt-ft cannot run")
+        """`adt-ft audit` of the model on the study file's `audit.n_examples` (default 200) first test
+        images, recorded in its pointwise entry; a run's base model is the transfer check's surrogate."""
+        from ..evaluation.audit_run import audit_workspace
+
+        a, s = self.spec.audit or {}, self.spec
+        target = {"run": job.model} if job.model != s.base_name else {
+            k: v for k, v in self.base_model_args().items() if k in ("model", "arch", "arch_kwargs", "dataset")}
+        audit_workspace(**target, entry=entry_name(s, job.model, "pointwise"), n_examples=int(a.get("n_examples", 200)),
+                        eps=s.eps, data_dir=self.data_dir, device=s.device, seed=s.seed,
+                        batch_size=int(a.get("batch_size", s.pointwise["batch_size"])),
+                        checks=list(a["checks"]) if a.get("checks") else None, workspace=self.ws.root,
+                        reporter=self.reporter())
 
     # ---------------------------------------------------------------- cost
 

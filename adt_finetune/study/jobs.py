@@ -61,10 +61,10 @@ def plan(spec: StudySpec) -> list[Job]:
                 else (model_job[model],)
             jobs.append(Job(f"eval:{entry_name(spec, model, 'parts')}", "eval", deps, model=model,
                             detail={"kind": "parts"}))
-    if spec.audit is not None:
+    if spec.audit is not None:  # recorded in the model's pointwise entry (adt_ft.audit)
         for model in models:
-            jobs.append(Job(f"eval:{entry_name(spec, model, 'audit')}", "eval", (model_job[model],), model=model,
-                            detail={"kind": "audit"}))
+            jobs.append(Job(f"audit:{model}", "eval", (f"eval:{entry_name(spec, model, 'pointwise')}",),
+                            model=model, detail={"kind": "audit"}))
     return jobs
 
 
@@ -103,4 +103,7 @@ class Progress:
             return self.run_finished(job.model)
         if job.kind == "bench":
             return self.bench_path(job.detail["scope"]).exists()
+        if job.detail.get("kind") == "audit":
+            path = self.entry_path(entry_name(self.spec, job.model, "pointwise"))
+            return path.exists() and bool(json.loads(path.read_text()).get("adt_ft", {}).get("audit"))
         return self.entry_path(job.key.split(":", 1)[1]).exists()
