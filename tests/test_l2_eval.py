@@ -71,10 +71,9 @@ def test_engine_checks_l2_distances_and_files_them_as_l2(trained_cnn, fmnist_tes
     assert "threat_model" not in linf.attack_settings["pgd20"]
 
 
-def test_an_l2_zoo_model_evaluates_into_the_l2_leaderboard(tmp_path, cli, image_folder):
-    """Rice2020Overfitting (CIFAR-10 L2, PreAct ResNet-18) with random weights written where the loader looks,
-    pulled as the current model; `--suite aa` with APGD-CE alone on foolbox's CIFAR-10 images, at the
-    default ε = 0.5."""
+def rice_l2_workspace(tmp_path, image_folder):
+    """A workspace whose current model is Rice2020Overfitting (CIFAR-10 L2) with random weights written
+    where the loader looks, and a CIFAR-10 image folder: (workspace, images, checkpoint path)."""
     from adt_finetune.workspace import ModelRef, Workspace
     from adt_finetune.zoo import build_architecture
 
@@ -86,6 +85,14 @@ def test_an_l2_zoo_model_evaluates_into_the_l2_leaderboard(tmp_path, cli, image_
     ws.set_current_model(ModelRef(name="Rice2020Overfitting", arch="Rice2020Overfitting", dataset="cifar10",
                                   threat_model="L2", path=str(path)))
     root, _ = image_folder(tmp_path / "images", CIFAR10_CLASSES)
+    return ws, root, path
+
+
+def test_an_l2_zoo_model_evaluates_into_the_l2_leaderboard(tmp_path, cli, image_folder):
+    """Rice2020Overfitting (CIFAR-10 L2, PreAct ResNet-18) with random weights written where the loader looks,
+    pulled as the current model; `--suite aa` with APGD-CE alone on foolbox's CIFAR-10 images, at the
+    default ε = 0.5."""
+    ws, root, path = rice_l2_workspace(tmp_path, image_folder)
     code, out, err = cli("eval", "--suite", "aa", "--set", "autoattack.attacks=apgd-ce", "-n", "4",
                          "--dataset", str(root), "-w", tmp_path / "ws", "--no-progress", "--entry", "rice-l2")
     assert code == 0, err

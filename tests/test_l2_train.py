@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from adt_finetune.config import TrainConfig
-from adt_finetune.data import CIFAR10_CLASSES
 from adt_finetune.errors import UserError
 from adt_finetune.methods import MethodContext, make_method
 from adt_finetune.nets import find_last_linear
 from adt_finetune.perturb.l2 import l2_norms
+from test_l2_eval import rice_l2_workspace
 
 
 def _method(name: str, model, threat_model: str, eps: float = 1.0):
@@ -43,17 +43,7 @@ def test_adt_methods_and_wdat_refuse_l2_in_one_line(trained_cnn, name):
 
 
 def test_an_l2_zoo_model_fine_tunes_one_step_with_pgd_at(tmp_path, cli, image_folder):
-    from adt_finetune.workspace import ModelRef, Workspace
-    from adt_finetune.zoo import build_architecture
-
-    ws = Workspace(tmp_path / "ws")
-    path = ws.model_path("cifar10", "L2", "Rice2020Overfitting")
-    path.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(build_architecture("Rice2020Overfitting", "cifar10", "L2").state_dict(), path)
-    ws.set_current_model(ModelRef(name="Rice2020Overfitting", arch="Rice2020Overfitting", dataset="cifar10",
-                                  threat_model="L2", path=str(path)))
-    root, _ = image_folder(tmp_path / "images", CIFAR10_CLASSES)
+    ws, root, path = rice_l2_workspace(tmp_path, image_folder)
     code, out, err = cli("train", "--method", "pgd-at", "--max-steps", "1", "--batch-size", "4",
                          "--dataset", str(root), "-w", tmp_path / "ws", "--no-progress")
     assert code == 0, err
