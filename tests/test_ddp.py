@@ -178,7 +178,9 @@ def test_world2_step_with_sync_bn_equals_one_process_step(world2, tmp_path):
 def test_every_method_and_loss_trains_under_world2_and_writes_one_run(world2):
     ranks, roots = world2
     names = {f"{m}-{lo}" for m, lo, _, _ in COMBOS}
-    assert {p.name for p in (roots["b"] / "runs").iterdir()} == names  # one folder per run, none from rank 1
+    # one folder per run, none from rank 1 (beside each run name's lock file, .<run>.lock)
+    assert {p.name for p in (roots["b"] / "runs").iterdir() if p.is_dir()} == names
+    assert {p.name for p in (roots["b"] / "runs").iterdir() if not p.is_dir()} <= {f".{n}.lock" for n in names}
     base = torch.load(next((roots["b"] / "models").rglob("base.pt")), weights_only=True)
     for method, loss, scope, _ in COMBOS:
         name = f"{method}-{loss}"
