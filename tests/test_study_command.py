@@ -153,6 +153,7 @@ def test_bad_study_files_are_one_line(tmp_path, cli):
     assert code == 2 and "does not exist" in err
 
 
+@pytest.mark.slow
 def test_report_regenerates_the_committed_robust_base_tables(tmp_path):
     """From the committed entries alone: every table of the robust-base README the study script wrote
     (before the study command existed) comes out the same, with Holm-adjusted p-values added."""
