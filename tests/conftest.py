@@ -85,6 +85,23 @@ def cli(capsys):
     return run
 
 
+def run_cli(*args) -> tuple[int, str, str]:
+    """`adt-ft ARGS` in-process for module-scoped fixtures (the `cli` fixture is per test)."""
+    import contextlib
+    import io
+
+    from adt_finetune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
 def foolbox_cifar10_pngs() -> list[Path]:
     """foolbox's 20 real CIFAR-10 test images, named cifar10_<index>_<label>.png."""
     import foolbox

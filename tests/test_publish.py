@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import torch
 
-from conftest import foolbox_cifar10_pngs
+from conftest import foolbox_cifar10_pngs, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "leaderboard" / "fashion-mnist" / "Linf"
@@ -26,21 +26,6 @@ ZOO_R18 = "Sehwag2021Proxy_R18"          # a RobustBench zoo entry whose archite
 SCREENSHOT = Path(tempfile.gettempdir()) / "adt-ft-site.png"
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    """`adt-ft ARGS` in-process for module-scoped fixtures (the `cli` fixture is per test)."""
-    import contextlib
-    import io
-
-    from adt_finetune.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 class Page(HTMLParser):

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 import pytest
 
+from conftest import run_cli
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -268,20 +270,7 @@ def trained_workspace(tmp_path_factory, _trained_cnn_state):
     return ws
 
 
-def _in_process(*args) -> tuple[int, str, str]:
-    import contextlib
-    import io
-
-    from adt_finetune.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
+_in_process = run_cli
 
 
 def test_train_and_eval_blocks_have_the_shape_the_commands_print(blocks, trained_workspace):
