@@ -5,8 +5,8 @@
 # It prints
 #
 #   1. `adt-ft bench` of Zhang2019Theoretically's architecture (WRN-34-10, random weights) at
-#      batch 128 in fp32 and in bf16 for pgd-at, exp-am and exp: images/s, TFLOP/s, peak
-#      memory, and the bf16/fp32 speed ratio;
+#      batch 128 in fp32 and in bf16 for every training method (pgd-at, trades, exp, exp-am,
+#      imp-am, wdat): images/s, TFLOP/s, peak memory, and the bf16/fp32 speed ratio;
 #   2. `adt-ft train` of one short epoch (--max-steps 2) under `torchrun --nproc-per-node 1`
 #      with the NCCL backend (SKIP, with the reason, where this build does not train under torchrun);
 #   3. pyautoattack's ResNet-18 on foolbox's CIFAR-10 images with `--suite aa`, evaluated on the
@@ -106,24 +106,26 @@ EOF
 echo "output in $WORK"
 
 # --- 1. bench: fp32 and bf16 -----------------------------------------------------------------
-section "1. bench: $ARCH, pgd-at / exp-am / exp, fp32 and bf16 ($DEV)"
+section "1. bench: $ARCH, every training method, fp32 and bf16 ($DEV)"
 STATUS[bench]=OK
 for dt in fp32 bf16; do
-    "${ADT[@]}" bench --arch "$ARCH" "${ARCH_ARGS[@]}" --methods pgd-at,exp-am,exp --losses ce --attacks none \
+    "${ADT[@]}" bench --arch "$ARCH" "${ARCH_ARGS[@]}" --methods pgd-at,trades,exp,exp-am,imp-am,wdat --attacks none \
         "${BENCH[@]}" --device "$DEV" --dtype "$dt" --json "$WORK/bench-$dt.json" || STATUS[bench]=FAIL
 done
 if [ "${STATUS[bench]}" = OK ]; then
     "$PY" - "$WORK/bench-fp32.json" "$WORK/bench-bf16.json" <<'EOF' || STATUS[bench]=FAIL
 import json, sys
-f32, b16 = ({r["name"]: r for r in json.load(open(p))["rows"]} for p in sys.argv[1:3])
+def label(r):  # a method that takes either loss is named with it unless it is CE
+    return r["name"] if r.get("loss") in (None, "ce", r["name"]) else f"{r['name']}/{r['loss']}"
+f32, b16 = ({label(r): r for r in json.load(open(p))["rows"]} for p in sys.argv[1:3])
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
-print(f"{'method':8} {'img/s fp32':>11} {'img/s bf16':>11} {'bf16/fp32':>10} {'TFLOP/s fp32':>13} "
+print(f"{'method':14} {'img/s fp32':>11} {'img/s bf16':>11} {'bf16/fp32':>10} {'TFLOP/s fp32':>13} "
       f"{'TFLOP/s bf16':>13} {'peak MB fp32':>13} {'peak MB bf16':>13}")
-for name in ("pgd-at", "exp-am", "exp"):
+for name in f32:
     a, b = f32[name], b16[name]
     speed = b["images_per_s"] / a["images_per_s"] if a["images_per_s"] and b["images_per_s"] else None
-    print(f"{name:8} {fmt(a['images_per_s'], '11.1f')} {fmt(b['images_per_s'], '11.1f')} {fmt(speed, '10.2f')} "
+    print(f"{name:14} {fmt(a['images_per_s'], '11.1f')} {fmt(b['images_per_s'], '11.1f')} {fmt(speed, '10.2f')} "
           f"{fmt(a['tflops'], '13.3g')} {fmt(b['tflops'], '13.3g')} {fmt(a['peak_mem_mb'], '13.0f')} "
           f"{fmt(b['peak_mem_mb'], '13.0f')}")
 EOF

@@ -24,8 +24,8 @@ def test_gpu_check_cpu_fallback_runs_every_part(tmp_path):
     out = proc.stdout
     for title in ("=== 1. bench", "=== 2. train: torchrun --nproc-per-node 1 (gloo)", "=== 3. eval", "=== summary"):
         assert title in out, (title, out[-3000:], proc.stderr[-2000:])
-    # The bench's fp32/bf16 comparison: a row per method with both speeds and their ratio.
-    for method in ("pgd-at", "exp-am", "exp"):
+    # The bench's fp32/bf16 comparison: a row per method (and loss) with both speeds and their ratio.
+    for method in ("pgd-at", "trades", "exp", "exp-am", "exp-am/trades", "imp-am", "wdat/trades"):
         row = re.search(rf"^{method}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s", out, re.MULTILINE)
         assert row, (method, out[-3000:])
         fp32, bf16, ratio = map(float, row.groups())
