@@ -109,6 +109,7 @@ def test_the_base_name_check_can_fail(tmp_path):
 
 # The modules a setting passes through from `adt-ft eval` / `adt-ft train` to its use.
 HANDOFF_PATHS = ["cli/eval_cmd.py", "cli/train_cmd.py", "evaluation/workspace_eval.py", "evaluation/eval_request.py",
+                 "evaluation/corruption_run.py",
                  "evaluation/engine.py", "training/*.py"]
 # torch's own forward(*inputs, **kwargs) interface, passed on to the wrapped module unchanged; the train
 # command's signature, generated with one keyword per TrainConfig field, whose values become a TrainConfig.

@@ -244,7 +244,7 @@ def test_an_unwritable_workspace_is_found_before_any_attack(cli, workspace, monk
     the check asks the OS: creating a file in the folder."""
     import tempfile
 
-    import adt_finetune.evaluation.workspace_eval as run_module
+    import adt_finetune.evaluation.entry_claims as run_module
 
     calls = fake_attack(monkeypatch, "probe")
     workspace.leaderboard_dir.mkdir()

@@ -145,7 +145,7 @@ def test_models_check_prints_what_applies_and_why_not(cli):
     assert code == 0, err
     assert "Diffenderfer2021Winning_Binary (cifar10/corruptions, WideResNet-18-2): refused" in out
     assert "attacks: all but feature" in out and "no nn.Linear layer" in out
-    assert "eval refuses corruptions models" in out
+    assert "eval takes it with the corruptions suite only, and training refuses it" in out
     code, out, err = cli("models", "Kireev", "-t", "corruptions", "--check")  # several entries: a table
     assert code == 0, err
     assert "what adt-ft can do with 5 entries" in out

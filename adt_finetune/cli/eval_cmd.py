@@ -56,15 +56,16 @@ def eval_cmd(
     arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="JSON constructor arguments for a "
                                                                           "package.module:Class --arch, e.g. '{\"width\": 16}'."),
     run: Optional[str] = _RUN,
-    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="paper, aa, aa-parts, quick, full or "
-                                                                    "wasserstein (default paper).",
+    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="paper, aa, aa-parts, quick, full, "
+                                                                    "wasserstein or corruptions (default paper).",
                                         show_default=False),
     attacks: Optional[str] = typer.Option(None, "--attacks", help="Comma-separated attacks instead of a suite, "
                                                                   f"e.g. fgsm,pgd20,cw; any of {', '.join(attack_names())}."),
     n_examples: Optional[int] = typer.Option(None, "--n-examples", "-n", help="First N test images "
                                                                             "(default 1000, or all if fewer)."),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budget: L∞ ε, or an L2 model's L2 radius (default: the dataset's)."),
-    threat_model: str = typer.Option("Linf", "--threat-model", "-t", help="Leaderboard of a --model zoo name: Linf or L2."),
+    threat_model: str = typer.Option("Linf", "--threat-model", "-t", help="Leaderboard of a --model zoo name: Linf, "
+                                                                         "L2 or corruptions."),
     mode: str = typer.Option("independent", "--mode", help="independent (each attack on every example: the "
                                                            "paper's columns) or cascade (only still-robust "
                                                            "examples: fastest A_rob)."),
@@ -109,8 +110,7 @@ def eval_cmd(
     from .report import reporter
 
     main_rank = is_main_process()  # read before any work: rank 0 alone prints
-    if suite is not None and attacks is not None:
-        raise UserError(f"give --suite {suite} or --attacks {attacks}, not both: a suite is a list of attacks")
+    _check_flags(suite, attacks, audit)
     request = EvalRequest(model=model, arch=arch, arch_kwargs=parse_json_object(arch_kwargs), run=run, suite=suite,
                           attacks=attacks, n_examples=n_examples, eps=eps, mode=mode, batch_size=batch_size,
                           seed=seed, device=device, baseline=baseline, dataset=dataset, data_dir=data_dir,
@@ -128,12 +128,21 @@ def eval_cmd(
     _report(rec, request, audit, progress, workspace)
 
 
+def _check_flags(suite: str | None, attacks: str | None, audit: bool) -> None:
+    if suite is not None and attacks is not None:
+        raise UserError(f"give --suite {suite} or --attacks {attacks}, not both: a suite is a list of attacks")
+    if audit and str(suite).lower() == "corruptions":
+        raise UserError("--audit checks attacks for gradient masking, and --suite corruptions runs none: drop --audit")
+
+
 def _report(rec, request, audit: bool, progress: bool, workspace: Path) -> None:
     """Print what `eval` did; then the audit (--audit), or a hint to run one after paper or aa."""
-    from ..evaluation import ShardRecord
+    from ..evaluation import CorruptionRecord, ShardRecord
 
     if isinstance(rec, ShardRecord):
         return _print_shard(rec, workspace)
+    if isinstance(rec, CorruptionRecord):
+        return print_corruption_record(rec)
     if rec is None:  # a torchrun rank other than 0 (rank 0 reports)
         return None
     print_record(rec)
@@ -249,6 +258,24 @@ def print_record(rec) -> None:
                   soft_wrap=True)
     console.print(f"wrote {rec.json_path}\n  and {rec.csv_path}", highlight=False, soft_wrap=True, markup=False)
     if any(res.unreliable for _, res in rows):
+        err_console.print("[bold yellow]warning:[/] a sanity check failed; the entry is marked unreliable",
+                          highlight=False)
+
+
+def print_corruption_record(rec) -> None:
+    from .eval_tables import corruptions_table, print_sanity, print_wide
+
+    r = rec.result
+    console.print(f"{rec.target.dataset} corruptions ({rec.target.label}, a {rec.target.threat_model} model), "
+                  f"{rec.data_source}", highlight=False, soft_wrap=True, markup=False)
+    print_wide(console, corruptions_table(r))
+    clean = "n/a" if r.clean_acc is None else f"{r.clean_acc:.2f}%"
+    console.print(f"mean corruption accuracy {r.corruptions_acc:.2f}% (RobustBench's corruptions_acc); clean "
+                  f"{clean}: {r.clean_note}", highlight=False, soft_wrap=True, markup=False)
+    console.print("sanity checks:", highlight=False)
+    print_sanity(r, console)
+    console.print(f"wrote {rec.json_path}\n  and {rec.csv_path}", highlight=False, soft_wrap=True, markup=False)
+    if r.unreliable:
         err_console.print("[bold yellow]warning:[/] a sanity check failed; the entry is marked unreliable",
                           highlight=False)
 

@@ -86,3 +86,22 @@ def _num(v: Any) -> str:
 
 def _fraction_pct(v: Any) -> str:
     return format_pct(None if v is None else 100 * v, missing="n/a")
+
+
+def corruptions_table(result):
+    """One row per corruption: its accuracy at severities 1-5 and their mean; a last row of means per severity
+    and the overall mean (RobustBench's corruptions_acc)."""
+    from rich.table import Table
+
+    acc = result.accuracy
+    severities = list(next(iter(acc.values())))
+    table = Table(title=f"accuracy under common corruptions (%), first {result.n_examples} images")
+    table.add_column("corruption")
+    for s in severities:
+        table.add_column(f"severity {s}", justify="right", no_wrap=True)
+    table.add_column("mean", justify="right", style="bold", no_wrap=True)
+    for name, row in acc.items():
+        table.add_row(name, *[format_pct(row[s]) for s in severities], format_pct(result.per_corruption[name]))
+    means = [sum(row[s] for row in acc.values()) / len(acc) for s in severities]
+    table.add_row("mean", *[format_pct(m) for m in means], format_pct(result.corruptions_acc), style="bold")
+    return table

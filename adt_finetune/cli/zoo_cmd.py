@@ -86,7 +86,8 @@ def _check(query: str | None, dataset: str, threat_model: str) -> None:
     tm = entries[0].threat_model
     table = Table(title=f"RobustBench {entries[0].dataset} / {tm}: what adt-ft can do with {len(entries)} "
                         "entries (random weights, nothing downloaded)",
-                  caption=None if tm == "Linf" else f"adt-ft's attacks and training are L∞: eval refuses {tm} models")
+                  caption=None if tm != "corruptions" else "corruptions models: eval --suite corruptions only; "
+                                                                 "no attacks, no training")
     table.add_column("name", style="bold", no_wrap=True, min_width=max(len(e.name) for e in entries))
     for column in ("verdict", "head", "feature tap", "why not"):
         table.add_column(column)

@@ -7,12 +7,18 @@
     eval_request    EvalRequest (what `adt-ft eval` asks), EvalSettings (what the engine runs)
     shards     chunks, shards, combine()        shard_files  what a --shard job writes
     merge      merge_shards(): shard files into one leaderboard entry
+    corruptions  the corruptions suite (corruption_files: CIFAR-10-C/100-C's .npy files, corruption_run:
+               evaluate_corruptions(), what evaluate_workspace runs for suite "corruptions")
+    entry_claims  owning an entry's name while writing it, partial-results folders
     audit      audit_model(), audit_entry(): the robustness-evaluation audit (audit_checks: verdicts,
                audit_probes: gradient/randomness probes, audit_run: audit_workspace(), `adt-ft audit`)
 
 The library draws nothing: progress goes to an optional `progress.Reporter`,
 and the CLI draws the tables.
 """
+from .corruption_files import CORRUPTIONS, SEVERITIES, CorruptionFiles, open_corruption_files
+from .corruption_run import CorruptionRecord, evaluate_corruptions
+from .corruptions import CorruptionResult, corruption_suite
 from .engine import evaluate, evaluate_shard, evaluate_with
 from .eval_request import EvalRequest, EvalSettings
 from .merge import merge_shards
@@ -35,5 +41,6 @@ __all__ = [
     "evaluate", "evaluate_shard", "evaluate_with", "evaluate_workspace", "fingerprint", "load_attack_training_data",
     "load_examples",
     "merge_shards", "parse_attack_list", "parse_shard", "read_per_example_csv", "resolve_target", "sanity_checks",
-    "suite_attacks", "valid_attack_names",
+    "suite_attacks", "valid_attack_names", "CORRUPTIONS", "SEVERITIES", "CorruptionFiles", "CorruptionRecord",
+    "CorruptionResult", "corruption_suite", "evaluate_corruptions", "open_corruption_files",
 ]

@@ -29,7 +29,7 @@ class EvalRequest:
     arch: str | None = None                     # with a checkpoint file
     arch_kwargs: dict[str, Any] | None = None
     run: str | None = None                      # run id or folder
-    suite: str | None = None                    # default paper; give a suite or attacks, not both
+    suite: str | None = None                    # default paper (corruptions: no attacks); a suite or attacks
     attacks: str | None = None                  # comma-separated names instead of a suite
     n_examples: int | None = None               # first N test images (default 1000, or all if fewer)
     eps: float | None = None                    # L∞ budget or L2 radius; text ('8/255') is parsed when made

@@ -63,9 +63,11 @@ def _ref_info(ref) -> dict[str, Any]:
 def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
                    run: str | None = None, dataset: str | None = None, threat_model: str = "Linf",
                    workspace: str | Path = ".", device: str | torch.device = "cpu",
-                   baseline: bool = False) -> Target:
+                   baseline: bool = False, corruptions: bool = False) -> Target:
     """The model `adt-ft eval` evaluates: --model (zoo name or checkpoint file with
     --arch), else --run, else the workspace's latest run, else its current model.
+    `corruptions`: for the corruptions suite, which takes a model of any leaderboard
+    (and `threat_model` "corruptions" looks a zoo name up in the corruptions leaderboard).
 
     Never changes the workspace's current model or latest run.
     """
@@ -78,14 +80,16 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
     if baseline and model is not None:
         raise UserError("`baseline` compares a run with the model it started from: use it with `run` (or with no "
                         "`model` to take the latest run)")
-    tm = {"linf": "Linf", "l2": "L2"}.get(threat_model.strip().lower(), threat_model)
-    if tm not in ("Linf", "L2"):
-        raise UserError(f"threat model {threat_model!r}: adt-ft's attacks are L∞ and L2 attacks; choose Linf or L2")
+    tm = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}.get(threat_model.strip().lower(), threat_model)
+    if tm not in ("Linf", "L2") and not (corruptions and tm == "corruptions"):
+        raise UserError(f"threat model {threat_model!r}: adt-ft's attacks are L∞ and L2 attacks; choose Linf or L2"
+                        + ("" if tm != "corruptions" else " (a corruptions model evaluates with `suite` corruptions)"))
+    ball = None if corruptions else _require_norm_ball
     wanted = dataset_info(dataset).name if dataset is not None else None
     if model is not None:
         return _model_target(model, arch, arch_kwargs, wanted, tm, ws, device)
     if run is not None or ws.latest_run() is not None:
-        return _run_target(run, wanted, dataset, ws, device, baseline)
+        return _run_target(run, wanted, dataset, ws, device, baseline, ball)
     if baseline:
         raise UserError(f"`baseline` needs a run, and workspace {ws.root} has none: train one with 'adt-ft train'")
     ref = ws.current_model()
@@ -94,19 +98,20 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
                         "NAME|PATH or `run` RUN, or run 'adt-ft pull NAME' first")
     if wanted is not None and wanted != ref.dataset:
         raise UserError(f"the current model {ref.name} is a {ref.dataset} model; `dataset` {dataset} is {wanted}")
-    _require_norm_ball(ref.threat_model, f"the current model {ref.name}")
+    if ball is not None:
+        ball(ref.threat_model, f"the current model {ref.name}")
     net = model_from_ref(ref, device, source=f"current_model in {ws.state_path}")
     context = {"base_model": ref.name, "model_source": ref.source}
     return Target(ref.name, net, ref.dataset, ref.threat_model, _ref_info(ref), context, ref.name)
 
 
 def _require_norm_ball(threat_model: str, what: str) -> None:
-    """Refuse a model from RobustBench's corruptions leaderboard: its entry would be filed under
-    corruptions, with numbers from norm-ball attacks (Linf and L2 models evaluate in their own norm)."""
+    """Refuse attacks on a model from RobustBench's corruptions leaderboard: it has no threat model
+    (no norm, no ε) to attack it in, and its entry would be filed under corruptions with numbers from
+    norm-ball attacks (Linf and L2 models evaluate in their own norm)."""
     if threat_model not in ("Linf", "L2"):
-        raise UserError(f"{what} is a RobustBench {threat_model} model: adt-ft's attacks are L∞ and L2 attacks and "
-                        f"its entry would be filed under {threat_model}, so it is not evaluated; evaluate Linf or "
-                        "L2 models")
+        raise UserError(f"{what} is a RobustBench {threat_model} model: it has no norm ball for adt-ft's L∞ and L2 "
+                        "attacks, so it is not attacked; evaluate it with `suite` corruptions")
 
 
 def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws, device) -> Target:
@@ -128,7 +133,8 @@ def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws
     return Target(entry.name, net, entry.dataset, entry.threat_model, _zoo_info(entry), context, entry.name)
 
 
-def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, device, baseline: bool) -> Target:
+def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, device, baseline: bool,
+                ball) -> Target:
     """A finished run: its fine-tuned model, its base model (for --baseline) and its generator."""
     info_run = load_run(run, ws.root)
     if info_run.model is None:  # load_run refuses unfinished runs; this guards a hand-edited run.json
@@ -136,7 +142,8 @@ def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, de
     ref, base_ref, meta = info_run.model, info_run.base_model, info_run.meta
     if wanted is not None and wanted != ref.dataset:
         raise UserError(f"run {info_run.id} fine-tuned a {ref.dataset} model; `dataset` {dataset} is {wanted}")
-    _require_norm_ball(ref.threat_model, f"run {info_run.id}'s base model {base_ref.name}")
+    if ball is not None:
+        ball(ref.threat_model, f"run {info_run.id}'s base model {base_ref.name}")
     recorded_in = str(info_run.path / "run.json")
     net = model_from_ref(ref, device, source=recorded_in)
     method = meta.get("method")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,10 @@ from ..leaderboard import check_entry_name, entry_dir, write_entry
 from ..perturb.distributional import parse_budgets
 from ..progress import Reporter
 from ..utils import format_eps, resolve_device
-from ..workspace import Workspace, claim
+from ..workspace import Workspace
+from .corruption_run import SUITE as CORRUPTIONS_SUITE, CorruptionRecord, evaluate_corruptions
 from .engine import evaluate_with
+from .entry_claims import _check_entry_free, _resume_dir, check_writable, claim_entry, entry_lock
 from .eval_request import EvalRequest, EvalSettings
 from .result import EvalResult
 from .sanity import check_finite_weights
@@ -105,72 +105,6 @@ def evaluation_variant(*, custom: bool, eps: float, default_eps: float | None, n
     return parts
 
 
-def _resume_dir(workspace: Path, dataset: str, threat_model: str, entry: str) -> Path:
-    return workspace / ".adt-ft" / "eval" / dataset / threat_model / entry
-
-
-def _blocking_file(folder: Path) -> Path | None:
-    """The first part of `folder`'s path that exists and is not a folder, if any."""
-    for part in [folder, *folder.parents]:
-        if part.exists():
-            return None if part.is_dir() else part
-    return None
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Make sure `folder` can hold new files, before any work that would be lost otherwise."""
-    blocker = _blocking_file(folder)
-    if blocker is not None:
-        raise UserError(f"cannot write {what} under {folder}: {blocker} is a file, not a folder; move it away")
-    # Folders made only to test are removed again: an evaluation refused later leaves no empty folders
-    # (the writers make their own).
-    made = [p for p in [folder, *folder.parents] if not p.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"cannot write {what} in {folder} ({e.strerror or e}): make it writable or give another "
-                        "`workspace`") from None
-    finally:
-        for p in made:
-            try:
-                p.rmdir()
-            except OSError:  # not made after all, or another command wrote into it meanwhile
-                pass
-
-
-def entry_lock(root: Path, dataset: str, threat_model: str, entry: str) -> Path:
-    """The lock file a command holds while it evaluates or merges into `entry` (beside its partial results)."""
-    return _resume_dir(root, dataset, threat_model, entry).with_name(f"{entry}.lock")
-
-
-def claim_entry(ws, dataset: str, threat_model: str, entry: str, overwrite: bool) -> Any:
-    """Own the leaderboard entry name for this command's life (see `workspace.claim`), once sure that
-    its folder is inside the workspace and that the entry is free (or `overwrite`); returns the lock."""
-    folder = entry_dir(ws.leaderboard_dir, dataset, threat_model)
-    ws.inside(folder, "the leaderboard entry")
-    lock_path = entry_lock(ws.root, dataset, threat_model, entry)
-    ws.inside(lock_path, "partial results")
-    lock = claim(lock_path, f"leaderboard entry {entry} is being written by another adt-ft command right now: wait "
-                            "for it to end, or give --entry NAME to keep both")
-    try:
-        _check_entry_free(folder / f"{entry}.json", overwrite)
-        check_writable(folder, "the leaderboard entry")
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def _check_entry_free(json_path: Path, overwrite: bool) -> None:
-    csv_path = json_path.with_name(json_path.stem + ".per-example.csv")
-    if not overwrite and (json_path.exists() or csv_path.exists()):
-        raise UserError(f"leaderboard entry {json_path.stem} already exists at {json_path}: give `overwrite` to "
-                        "replace it, or `entry` NAME to keep both")
-
-
 def _attack_names(suite: str, attacks: str | None, target: Target,
                   attack_settings: dict[str, dict[str, Any]] | None) -> tuple[list[str], str, dict[str, Any]]:
     """The attack list, the suite label, and the settings with each co-trained generator's path filled in."""
@@ -226,10 +160,13 @@ class _Job:
         return _resume_dir(self.ws.root, t.dataset, t.threat_model, name)
 
 
-def evaluate_workspace(request: EvalRequest, *, reporter: Reporter | None = None) -> EvalRecord | ShardRecord | None:
+def evaluate_workspace(request: EvalRequest, *,
+                       reporter: Reporter | None = None) -> EvalRecord | ShardRecord | CorruptionRecord | None:
     """`adt-ft eval` as a function: resolve the model and examples, evaluate (and
     the run's base model with `baseline`), write the leaderboard entry. `suite` (default
     paper) and `attacks` (a comma-separated list) are two ways to say what to run: give one.
+    `suite="corruptions"` runs no attack: `corruption_run.evaluate_corruptions`, which returns a
+    CorruptionRecord.
 
         evaluate_workspace(EvalRequest(run="latest-run-id", suite="quick", n_examples=500))
 
@@ -242,6 +179,8 @@ def evaluate_workspace(request: EvalRequest, *, reporter: Reporter | None = None
     process evaluates shard K of N and writes a shard file (into `shard_dir`, default
     the workspace's partial-results folder) for `merge_shards`; it gets a ShardRecord.
     """
+    if str(request.suite).lower() == CORRUPTIONS_SUITE:  # no attacks: its own path (corruption_run)
+        return evaluate_corruptions(request, reporter=reporter)
     ws = Workspace(request.workspace)
     spec = parse_shard(request.shard) if request.shard is not None else None
     if spec is not None and env_world()[1] > 1:

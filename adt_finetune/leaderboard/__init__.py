@@ -40,12 +40,13 @@ from .figure import plot, plot_format
 from .render import (CUMULATIVE_NOTE, FORMATS, HEADERS, RANKING_NOTE, Group, Section, attack_columns,
                      check_format, comparable_groups, render, render_sections, rows, sections, sort_entries)
 from .seeds import SeedGroup, group_by_seed, group_rows, group_sections, render_groups
-from .write import autoattack_accuracy, check_entry_name, entry_dir, set_audit, write_entry
+from .write import (CORRUPTIONS, autoattack_accuracy, check_entry_name, entry_dir, set_audit, write_corruption_entry,
+                    write_entry)
 
 __all__ = [
     "CUMULATIVE_NOTE", "FORMATS", "HEADERS", "RANKING_NOTE", "Entry", "Group", "PerExampleCheck", "SeedGroup",
     "Section", "attack_columns", "autoattack_accuracy", "check_entry_name", "check_format", "check_per_example",
     "comparable_groups", "entry_dir", "find_entry", "group_by_seed", "group_rows", "group_sections", "plot",
     "plot_format", "read_entries", "read_entry", "render", "render_groups", "render_sections", "rows", "sections",
-    "set_audit", "sort_entries", "validate", "verify_entries", "write_entry",
+    "set_audit", "sort_entries", "validate", "verify_entries", "write_entry", "CORRUPTIONS", "write_corruption_entry",
 ]

@@ -122,6 +122,9 @@ def load_outcomes(entry: Entry) -> Outcomes:
     if not entry.extra.get("per_example_file"):
         raise UserError(f"entry {entry.entry} ({entry.path}) has no per-example file: compare needs entries "
                         "written by 'adt-ft eval'")
+    if entry.is_corruptions:
+        raise UserError(f"entry {entry.entry} is a corruptions entry: compare pairs attack columns per image, and "
+                        "corruptions entries have none; the leaderboard ranks them by mean corruption accuracy")
     check = check_per_example(entry)
     if check.problem:
         raise UserError(f"entry {entry.entry}: {check.problem}: re-run its evaluation before comparing it")

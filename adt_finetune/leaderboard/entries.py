@@ -51,6 +51,10 @@ def _accuracy_map(v: Any) -> bool:
     return isinstance(v, dict) and all(x is None or _number(x) for x in v.values())
 
 
+def _severity_table(v: Any) -> bool:
+    return isinstance(v, dict) and all(_accuracy_map(row) for row in v.values())
+
+
 # What each field must be when present and not null, with the words an error message uses.
 _TOP_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (_text, "a string") for k in ("link", "name", "authors", "venue", "architecture", "footnote",
@@ -58,18 +62,20 @@ _TOP_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (_flag, "true or false") for k in ("additional_data", "unreliable")},
     "number_forward_passes": (_integer, "an integer"),
     **{k: (_pct_text, "a percentage such as \"55.80\"") for k in ("clean_acc", "reported", "autoattack_acc",
-                                                                  "external")},
+                                                                  "external", "corruptions_acc")},
     "adt_ft": (lambda v: isinstance(v, dict), "an object"),
 }
 _BLOCK_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (_text, "a string") for k in ("base_model", "method", "loss", "scope", "suite", "run_id", "recipe",
                                          "mode", "eps_str", "per_example_sha256", "data")},
-    **{k: (_number, "a number") for k in ("a_rob", "clean_acc", "eps")},
+    **{k: (_number, "a number") for k in ("a_rob", "clean_acc", "eps", "corruptions_acc")},
     **{k: (_integer, "an integer") for k in ("n_examples", "epochs", "seed", "train_seed")},
     "attacks": (_text_list, "a list of attack names"),
     **{k: (_accuracy_map, "an object of attack: accuracy") for k in ("per_attack", "cumulative")},
     "per_example_file": (_file_name, "a file name beside the JSON"),
     "baseline": (lambda v: isinstance(v, dict), "an object"),
+    "per_corruption": (_accuracy_map, "an object of corruption: accuracy"),
+    "corruptions": (_severity_table, "an object of corruption: {severity: accuracy}"),
 }
 
 
@@ -124,20 +130,32 @@ class Entry:
         return self._num("autoattack_acc")
 
     @property
+    def corruptions(self) -> float | None:
+        """RobustBench's corruptions_acc: the mean accuracy over corruptions × severities (corruptions entries)."""
+        return self._num("corruptions_acc")
+
+    @property
+    def is_corruptions(self) -> bool:
+        return self.threat_model == "corruptions"
+
+    @property
     def a_rob(self) -> float | None:
         v = self.extra.get("a_rob")
         return float(v) if v is not None else None
 
     @property
     def robust(self) -> float | None:
-        """The number the leaderboard ranks by: A_rob, else RobustBench's external, else AutoAttack."""
-        for v in (self.a_rob, self._num("external"), self.autoattack):
+        """The number the leaderboard ranks by: A_rob, else RobustBench's external, else AutoAttack, else
+        the mean corruption accuracy."""
+        for v in (self.a_rob, self._num("external"), self.autoattack, self.corruptions):
             if v is not None:
                 return v
         return None
 
     def attack_value(self, attack: str) -> tuple[float | None, bool]:
-        """(accuracy, cumulative?) for an attack column."""
+        """(accuracy, cumulative?) for an attack column ("corruptions": the mean corruption accuracy)."""
+        if attack == "corruptions":
+            return self.corruptions, False
         own = (self.extra.get("per_attack") or {}).get(attack)
         if own is not None:
             return float(own), False
@@ -150,7 +168,10 @@ class Entry:
 
     @property
     def audit_verdict(self) -> str | None:
-        """The recorded audit's verdict (pass, warn, fail; docs/evaluation.md, "Audit"), None when none ran."""
+        """The recorded audit's verdict (pass, warn, fail; docs/evaluation.md, "Audit"), None when none ran,
+        "n/a" for a corruptions entry (an audit checks attacks, and none ran)."""
+        if self.is_corruptions:
+            return "n/a"
         audit = self.extra.get("audit")
         verdict = audit.get("verdict") if isinstance(audit, dict) else None
         return verdict if verdict in ("pass", "warn", "fail") else None

@@ -32,6 +32,9 @@ RANKING_NOTE = ("ranked by AutoAttack (standard) accuracy, as RobustBench ranks,
                 "threat model, ε and n; entries without AutoAttack (standard) on every clean-correct example are "
                 "weaker evaluations: listed apart by A_rob, never ranked; entries at different ε or n are not "
                 "comparable and are never ranked together")
+#: added under tables that hold corruptions entries (so that boards without them read as before)
+CORRUPTIONS_NOTE = ("corruptions entries (no ε) are ranked by their mean accuracy over the 15 corruptions × 5 "
+                    "severities (RobustBench's corruptions_acc), in groups of equal dataset and n")
 UNRANKED_TITLE = "not ranked, weaker evaluations (no AutoAttack standard)"
 AUTOATTACK = "autoattack"
 UNVERIFIED_NOTE = "! per-example file does not match its entry (see the warning)"
@@ -58,6 +61,8 @@ class Group:
         """Dataset, threat model, ε and n."""
         eps = "?" if self.eps is None else format_eps(self.eps)
         n = "?" if self.n is None else str(self.n)
+        if self.threat_model == "corruptions":  # no ε: 15 corruptions × 5 severities of the first n images
+            return f"{self.dataset} / corruptions, n = {n}"
         return f"{self.dataset} / {self.threat_model}, ε = {eps}, n = {n}"
 
     @property
@@ -78,6 +83,12 @@ def autoattack_standard(e: Entry) -> bool:
     return settings.get("version", "standard") == "standard" and not settings.get("attacks")
 
 
+def ranked_evaluation(e: Entry) -> bool:
+    """Ranked in its group: AutoAttack (standard) on every clean-correct example, or a corruptions entry
+    with its mean corruption accuracy (its group holds corruptions entries only: the threat model differs)."""
+    return autoattack_standard(e) or (e.is_corruptions and e.corruptions is not None)
+
+
 def _num(v: float | None) -> float:
     return v if v is not None else -math.inf
 
@@ -93,7 +104,7 @@ def _group_order(key: tuple) -> tuple:
 
 
 def comparable_groups(items: Iterable[Any], key=lambda e: e.comparable_key, rank=_rank_key,
-                      ranked=autoattack_standard) -> list[Group]:
+                      ranked=ranked_evaluation) -> list[Group]:
     """Split into comparability groups (dataset, threat model, ε, n), each sorted by `rank`; the members
     for which `ranked` is false form a group of their own after it (listed, not ranked)."""
     by_key: dict[tuple, list[Any]] = {}
@@ -113,6 +124,8 @@ def attack_columns(entries: Sequence[Entry]) -> list[str]:
     cols: list[str] = []
     for e in entries:
         cols += [a for a in e.attacks if a not in cols and a != "autoattack"]
+    if any(e.is_corruptions for e in entries):
+        cols.append("corruptions")
     return cols
 
 
@@ -205,7 +218,8 @@ def notes(all_rows: list[dict[str, Any]]) -> list[str]:
         out.append(AUDIT_FAILED_NOTE)
     if any(r.get("audit") is None for r in all_rows):
         out.append(UNAUDITED_NOTE)
-    return out + [RANKING_NOTE]
+    return out + [RANKING_NOTE] + ([CORRUPTIONS_NOTE] if any(r.get("threat_model") == "corruptions" for r in all_rows)
+                                   else [])
 
 
 def text_table(section: Section, n_text: int = TEXT_COLUMNS) -> list[str]:

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..run_folder import load_run
 from ..utils import format_pct
 from .entries import Entry
-from .render import (Section, attack_columns, autoattack_standard, check_format, comparable_groups, notes,
+from .render import (Section, attack_columns, check_format, comparable_groups, notes, ranked_evaluation,
                      render_sections, section_title)
 
 SEED_FIELDS = ("base_model", "method", "loss", "scope", "epochs", "suite")
@@ -32,7 +32,7 @@ def seed_key(e: Entry) -> tuple:
     if not e.extra:
         return ("file", str(e.path))
     # The same evaluation too: entries with different attack sets are not seeds of one result.
-    return e.comparable_key + tuple(e.extra.get(k) for k in SEED_FIELDS) + (tuple(e.attacks), autoattack_standard(e))
+    return e.comparable_key + tuple(e.extra.get(k) for k in SEED_FIELDS) + (tuple(e.attacks), ranked_evaluation(e))
 
 
 def train_seed(entry: Entry, workspace: str | Path | None = None) -> int | None:
@@ -113,7 +113,7 @@ def group_by_seed(entries: Iterable[Entry], workspace: str | Path | None = None)
 
 def group_ranked(g: SeedGroup) -> bool:
     """A seed group ranks when every member ran AutoAttack (standard) on every clean-correct example."""
-    return all(autoattack_standard(e) for e in g.members)
+    return all(ranked_evaluation(e) for e in g.members)
 
 
 def group_rank_key(g: SeedGroup) -> tuple:

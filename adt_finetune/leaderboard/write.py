@@ -115,11 +115,9 @@ def _settle_previous(folder: Path, entry: str, csv_names: list[str]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _robustbench_fields(result, dataset: str, entry: str, info: dict[str, Any], footnote: str,
-                        unreliable: bool) -> dict[str, Any]:
-    aa = autoattack_accuracy(result)
-    others = [result.attacks[k] for k in result.pointwise if result.attacks[k] != "autoattack"]
-    data: dict[str, Any] = {
+def _descriptive_fields(info: dict[str, Any], entry: str, dataset: str) -> dict[str, Any]:
+    """RobustBench's descriptive fields, taken out of `info`."""
+    return {
         "link": str(info.pop("link", "") or ""),
         "name": str(info.pop("name", entry)),
         "authors": str(info.pop("authors", "") or ""),
@@ -128,10 +126,15 @@ def _robustbench_fields(result, dataset: str, entry: str, info: dict[str, Any], 
         "dataset": dataset,
         "venue": str(info.pop("venue", "") or "Unpublished"),
         "architecture": str(info.pop("architecture", "") or "unknown"),
-        "eps": format_eps(result.eps),
-        "clean_acc": _pct_str(result.clean_acc),
-        "reported": _pct_str(result.a_rob),
     }
+
+
+def _robustbench_fields(result, dataset: str, entry: str, info: dict[str, Any], footnote: str,
+                        unreliable: bool) -> dict[str, Any]:
+    aa = autoattack_accuracy(result)
+    others = [result.attacks[k] for k in result.pointwise if result.attacks[k] != "autoattack"]
+    data: dict[str, Any] = _descriptive_fields(info, entry, dataset)
+    data.update(eps=format_eps(result.eps), clean_acc=_pct_str(result.clean_acc), reported=_pct_str(result.a_rob))
     if aa is not None:
         data["autoattack_acc"] = _pct_str(aa)
     if "autoattack" in result.attacks and others and result.a_rob is not None:
@@ -198,6 +201,46 @@ def write_entry(
     atomic_write_json(path, data)  # the commit point
     for staged_path, final in stages:
         _finish(staged_path, final)
+    return path
+
+
+#: the folder of RobustBench's corruptions leaderboard, beside Linf and L2
+CORRUPTIONS = "corruptions"
+
+
+def write_corruption_entry(result, *, root: str | Path, dataset: str, entry: str, info: dict[str, Any] | None = None,
+                           context: dict[str, Any] | None = None) -> Path:
+    """Write `<root>/<dataset>/corruptions/<entry>.json` and its per-example CSV for a corruptions
+    evaluation (`evaluation.corruptions.CorruptionResult`), in the order the module docstring explains.
+    RobustBench's fields: `corruptions_acc` (the mean over corruptions × severities, also `reported`),
+    `clean_acc` (null when the clean test set was not evaluated), no ε."""
+    check_entry_name(entry)
+    check_plain_name(dataset, "the entry's dataset")
+    info, context = dict(info or {}), dict(context or {})
+    folder = entry_dir(root, dataset, CORRUPTIONS)
+    footnote = info.pop("footnote", None) or (
+        f"adt-ft eval (suite corruptions) on the {context.get('data') or f'first {result.n_examples} test images'}: "
+        "accuracy under each of RobustBench's 15 corruptions at severities 1-5; corruptions_acc is the mean of the "
+        f"75 accuracies. Clean: {result.clean_note}.")
+    if result.unreliable:
+        footnote += " Sanity check failed: " + "; ".join(c.detail for c in result.sanity if c.ok is False)
+    data = _descriptive_fields(info, entry, dataset)
+    data.update(eps=None, clean_acc=_pct_str(result.clean_acc), corruptions_acc=_pct_str(result.corruptions_acc),
+                reported=_pct_str(result.corruptions_acc), footnote=footnote, unreliable=bool(result.unreliable))
+    if info:
+        raise ValueError(f"unknown RobustBench field(s) {sorted(info)}")
+    csv_name = f"{entry}.per-example.csv"
+    _settle_previous(folder, entry, [csv_name])
+    staged, sha = _stage_csv(folder, csv_name, result)
+    block: dict[str, Any] = {k: context.pop(k, None) for k in _CONTEXT_FIRST}
+    block.update(context)
+    block.update(result.to_json())
+    block.update(per_example_file=csv_name, per_example_sha256=sha, versions=versions(),
+                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    data["adt_ft"] = block
+    path = folder / f"{entry}.json"
+    atomic_write_json(path, data)  # the commit point
+    _finish(staged, folder / csv_name)
     return path
 
 

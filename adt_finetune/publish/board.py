@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..leaderboard.entries import Entry
-from ..leaderboard.render import RANKING_NOTE, attack_columns, comparable_groups, section_title
+from ..leaderboard.render import CORRUPTIONS_NOTE, RANKING_NOTE, attack_columns, comparable_groups, section_title
 from ..leaderboard.seeds import SeedGroup, group_rank_key, group_ranked
 from ..utils import format_pct
 from .plots import Point, scatter_svg
@@ -140,7 +140,10 @@ def entry_table(table_id: str, title: str, entries: Sequence[Entry], hrefs: dict
         notes.append("an entry marked unverified has a per-example file that does not match its JSON")
     if any(e.audit_verdict in ("fail", None) for e in entries):
         notes.append(AUDIT_NOTE)
-    return Table(table_id, title, _columns(attacks, ENTRY_FIRST, ENTRY_LAST), rows, notes + [RANKING_NOTE])
+    notes.append(RANKING_NOTE)
+    if any(e.is_corruptions for e in entries):
+        notes.append(CORRUPTIONS_NOTE)
+    return Table(table_id, title, _columns(attacks, ENTRY_FIRST, ENTRY_LAST), rows, notes)
 
 
 def _spread_cell(g: SeedGroup, value) -> Cell:

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from ..leaderboard.entries import Entry
-from ..leaderboard.render import autoattack_standard
+from ..leaderboard.render import ranked_evaluation
 from ..utils import format_pct
 from .board import AUTOATTACK, attack_value, board_attacks, cost_per_epoch
 from .plots import Bar, bars_svg
@@ -123,7 +123,7 @@ def entry_view(e: Entry, files: dict[str, Any]) -> dict[str, Any]:
         "entry": e.entry, "name": e.data.get("name") or e.entry, "dataset": e.dataset,
         "threat_model": e.threat_model, "norm": "₂" if e.threat_model == "L2" else "∞", "unreliable": bool(e.data.get("unreliable")),
         "problem": e.problem, "cards": cards, "bars_svg": bars, "hatched": hatched,
-        "weaker": not autoattack_standard(e), "before_after": before_after(e),
+        "weaker": not ranked_evaluation(e), "before_after": before_after(e),
         "training": _kv(x, _TRAINING), "evaluation": _kv(x, _EVALUATION), "attacks": _attack_rows(x),
         "sanity": _sanity(x), "versions": _kv(x.get("versions") or {}, list((x.get("versions") or {}).keys())),
         "created": x.get("created"), "robustbench": [(k, _value(v)) for k, v in top.items()],

@@ -134,6 +134,10 @@ def partial_reason(e: Entry) -> str | None:
 def check_exportable(e: Entry, allow_partial: bool = False) -> str | None:
     """Refuse (UserError) what RobustBench would reject; the draft reason when allow_partial lets it pass."""
     key = (e.dataset, e.threat_model)
+    if e.is_corruptions:
+        raise UserError(f"entry {e.entry} is a corruptions entry: RobustBench's corruptions leaderboard also lists "
+                        "the mCE against its AlexNet results, which adt-ft does not compute, so it is not exported; "
+                        "submit corruptions results with RobustBench's own benchmark()")
     if key not in LEADERBOARDS:
         boards = ", ".join(f"{d} {t}" for d, t in LEADERBOARDS)
         raise UserError(f"RobustBench has no {e.dataset} {e.threat_model} leaderboard that adt-ft can submit to "

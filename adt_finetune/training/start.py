@@ -61,10 +61,10 @@ def fresh(cfg: TrainConfig, loss: str, eps_given: float | None, ws: Workspace, w
     rank 0 shares (run folder, run.json) with the others."""
     base_ref = _base_model(cfg, ws, world.is_main)
     if base_ref is not None and base_ref.threat_model not in ("Linf", "L2"):
-        # The run would be recorded under that threat model, and `eval` refuses it: refused before hours of training.
+        # Adversarial training needs a norm ball, which a corruptions model has none of: refused before hours of
+        # training (the model itself still evaluates with the corruptions suite).
         raise UserError(f"{base_ref.name} is a RobustBench {base_ref.threat_model} model: adt-ft's training methods "
-                        "and attacks are L∞ and L2, and a run fine-tuned from it could not be evaluated; fine-tune a "
-                        "Linf or L2 model")
+                        "train in an L∞ or L2 ball, which it has none of; fine-tune a Linf or L2 model")
     dataset = cfg.dataset or (base_ref.dataset if base_ref else None)
     if dataset is None:
         raise UserError("`model` scratch needs `dataset`")

@@ -107,9 +107,9 @@ class ZooSupport:
         out.append("  attacks: " + ("all" if not self.attacks_left_out else
                                     "all but " + ", ".join(self.attacks_left_out)))
         out.extend(f"  why: {w}" for w in self.why)
-        if e.threat_model != "Linf":
-            out.append(f"  note: adt-ft's attacks and training are L∞; eval refuses {e.threat_model} models rather "
-                       f"than file L∞ numbers under {e.threat_model}")
+        if e.threat_model == "corruptions":
+            out.append("  note: a corruptions model has no norm ball to attack or train in: eval takes it with the "
+                       "corruptions suite only, and training refuses it")
         return out
 
 
