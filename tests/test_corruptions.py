@@ -133,6 +133,14 @@ def test_ranked_by_mean_corruption_accuracy_on_the_leaderboard(tmp_path):
     markdown = render(read_entries(tmp_path / "lb"), "markdown")
     assert "| corruptions |" in markdown and CORRUPTIONS_NOTE in markdown
     assert f"| {good.corruptions_acc:.2f} |" in markdown and "°" not in markdown  # no audit applies
+    from adt_finetune.publish import build_site
+
+    build_site(read_entries(tmp_path / "lb"), tmp_path / "site")
+    page = (tmp_path / "site" / "cifar10" / "corruptions" / "good.html").read_text()
+    fog = good.accuracy["fog"]
+    assert ("<tr><td>fog</td>" + "".join(f'<td class="num">{fog[str(s)]:.2f}</td>' for s in SEVERITIES)
+            + f'<td class="num">{good.per_corruption["fog"]:.2f}</td></tr>') in page
+    assert f'<td class="num">{good.corruptions_acc:.2f}</td></tr>' in page
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -200,7 +208,9 @@ def test_a_zoo_corruptions_model_evaluates_end_to_end(tmp_path, cli):
     assert code == 0 and "cifar10 / corruptions, n = 4" in out, err
     code, out, err = cli("leaderboard", "--html", tmp_path / "site", "-w", tmp_path / "ws")
     assert code == 0, err
-    assert (tmp_path / "site" / "cifar10" / "corruptions" / f"{path.stem}.html").is_file()
+    page = (tmp_path / "site" / "cifar10" / "corruptions" / f"{path.stem}.html").read_text()
+    assert '<table id="corruptions">' in page and "elastic_transform" in page
+    assert f'<td class="num">{float(entry["corruptions_acc"]):.2f}</td></tr>' in page  # the means row's corner
     code, out, err = cli("export", path.stem, "--robustbench", tmp_path / "rb", "-w", tmp_path / "ws")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "corruptions entry" in err
     # attacks on it are still refused, in one line

@@ -20,7 +20,7 @@ _EVALUATION = ("suite", "mode", "data", "n_examples", "eps_str", "seed", "batch_
 _SHOWN = set(_TRAINING) | set(_EVALUATION) | {
     "attacks", "clean_acc", "per_attack", "cumulative", "a_rob", "timings_s", "max_linf", "max_l2", "attack_settings",
     "sanity", "unreliable", "versions", "created", "baseline", "per_example_file", "per_example_sha256", "eps",
-    "wasserstein"}
+    "wasserstein", "corruptions", "per_corruption", "corruptions_acc"}
 
 
 def _value(v: Any) -> str:
@@ -109,6 +109,20 @@ def _sanity(x: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _corruption_rows(x: dict[str, Any]) -> dict[str, Any] | None:
+    """A corruptions entry's accuracies: one row per corruption (severities 1-5, mean), then the means."""
+    table, means = x.get("corruptions"), x.get("per_corruption") or {}
+    if not isinstance(table, dict) or not table:
+        return None
+    severities = list(next(iter(table.values())))
+    rows = [{"name": c, "cells": [format_pct(row.get(s)) for s in severities] + [format_pct(means.get(c))]}
+            for c, row in table.items()]
+    per_severity = [sum(row.get(s) or 0.0 for row in table.values()) / len(table) for s in severities]
+    rows.append({"name": "mean", "cells": [format_pct(v) for v in per_severity]
+                 + [format_pct(x.get("corruptions_acc"))]})
+    return {"severities": severities, "rows": rows}
+
+
 def entry_view(e: Entry, files: dict[str, Any]) -> dict[str, Any]:
     """Everything the entry template needs; `files` names the copied per-example files."""
     x = e.extra
@@ -116,6 +130,8 @@ def entry_view(e: Entry, files: dict[str, Any]) -> dict[str, Any]:
     cards = [("clean", format_pct(e.clean)), ("A_rob", format_pct(e.a_rob)),
              ("AutoAttack", format_pct(e.autoattack)), ("ε", e.eps_label or "—"),
              ("n", "—" if e.n is None else str(e.n)), ("s / epoch", "—" if cost is None else f"{cost:.1f}")]
+    if e.is_corruptions:  # no attack ran: the mean corruption accuracy stands where A_rob would
+        cards[1:3] = [("corruptions", format_pct(e.corruptions))]
     top = {k: v for k, v in e.data.items() if k != "adt_ft"}
     other = sorted(k for k in x if k not in _SHOWN)
     bars, hatched = _bars(e)
@@ -129,5 +145,5 @@ def entry_view(e: Entry, files: dict[str, Any]) -> dict[str, Any]:
         "created": x.get("created"), "robustbench": [(k, _value(v)) for k, v in top.items()],
         "wasserstein": None if not x.get("wasserstein") else json.dumps(x["wasserstein"], indent=2,
                                                                         ensure_ascii=False),
-        "other": _kv(x, other), "files": files,
+        "other": _kv(x, other), "files": files, "corruptions": _corruption_rows(x),
     }
