@@ -1,4 +1,4 @@
-"""Datasets: the four named ones (torchvision formats) and image folders.
+"""Datasets: the named ones (torchvision formats; ImageNet in RobustBench's protocol) and image folders.
 
 Images are float tensors in [0, 1] with no normalisation: RobustBench models carry
 their own. Files are looked for in --data-dir when it is given (and only there);
@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .errors import UserError
+from .imagenet_folder import (ImageNetSubset, ImageNetTrain, Preprocessing, find_root, load_imagenet,
+                              looks_like_synsets)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -32,7 +34,7 @@ class DatasetInfo:
     eps_str: str
     channels: int
     size: int
-    augment: str  # "crop-flip" or "none": the paper's training augmentation
+    augment: str  # "crop-flip", "resized-crop-flip" (ImageNet's) or "none": the training augmentation
     classes: tuple[str, ...] | None = None
 
 
@@ -41,9 +43,11 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo("cifar100", 100, 8 / 255, "8/255", 3, 32, "crop-flip"),
     "svhn": DatasetInfo("svhn", 10, 4 / 255, "4/255", 3, 32, "none", tuple(str(i) for i in range(10))),
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 0.1, "0.1", 1, 28, "none", FASHION_MNIST_CLASSES),
+    # RobustBench's ImageNet track: ε = 4/255, 224×224 after the model's preprocessing (imagenet_folder.py)
+    "imagenet": DatasetInfo("imagenet", 1000, 4 / 255, "4/255", 3, 224, "resized-crop-flip"),
 }
 ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
-           "cifar-10": "cifar10", "cifar-100": "cifar100"}
+           "cifar-10": "cifar10", "cifar-100": "cifar100", "image-net": "imagenet", "ilsvrc2012": "imagenet"}
 
 # Debian's dataset packages put the original files here.
 SYSTEM_LOCATIONS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
@@ -263,6 +267,19 @@ def _try_download(make: Callable[[], Dataset], name: str, roots: list[Path], hin
         raise _missing(name, roots, hint) from None
 
 
+def _load_imagenet(split: str, roots: list[Path], augment: bool, n_examples: int | None,
+                   preprocessing: str | Preprocessing | None) -> Dataset:
+    """ImageNet from `<root>/val/<synset>/` (RobustBench's 5,000-image list) or `<root>/train/<synset>/`;
+    never downloaded (ImageNet's licence asks each user to obtain it)."""
+    root = find_root(roots)
+    if root is None:
+        searched = ", ".join(str(r) for r in roots) or "nothing: no `data_dir`, $ADT_FT_DATA or workspace data/"
+        raise UserError(f"ImageNet is not on this machine (searched {searched}; it is never downloaded): put the "
+                        "ILSVRC2012 validation images in val/<synset>/ (training images in train/<synset>/) under "
+                        "a folder and give it as `data_dir`")
+    return load_imagenet(root, split, augment=augment, n_examples=n_examples, prep=preprocessing)
+
+
 # ---------------------------------------------------------------- image folders
 
 def _folder_classes(path: Path) -> list[str]:
@@ -285,6 +302,9 @@ def _known_match(classes: Sequence[str]) -> DatasetInfo | None:
 
 def _folder_info(path: Path, expect: str | None = None) -> DatasetInfo:
     classes = _folder_classes(path)
+    if looks_like_synsets(classes):
+        raise UserError(f"{path} holds ImageNet synset folders: evaluate it as `dataset` imagenet with `data_dir` "
+                        "the folder above val/ (RobustBench's 5,000-image list and preprocessing)")
     known = _known_match(classes)
     if expect is not None:
         want = DATASETS[canonical_name(expect)]
@@ -334,22 +354,28 @@ class _RemappedFolder(Dataset):
 
 def load_dataset(name_or_path: str | os.PathLike, split: str = "test", *, data_dir=None, workspace=None,
                  n_examples: int | None = None, augment: bool = True, download: bool = True,
-                 expect: str | None = None) -> Dataset:
+                 expect: str | None = None, preprocessing: str | Preprocessing | None = None) -> Dataset:
     """A dataset split of images in [0, 1].
 
     `name_or_path` is a dataset name or an ImageFolder directory. `n_examples` takes
     the first N examples in order (RobustBench convention); `augment` applies the
     paper's augmentation to the train split only. `expect` checks that an image
-    folder's classes are those of that dataset.
+    folder's classes are those of that dataset. `preprocessing` (ImageNet only) is one
+    of RobustBench's (`imagenet_folder.PREPROCESSINGS`; default Res256Crop224); ImageNet's
+    test split is RobustBench's 5,000-image list of val/, in its order.
     """
     if split not in ("train", "test"):
         raise UserError(f"unknown split {split!r}: use train or test")
     if is_image_folder(name_or_path):
         path = Path(name_or_path)
         ds: Dataset = _RemappedFolder(path, _folder_info(path, expect))
+    elif canonical_name(str(name_or_path)) == "imagenet":
+        ds = _load_imagenet(split, _search_roots(data_dir, workspace), augment, n_examples, preprocessing)
     else:
         name = canonical_name(str(name_or_path))
         ds = _load_named(name, split, _search_roots(data_dir, workspace), augment, download, given=bool(data_dir))
+    if preprocessing is not None and not isinstance(ds, (ImageNetSubset, ImageNetTrain)):
+        raise UserError("`preprocessing` applies to ImageNet only: other datasets are given to the model as stored")
     if n_examples is not None:
         if n_examples <= 0:
             raise UserError(f"`n_examples` must be positive, got {n_examples}")
@@ -359,11 +385,22 @@ def load_dataset(name_or_path: str | os.PathLike, split: str = "test", *, data_d
     return ds
 
 
-def as_tensors(dataset: Dataset, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n examples of a dataset as (x, y) tensors, in order."""
+def as_tensors(dataset: Dataset, n: int | None = None, *, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n examples of a dataset as (x, y) tensors, in order. `compact`: x as uint8 (k for
+    the pixel value k/255, a quarter of the memory: ImageNet's 5,000 images at 224² take 750 MB),
+    which the evaluation engine turns back into exactly these floats one batch at a time."""
     n = len(dataset) if n is None else min(n, len(dataset))
-    loader = torch.utils.data.DataLoader(Subset(dataset, range(n)), batch_size=1024, shuffle=False)
-    xs, ys = zip(*[(x, y) for x, y in loader]) if n else ((), ())
+    loader = torch.utils.data.DataLoader(Subset(dataset, range(n)), batch_size=256 if compact else 1024,
+                                         shuffle=False)
+    xs, ys = zip(*[(_as_uint8(x) if compact else x, y) for x, y in loader]) if n else ((), ())
     if not xs:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(xs), torch.cat(ys).long()
+
+
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images of ToTensor (k/255) as their bytes k; anything else is refused, not rounded."""
+    k = x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    if not torch.equal(k.float().div_(255), x):
+        raise ValueError("compact storage holds 8-bit images only (pixel values k/255)")
+    return k

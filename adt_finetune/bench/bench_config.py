@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import UserError
+from ..zoo.catalog import resolve_name
 
 SCHEMA = "adt-ft-bench/1"
 # Which methods and attacks exist is their registries' business (`methods.METHODS`, `attacks.ATTACKS`):
@@ -32,8 +33,18 @@ PREPARE_POOL = 512
 
 
 def default_dataset(arch: str) -> str:
-    """The dataset whose shapes an architecture is measured on when none is named."""
-    return DEFAULT_ARCH_DATASET if arch == DEFAULT_ARCH else "cifar10"
+    """The dataset whose shapes an architecture is measured on when none is named: a zoo name's own
+    (CIFAR-10 first; an ImageNet-only name such as Salman2020Do_R50 is measured at 224×224)."""
+    if arch == DEFAULT_ARCH:
+        return DEFAULT_ARCH_DATASET
+    if ":" not in arch:
+        for dataset in ("cifar10", "cifar100", "imagenet"):
+            try:
+                resolve_name(arch, dataset, "Linf")
+                return dataset
+            except UserError:
+                continue
+    return "cifar10"
 
 
 def pick(names: Iterable[str] | None, registry: Mapping, what: str, default: Sequence[str]) -> list[str]:

@@ -13,6 +13,7 @@ from ..progress import Reporter
 from ..utils import parse_eps, resolve_device
 from ..workspace import Workspace
 from .audit import DEFAULT_AUDIT_EXAMPLES, AuditReport, audit_entry, audit_model
+from .engine import images_on
 from .targets import load_examples, resolve_target
 
 
@@ -58,7 +59,9 @@ def audit_workspace(*, model: str | None = None, arch: str | None = None, arch_k
     if found is not None and found.dataset != target.dataset:
         raise UserError(f"entry {found.entry} is a {found.dataset} entry; the model is a {target.dataset} model")
     eps_value = _eps(eps, found, target.dataset)
-    x, y, _ = load_examples(target.dataset, dataset, n_examples, data_dir=data_dir, workspace=ws.root)
+    x, y, _ = load_examples(target.dataset, dataset, n_examples, data_dir=data_dir, workspace=ws.root,
+                            preprocessing=target.preprocessing)
+    x = images_on(x, "cpu")  # the audit's probes take float images
     report = audit_model(target.model, x, y, eps=eps_value, device=device, batch_size=batch_size, seed=seed,
                          surrogate=sur, surrogate_label=sur_label, entry=found.data if found is not None else None,
                          checks=checks, reporter=reporter)

@@ -105,7 +105,8 @@ def evaluate(
     threat_model: str = "Linf",
 ) -> EvalResult:
     """Evaluate `model` on (x, y) under `attacks` (registry names, plus "clean"
-    and "wasserstein"); see the module docstring for the definitions.
+    and "wasserstein"); see the module docstring for the definitions. `x` is float images
+    in [0, 1], or uint8 ones (k for k/255: `data.as_tensors(compact=True)`, ImageNet's storage).
 
     `attack_settings[name]` overrides an attack's settings. With `resume_dir`,
     flags are saved there after every batch and a later call with the same
@@ -217,7 +218,8 @@ def _plan(x, y, s: EvalSettings) -> _Plan:
         # fp16 without loss scaling underflows the input gradients of confident examples
         # (sign(0) = 0 stalls the attack): a weaker attack would report too high a number.
         raise UserError(f"`amp`: evaluation searches in bf16, which device {device} does not support; drop `amp`")
-    x, y = x.detach().float().cpu(), y.detach().long().cpu()
+    x, y = x.detach().cpu(), y.detach().long().cpu()
+    x = x if x.dtype == torch.uint8 else x.float()  # uint8: 8-bit images kept small (data.as_tensors `compact`)
     n = len(x)
     idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     if idx.shape != (n,):
@@ -264,12 +266,19 @@ def clean_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
     out, predicted, bad, n_classes = [np.zeros(0, dtype=bool)], [np.zeros(0, dtype=np.int64)], 0, 0
     with torch.no_grad():
         for b in chunk_batches(positions, chunk_size, batch_size):
-            logits = model(x[b.start:b.stop].to(device))
+            logits = model(images_on(x[b.start:b.stop], device))
             n_classes = int(logits.shape[1])
             bad += int((~torch.isfinite(logits).all(1)).sum())
             out.append(verdict(logits, y[b.start:b.stop].to(device)).cpu().numpy())
             predicted.append(predicted_class(logits).cpu().numpy().astype(np.int64))
     return CleanPass(np.concatenate(out).astype(bool), bad, np.concatenate(predicted), n_classes)
+
+
+def images_on(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Images as the model takes them: float in [0, 1] on `device` (uint8 ones k become k/255, exactly
+    what ToTensor makes of them, converted one batch at a time)."""
+    x = x.to(device)
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def _tensor_sha(*tensors: torch.Tensor) -> str:
@@ -338,7 +347,7 @@ class _Run:
         """Hand the attack what it may use, then let it prepare on the whole evaluation set
         (every shard prepares alike: e.g. the feature attack's target pool is the same)."""
         if self._dev is None:
-            self._dev = self.plan.x.to(self.plan.device), self.plan.y.to(self.plan.device)
+            self._dev = images_on(self.plan.x, self.plan.device), self.plan.y.to(self.plan.device)
         if attack.uses_training_data and self.plan.train_data is not None:
             attack.set_training_data(*self.plan.train_data)
         # What `prepare` builds (a retrained generator) is kept beside the partial flags, for --resume.
@@ -369,7 +378,7 @@ class _Run:
             st["settings"] = self.plan.settings[name]
         for b in batches:
             ids = torch.from_numpy(pool[b.start:b.stop])
-            xb, yb = self.x[ids].to(device), self.y[ids].to(device)
+            xb, yb = images_on(self.x[ids], device), self.y[ids].to(device)
             attack.follow(_within_batch(self.reporter, name, len(st["robust"]), len(ids)))
             try:
                 robust = self._attack_batch(attack, xb, yb, b.key, st)
@@ -416,7 +425,7 @@ class _Run:
         if not st["done"]:
             t0 = time.perf_counter()
             plan = self.plan
-            report = wasserstein_suite(self.model, plan.x, plan.y, eps=plan.eps, budgets=plan.budgets,
+            report = wasserstein_suite(self.model, images_on(plan.x, "cpu"), plan.y, eps=plan.eps, budgets=plan.budgets,
                                        batch_size=plan.batch_size, device=plan.device, seed=plan.seed,
                                        reporter=self.reporter)
             st["time_s"] += time.perf_counter() - t0

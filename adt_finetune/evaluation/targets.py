@@ -14,9 +14,10 @@ from torch import nn
 
 from ..data import as_tensors, canonical_name, dataset_info, is_image_folder, load_dataset
 from ..errors import UserError
+from ..imagenet_folder import SUBSET_SIZE, Preprocessing, preprocessing as named_preprocessing
 from ..run_folder import load_run
 from ..workspace import Workspace
-from ..zoo import is_checkpoint, model_from_ref, resolve_and_load, resolve_name
+from ..zoo import eval_preprocessing, is_checkpoint, model_from_ref, resolve_and_load, resolve_name
 from .suites import GENERATOR_ATTACKS
 
 DEFAULT_N_EXAMPLES = 1000
@@ -38,6 +39,7 @@ class Target:
     generator_method: str | None = None   # the run's amortised generator (exp-am / imp-am), an attack for `full`
     generator_path: Path | None = None
     base: "Target | None" = None          # the run's base model, for --baseline
+    preprocessing: Preprocessing | None = None  # ImageNet: the model's test-time preprocessing (None: others)
 
 
 def _arch_label(arch: str) -> str:
@@ -102,7 +104,13 @@ def resolve_target(*, model: str | None = None, arch: str | None = None, arch_kw
         ball(ref.threat_model, f"the current model {ref.name}")
     net = model_from_ref(ref, device, source=f"current_model in {ws.state_path}")
     context = {"base_model": ref.name, "model_source": ref.source}
-    return Target(ref.name, net, ref.dataset, ref.threat_model, _ref_info(ref), context, ref.name)
+    return Target(ref.name, net, ref.dataset, ref.threat_model, _ref_info(ref), context, ref.name,
+                  preprocessing=_preprocessing(ref))
+
+
+def _preprocessing(ref) -> Preprocessing | None:
+    """An ImageNet model's test-time preprocessing: its zoo architecture's (RobustBench's), else the default."""
+    return eval_preprocessing(ref.arch, ref.dataset, ref.threat_model)
 
 
 def _require_norm_ball(threat_model: str, what: str) -> None:
@@ -127,10 +135,12 @@ def _model_target(model: str, arch, arch_kwargs, wanted: str | None, tm: str, ws
             info = dict(_zoo_info(resolve_name(ref.arch, ref.dataset, ref.threat_model)), name=path.stem, link="",
                         authors="", venue="")
         context = {"base_model": path.stem, "model_source": f"file {path} ({arch})"}
-        return Target(path.stem, net, ref.dataset, ref.threat_model, info, context, path.stem)
+        return Target(path.stem, net, ref.dataset, ref.threat_model, info, context, path.stem,
+                      preprocessing=_preprocessing(ref))
     entry = resolve_name(ref.arch, ref.dataset, ref.threat_model)
     context = {"base_model": entry.name, "model_source": "zoo"}
-    return Target(entry.name, net, entry.dataset, entry.threat_model, _zoo_info(entry), context, entry.name)
+    return Target(entry.name, net, entry.dataset, entry.threat_model, _zoo_info(entry), context, entry.name,
+                  preprocessing=_preprocessing(ref))
 
 
 def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, device, baseline: bool,
@@ -159,17 +169,22 @@ def _run_target(run: str | None, wanted: str | None, dataset: str | None, ws, de
     if baseline:
         base_net = model_from_ref(base_ref, device, source=recorded_in)
         base = Target(base_ref.name, base_net, base_ref.dataset, base_ref.threat_model, base_info,
-                      {"base_model": base_ref.name}, base_ref.name)
+                      {"base_model": base_ref.name}, base_ref.name, preprocessing=_preprocessing(base_ref))
     gen_method = method if method in GENERATOR_ATTACKS and info_run.generator_path is not None else None
     return Target(f"{info_run.id}", net, ref.dataset, ref.threat_model, info, context, info_run.id,
-                  generator_method=gen_method, generator_path=info_run.generator_path, base=base)
+                  generator_method=gen_method, generator_path=info_run.generator_path, base=base,
+                  preprocessing=_preprocessing(ref))
 
 
 def load_examples(model_dataset: str, dataset: str | None = None, n_examples: int | None = None, *,
-                  data_dir: str | Path | None = None,
-                  workspace: str | Path = ".") -> tuple[torch.Tensor, torch.Tensor, str]:
+                  data_dir: str | Path | None = None, workspace: str | Path = ".",
+                  preprocessing: Preprocessing | str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The first N test examples of the model's dataset, or of an image folder whose
-    class names must be that dataset's. Default N: 1000 or the whole set if smaller."""
+    class names must be that dataset's. Default N: 1000 or the whole set if smaller.
+    ImageNet: the first N of RobustBench's 5,000-image list, preprocessed with `preprocessing`
+    (the model's; default Res256Crop224), held as uint8 (`data.as_tensors` `compact`)."""
+    if model_dataset == "imagenet" and not (dataset is not None and is_image_folder(dataset)):
+        return _imagenet_examples(dataset, n_examples, data_dir, workspace, preprocessing)
     if dataset is not None and is_image_folder(dataset):
         full = load_dataset(dataset, "test", expect=model_dataset)
         label = f"image folder {Path(dataset).resolve()}"
@@ -188,6 +203,19 @@ def load_examples(model_dataset: str, dataset: str | None = None, n_examples: in
         raise UserError(f"`n_examples` {n_examples} is larger than the {label} ({len(full)} images)")
     x, y = as_tensors(full, n_examples)
     return x, y, f"first {n_examples} of the {label}"
+
+
+def _imagenet_examples(dataset: str | None, n_examples: int | None, data_dir, workspace,
+                       preprocessing: Preprocessing | str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    if dataset is not None and canonical_name(dataset) != "imagenet":
+        raise UserError(f"the model is an imagenet model; `dataset` {dataset} does not match")
+    n = min(DEFAULT_N_EXAMPLES, SUBSET_SIZE) if n_examples is None else n_examples
+    prep = named_preprocessing(preprocessing)
+    # n is checked (1..5000) and the first n listed files are looked for before any image is decoded.
+    full = load_dataset("imagenet", "test", data_dir=data_dir, workspace=workspace, n_examples=n,
+                        preprocessing=prep)
+    x, y = as_tensors(full, n, compact=True)
+    return x, y, f"first {n} of RobustBench's {SUBSET_SIZE}-image ImageNet validation list, {prep.name}"
 
 
 def training_sample_indices(n_train: int, n: int, seed: int) -> list[int]:

@@ -226,7 +226,8 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: EvalRequest,
     engine = EvalSettings(attacks=names, eps=eps, mode=a.mode, batch_size=a.batch_size, seed=a.seed,
                           device=world.device, attack_settings=settings, budgets=a.budgets, amp=a.amp,
                           chunk_size=a.chunk_size, threat_model=target.threat_model)
-    x, y, data_source = load_examples(target.dataset, a.dataset, a.n_examples, data_dir=a.data_dir, workspace=ws.root)
+    x, y, data_source = load_examples(target.dataset, a.dataset, a.n_examples, data_dir=a.data_dir, workspace=ws.root,
+                                      preprocessing=target.preprocessing)
     entry_name = a.entry or _default_name(a, target, suite_label, names, eps, len(x))
     if spec is None:  # the entry is written now (by rank 0), not by a later merge
         folder = entry_dir(ws.leaderboard_dir, target.dataset, target.threat_model)
@@ -239,6 +240,8 @@ def _prepare_job(ws, world: World, spec: tuple[int, int] | None, a: EvalRequest,
 
     context = dict(target.context)
     context.update(suite=suite_label, data=data_source)
+    if target.preprocessing is not None:
+        context["preprocessing"] = target.preprocessing.record()
     engine = replace(engine, train_data=_training_data(names, target.dataset, a.seed, a.data_dir, ws.root, context))
     shard = spec if spec is not None else (world.rank, world.size)
     shard_dir = Path(a.shard_dir) if a.shard_dir is not None else None

@@ -16,10 +16,11 @@ from typing import Any
 from .catalog import ALIASES, ZooEntry, catalog, resolve_name, search
 from .resolve import is_checkpoint, resolve_and_load, resolve_model
 
-_LOADER = ("build_architecture", "check_arch", "check_file_model", "load_model", "load_weights", "model_from_ref",
-           "pull", "pull_file_model", "pull_from_file", "pull_model", "read_state_dict", "register_model")
+_LOADER = ("build_architecture", "check_arch", "eval_preprocessing", "check_file_model", "load_model",
+           "load_weights", "model_from_ref", "pull", "pull_file_model", "pull_from_file", "pull_model", "read_state_dict", "register_model")
 
 __all__ = ["ALIASES", "ZooEntry", "catalog", "resolve_name", "search", "build_architecture", "check_arch",
+           "eval_preprocessing",
            "load_model", "load_weights", "model_from_ref", "pull", "pull_file_model", "pull_from_file",
            "pull_model", "read_state_dict", "register_model", "check_file_model", "is_checkpoint", "resolve_and_load", "resolve_model"]
 

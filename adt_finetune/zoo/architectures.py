@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..imagenet_folder import Preprocessing, preprocessing, timm_preprocessing
 from . import robustbench_compat as rb
 from .catalog import ZooEntry, resolve_name
 from .trust import check_trusted, is_builtin, split_arch, trust
@@ -135,3 +136,25 @@ def _build(arch: str, dataset: str, threat_model: str = "Linf", arch_kwargs: dic
         raise UserError(f"architecture arguments {arch_kwargs} only apply to package.module:Class architectures, "
                         f"not to the zoo name {arch!r}")
     return _build_zoo(resolve_name(arch, dataset, threat_model))
+
+
+def eval_preprocessing(arch: str, dataset: str, threat_model: str = "Linf") -> Preprocessing | None:
+    """The test-time preprocessing RobustBench evaluates an ImageNet architecture with: the zoo entry's own
+    (`preprocessing` in its model table; for a timm model, timm's resize and crop, as RobustBench's
+    `get_preprocessing` does), else Res256Crop224; None for other datasets (their images are given as stored)."""
+    if dataset != "imagenet":
+        return None
+    if ":" in arch:
+        return preprocessing(None)
+    entry = resolve_name(arch, dataset, threat_model)
+    if entry.checkpoint == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(_timm_name(entry))
+        if cfg is not None:
+            return timm_preprocessing(int(cfg.input_size[-1]), float(cfg.crop_pct), str(cfg.interpolation))
+    try:
+        named = rb.zoo_record(entry.name, dataset, entry.threat_model).get("preprocessing")
+    except KeyError:  # a leaderboard-only entry: RobustBench has no record of it
+        named = None
+    return preprocessing(named)

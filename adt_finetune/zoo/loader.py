@@ -24,7 +24,7 @@ from ..nets import unusable_weights
 from ..utils import atomic_torch_save
 from ..workspace import ModelRef, Workspace
 from . import robustbench_compat as rb
-from .architectures import _build, _build_zoo, build_architecture, check_arch
+from .architectures import _build, _build_zoo, build_architecture, check_arch, eval_preprocessing
 from .catalog import ZooEntry, resolve_name
 from .checkpoints import _fit_prefix, _looks_like_html, load_weights, read_state_dict
 from .trust import check_trusted
@@ -44,8 +44,7 @@ def _dataset_name(dataset: str) -> str:
     """Canonical dataset name for any dataset adt-ft knows, zoo or not (fashion-mnist has no zoo)."""
     if is_image_folder(dataset):  # an image folder stands for the known dataset its classes match
         return dataset_info(dataset).name
-    key = dataset.strip().lower()
-    return key if key == "imagenet" else canonical_name(key)
+    return canonical_name(dataset)
 
 
 # ---------------------------------------------------------------- zoo checkpoints in a workspace
@@ -261,7 +260,7 @@ def _file_model(path: str | os.PathLike, arch: str, *, dataset: str, threat_mode
 def check_fits_dataset(model: nn.Module, dataset: str, source: str) -> None:
     """Refuse a model that cannot take `dataset`'s images or does not give one score per class (a
     1-channel model recorded as a CIFAR-10 one fails later, mid-evaluation, or never loads at all).
-    One forward pass of two blank images; skipped for datasets adt-ft has no image shape for (ImageNet)."""
+    One forward pass of two blank images (ImageNet's at 224×224, the size of its default preprocessing)."""
     info = DATASETS.get(dataset)
     if info is None:
         return
@@ -368,5 +367,5 @@ def register_model(model: nn.Module, *, name: str, arch: str, arch_kwargs: dict 
     return ref
 
 
-__all__ = ["build_architecture", "check_arch", "read_state_dict", "load_weights", "pull", "pull_model",
+__all__ = ["build_architecture", "check_arch", "eval_preprocessing", "read_state_dict", "load_weights", "pull", "pull_model",
            "pull_from_file", "pull_file_model", "model_from_ref", "load_model", "register_model"]
