@@ -228,6 +228,14 @@ def test_a_zoo_imagenet_model_evaluates_with_its_preprocessing(tmp_path, cli):
     entry = json.loads((ws.leaderboard_dir / "imagenet" / "Linf" / "Salman2020Do_R18_fgsm_eps4-255_n2.json")
                        .read_text())
     assert entry["adt_ft"]["preprocessing"]["name"] == "Res256Crop224"
+    # RobustBench's ImageNet Linf leaderboard (ε = 4/255, 5,000 images) takes it only as a draft.
+    from adt_finetune.leaderboard import read_entry
+    from adt_finetune.publish.export import check_exportable
+
+    e = read_entry(ws.leaderboard_dir / "imagenet" / "Linf" / "Salman2020Do_R18_fgsm_eps4-255_n2.json")
+    assert "no AutoAttack accuracy" in check_exportable(e, allow_partial=True)
+    with pytest.raises(UserError, match="not AutoAttack \\(standard\\) on the full test set"):
+        check_exportable(e)
 
 
 def make_train_folder(root: Path, synsets: int = 2, per_class: int = 2) -> Path:
@@ -281,3 +289,22 @@ def test_the_bench_measures_at_imagenet_size():
                            batch_size=2, steps=1, warmup=1, arch_kwargs={"width": 4})
     assert result.meta["input_shape"] == [3, 224, 224] and result.meta["num_classes"] == 1000
     assert all(r.peak_mem_mb is not None for r in result.rows)
+
+
+def test_the_engine_gives_the_same_flags_for_uint8_and_float_images():
+    """ImageNet's compact storage changes nothing but the storage: the same clean and robust flags
+    (and the same perturbation sizes) as the float images it stands for."""
+    from adt_finetune.evaluation.engine import evaluate
+    from adt_finetune.models.small import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(3, 10, 4).eval()
+    u8 = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    x = u8.float().div(255)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image clean-correct, so the attack runs on all of them
+    kwargs = dict(attacks=["clean", "pgd20"], eps=4 / 255, attack_settings={"pgd20": {"steps": 3}}, batch_size=5)
+    a, b = evaluate(model, x, y, **kwargs), evaluate(model, u8, y, **kwargs)
+    assert a.clean.all() and b.clean.tolist() == a.clean.tolist()
+    assert b.flags.tolist() == a.flags.tolist() and b.max_linf == a.max_linf
+    assert 0 < a.max_linf["pgd20"] <= 4 / 255 + 1e-6
