@@ -63,7 +63,7 @@ def _clean_images(dataset: str, data_dir, n: int, files: CorruptionFiles) -> tup
     try:
         clean = load_dataset(dataset, "test", data_dir=data_dir, download=False, augment=False)
     except UserError as e:
-        return None, f"not evaluated ({e})"
+        return None, f"not evaluated: {e}"
     x, y = as_tensors(clean, n)
     if not torch.equal(y, torch.from_numpy(files.labels[:n].copy()).long()):
         raise UserError(f"{files.folder / 'labels.npy'} does not hold the labels of the {dataset} test set in "
