@@ -305,3 +305,49 @@ def test_an_l2_zoo_model_takes_the_corruptions_suite_and_files_it_under_corrupti
     entry = json.loads((tmp_path / "ws" / "leaderboard" / "cifar10" / "corruptions" / "rice.json").read_text())
     assert entry["adt_ft"]["model_threat_model"] == "L2" and entry["adt_ft"]["suite"] == "corruptions"
     assert not (tmp_path / "ws" / "leaderboard" / "cifar10" / "L2").exists()
+
+
+def make_imagenet_c(root: Path, n: int, rng: np.random.Generator) -> Path:
+    """`root/ImageNet-C/<corruption>/<severity>/<synset>/<file>`: the first n images of RobustBench's list
+    under their val/ names, small random JPEGs (RobustBench resizes them to 224×224)."""
+    from PIL import Image
+
+    from adt_finetune.imagenet_folder import subset_ids
+
+    for c in CORRUPTIONS:
+        for s in SEVERITIES:
+            for rel in subset_ids()[:n]:
+                path = root / "ImageNet-C" / c / str(s) / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)).save(path, format="JPEG")
+    return root
+
+
+def test_imagenet_c_folders_evaluate_into_the_imagenet_corruptions_leaderboard(tmp_path, cli):
+    """ImageNet-C's layout with RobustBench's list, a SmallCNN checkpoint for ImageNet: 75 passes of the
+    first 2 listed images, resized to 224×224 as RobustBench does; with val/ beside it the clean accuracy
+    uses the model's own preprocessing. A missing image is one line naming it."""
+    from test_imagenet import CNN_KWARGS, SMALL_CNN, make_imagenet
+
+    from adt_finetune.imagenet_folder import class_index, subset_ids
+    from adt_finetune.models.small import SmallCNN
+
+    root = make_imagenet_c(tmp_path / "data", 2, np.random.default_rng(9))
+    make_imagenet(root, n=2)
+    files = open_corruption_files("imagenet", root, 1000)
+    x = files.images("fog", 3, 2)
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (2, 3, 224, 224)
+    assert files.labels[:2].tolist() == [class_index()[rel.split("/")[0]] for rel in subset_ids()[:2]]
+    torch.manual_seed(0)
+    torch.save(SmallCNN(**CNN_KWARGS).state_dict(), tmp_path / "cnn.pt")
+    args = ["eval", "--suite", "corruptions", "--model", tmp_path / "cnn.pt", "--arch", SMALL_CNN, "--arch-kwargs",
+            json.dumps(CNN_KWARGS), "--dataset", "imagenet", "--data-dir", root, "-n", "2", "-w", tmp_path / "ws",
+            "--no-progress", "--entry", "tiny"]
+    code, out, err = cli(*args)
+    assert code == 0, err
+    entry = json.loads((tmp_path / "ws" / "leaderboard" / "imagenet" / "corruptions" / "tiny.json").read_text())
+    assert len([v for row in entry["adt_ft"]["corruptions"].values() for v in row.values()]) == 75
+    assert entry["clean_acc"] is not None and "Res256Crop224" in entry["adt_ft"]["clean_note"]
+    (root / "ImageNet-C" / "snow" / "4" / subset_ids()[1]).unlink()
+    code, out, err = cli(*args, "--overwrite")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "first missing in snow/4" in err

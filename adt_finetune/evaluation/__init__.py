@@ -7,7 +7,7 @@
     eval_request    EvalRequest (what `adt-ft eval` asks), EvalSettings (what the engine runs)
     shards     chunks, shards, combine()        shard_files  what a --shard job writes
     merge      merge_shards(): shard files into one leaderboard entry
-    corruptions  the corruptions suite (corruption_files: CIFAR-10-C/100-C's .npy files, corruption_run:
+    corruptions  the corruptions suite (corruption_files: CIFAR-10-C/100-C and ImageNet-C, corruption_run:
                evaluate_corruptions(), what evaluate_workspace runs for suite "corruptions")
     entry_claims  owning an entry's name while writing it, partial-results folders
     audit      audit_model(), audit_entry(): the robustness-evaluation audit (audit_checks: verdicts,

@@ -5,6 +5,11 @@ one `<corruption>.npy` per corruption, uint8 of shape (5·M, 32, 32, 3) with the
 first, then severities 2 to 5 in order (M = 10,000 in the published files), and one `labels.npy` (the M
 test labels, repeated once per severity in the published file). Image i of every block is test image i.
 Nothing is downloaded and nothing is looked for elsewhere; every file is checked before any image is used.
+
+ImageNet-C as RobustBench's `load_imagenetc` reads it: `<data_dir>/ImageNet-C/<corruption>/<severity>/
+<synset>/<file>`, the images of RobustBench's 5,000-image ImageNet list under their val/ names, read in
+the list's order and resized to 224×224 (its `Res224`, for every model: "for corruptions we use only
+resizing").
 """
 from __future__ import annotations
 
@@ -14,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
+from ..data import as_tensors
 from ..errors import UserError
+from ..imagenet_folder import PREPROCESSINGS, SUBSET_SIZE, _read, class_index, subset_ids
 
 #: RobustBench's CORRUPTIONS, in its order (the order of the entry's columns)
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur", "brightness", "fog",
@@ -23,7 +31,9 @@ CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise"
                "elastic_transform")
 SEVERITIES = (1, 2, 3, 4, 5)
 #: the folder RobustBench expects under its data directory, per dataset
-FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
+FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "imagenet": "ImageNet-C"}
+#: RobustBench resizes ImageNet-C images to 224×224 for every model
+IMAGENET_C_PREPROCESSING = PREPROCESSINGS["Res224"]
 _SHAPE = (32, 32, 3)
 
 
@@ -36,6 +46,9 @@ class CorruptionFiles:
     per_severity: int                      # M: images per severity block
     labels: np.ndarray                     # (M,) int64
     arrays: dict[str, np.ndarray] = field(repr=False)   # corruption -> (5·M, 32, 32, 3) uint8, memory-mapped
+
+    def check(self, n: int) -> None:
+        """Nothing more to check for n images: the arrays were checked whole."""
 
     def images(self, corruption: str, severity: int, n: int) -> torch.Tensor:
         """The first n images of one corruption at one severity, as RobustBench feeds them: (n, 3, 32, 32)
@@ -58,11 +71,82 @@ class CorruptionFiles:
         return out
 
 
+@dataclass
+class ImageNetCFiles:
+    """ImageNet-C's folders (`<corruption>/<severity>/<synset>/`), with the interface of CorruptionFiles."""
+
+    dataset: str
+    folder: Path
+    per_severity: int = SUBSET_SIZE
+    labels: np.ndarray = field(default_factory=lambda: np.array(
+        [class_index()[rel.split("/")[0]] for rel in subset_ids()], dtype=np.int64))
+
+    def _folder(self, corruption: str, severity: int) -> Path:
+        return self.folder / corruption / str(severity)
+
+    def check(self, n: int) -> None:
+        """The first n listed images in every corruption × severity folder, the first missing one named
+        before any is decoded."""
+        if not 0 < n <= SUBSET_SIZE:
+            raise UserError(f"`n_examples` {n}: RobustBench's ImageNet-C evaluation has {SUBSET_SIZE} images per "
+                            f"corruption and severity (give 1 to {SUBSET_SIZE})")
+        for c in CORRUPTIONS:
+            for s in SEVERITIES:
+                folder = self._folder(c, s)
+                missing = next((rel for rel in subset_ids()[:n] if not (folder / rel).is_file()), None)
+                if missing is not None:
+                    raise UserError(f"{folder / missing} is missing (first missing in {c}/{s}): ImageNet-C's "
+                                    f"folders must hold the first {n} images of RobustBench's ImageNet list, or "
+                                    "evaluate fewer (`n_examples`)")
+
+    def images(self, corruption: str, severity: int, n: int) -> torch.Tensor:
+        """The first n listed images of one corruption at one severity, resized to 224×224, as uint8."""
+        folder = self._folder(corruption, severity)
+        return as_tensors(_Listed([folder / rel for rel in subset_ids()[:n]], self.labels[:n]), n, compact=True)[0]
+
+    def digests(self, n: int) -> dict[str, str]:
+        """sha256 of the listed file names and sizes each corruption contributes (not of the bytes: 75·n
+        JPEGs would take longer to hash than to classify)."""
+        out = {}
+        for c in CORRUPTIONS:
+            h = hashlib.sha256()
+            for s in SEVERITIES:
+                for rel in subset_ids()[:n]:
+                    path = self._folder(c, s) / rel
+                    h.update(f"{s}/{rel}:{path.stat().st_size if path.is_file() else -1}\n".encode())
+            out[c] = h.hexdigest()
+        out["labels"] = hashlib.sha256(self.labels[:n].tobytes()).hexdigest()
+        return out
+
+
+class _Listed(Dataset):
+    """Listed image files with their labels, read as RobustBench reads ImageNet-C (`Res224`)."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray):
+        self.paths, self.labels = paths, labels
+        self.transform = IMAGENET_C_PREPROCESSING.transform()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return _read(self.paths[i], self.transform), int(self.labels[i])
+
+
+def _open_imagenet_c(folder: Path) -> ImageNetCFiles:
+    missing = next((folder / c / str(s) for c in CORRUPTIONS for s in SEVERITIES
+                    if not (folder / c / str(s)).is_dir()), None)
+    if missing is not None:
+        raise UserError(f"{missing} is missing: the corruptions suite reads ImageNet-C as <corruption>/<severity>/"
+                        f"<synset>/ folders ({len(CORRUPTIONS)} corruptions × severities 1-5) in {folder}")
+    return ImageNetCFiles("imagenet", folder)
+
+
 def corruption_folder(dataset: str, data_dir: str | Path | None) -> Path:
     """`<data_dir>/CIFAR-10-C` (RobustBench's layout), or `data_dir` itself when it is that folder."""
     if dataset not in FOLDERS:
-        raise UserError(f"the corruptions suite reads CIFAR-10-C and CIFAR-100-C; a {dataset} model has no "
-                        "corruption files adt-ft can read (ImageNet-C is not supported yet)")
+        raise UserError(f"the corruptions suite reads CIFAR-10-C, CIFAR-100-C and ImageNet-C; a {dataset} model "
+                        "has no corruption files adt-ft can read")
     name = FOLDERS[dataset]
     if data_dir is None:
         raise UserError(f"the corruptions suite reads {name} from `data_dir`: give the folder that holds {name}/ "
@@ -114,13 +198,18 @@ def _check_labels(path: Path, labels: np.ndarray, per_severity: int, n_classes: 
     return blocks[0]
 
 
-def open_corruption_files(dataset: str, data_dir: str | Path | None, n_classes: int) -> CorruptionFiles:
+def open_corruption_files(dataset: str, data_dir: str | Path | None,
+                          n_classes: int) -> CorruptionFiles | ImageNetCFiles:
     """Every file of `dataset`'s corruptions checked (present, uint8 images of one shape, five equal severity
-    blocks, labels to match), or one UserError naming the first file that is not right."""
+    blocks, labels to match), or one UserError naming the first file that is not right. ImageNet-C: every
+    corruption × severity folder (the images themselves by `check(n)`, once n is known)."""
     folder = corruption_folder(dataset, data_dir)
     if not folder.is_dir():
-        raise UserError(f"{folder} is missing: put the published {folder.name}/ folder ({len(CORRUPTIONS)} "
-                        f"<corruption>.npy and labels.npy) in {folder.parent}")
+        what = ("<corruption>/<severity>/<synset>/ images" if dataset == "imagenet" else
+                f"{len(CORRUPTIONS)} <corruption>.npy and labels.npy")
+        raise UserError(f"{folder} is missing: put the published {folder.name}/ folder ({what}) in {folder.parent}")
+    if dataset == "imagenet":
+        return _open_imagenet_c(folder)
     paths = {c: folder / f"{c}.npy" for c in CORRUPTIONS}
     missing = next((p for p in [*paths.values(), folder / "labels.npy"] if not p.is_file()), None)
     if missing is not None:  # named before any file is read

@@ -20,7 +20,7 @@ from ..leaderboard import CORRUPTIONS, check_entry_name, write_corruption_entry
 from ..progress import Reporter
 from ..utils import resolve_device
 from ..workspace import Workspace
-from .corruption_files import SEVERITIES, CorruptionFiles, open_corruption_files
+from .corruption_files import FOLDERS, SEVERITIES, open_corruption_files
 from .corruptions import CorruptionResult, corruption_suite
 from .entry_claims import _resume_dir, claim_entry
 from .eval_request import EvalRequest
@@ -51,24 +51,29 @@ def _refuse_attack_settings(a: EvalRequest) -> None:
         raise UserError(f"`{wrong[0]}` has no meaning for the corruptions suite (no attack runs, no ε): drop it")
     if env_world()[1] > 1:
         raise UserError("the corruptions suite runs in one process: run it without torchrun")
-    if a.dataset is not None and (is_image_folder(a.dataset) or canonical_name(a.dataset) not in ("cifar10",
-                                                                                                    "cifar100")):
-        raise UserError(f"the corruptions suite reads CIFAR-10-C or CIFAR-100-C from `data_dir`, not `dataset` "
-                        f"{a.dataset}: drop `dataset`")
+    if a.dataset is not None and (is_image_folder(a.dataset) or canonical_name(a.dataset) not in FOLDERS):
+        raise UserError(f"the corruptions suite reads CIFAR-10-C, CIFAR-100-C or ImageNet-C from `data_dir`, not "
+                        f"`dataset` {a.dataset}: drop `dataset`")
 
 
-def _clean_images(dataset: str, data_dir, n: int, files: CorruptionFiles) -> tuple[torch.Tensor | None, str]:
+def _clean_images(target: Target, data_dir, n: int, files) -> tuple[torch.Tensor | None, str]:
     """The same n test images uncorrupted, when the clean test set is in `data_dir` (RobustBench reports the
-    clean accuracy beside the corruption accuracy); else None and why."""
+    clean accuracy beside the corruption accuracy, ImageNet's with the model's own preprocessing); else
+    None and why."""
+    dataset = target.dataset
+    imagenet = dataset == "imagenet"
     try:
-        clean = load_dataset(dataset, "test", data_dir=data_dir, download=False, augment=False)
+        clean = load_dataset(dataset, "test", data_dir=data_dir, download=False, augment=False,
+                             n_examples=n if imagenet else None, preprocessing=target.preprocessing if imagenet
+                             else None)
     except UserError as e:
         return None, f"not evaluated: {e}"
-    x, y = as_tensors(clean, n)
+    x, y = as_tensors(clean, n, compact=imagenet)
     if not torch.equal(y, torch.from_numpy(files.labels[:n].copy()).long()):
         raise UserError(f"{files.folder / 'labels.npy'} does not hold the labels of the {dataset} test set in "
                         f"{data_dir}: the corruption files are not of that test set")
-    return x, f"the first {n} images of the {dataset} test set in {data_dir}"
+    return x, f"the first {n} images of the {dataset} test set in {data_dir}" + (
+        f" ({target.preprocessing.name})" if dataset == "imagenet" and target.preprocessing is not None else "")
 
 
 def evaluate_corruptions(a: EvalRequest, *, reporter: Reporter | None = None) -> CorruptionRecord:
@@ -88,7 +93,8 @@ def evaluate_corruptions(a: EvalRequest, *, reporter: Reporter | None = None) ->
     if not 0 < n <= files.per_severity:
         raise UserError(f"`n_examples` must be between 1 and {files.per_severity} (the images per severity in "
                         f"{files.folder}), got {n}")
-    clean_x, clean_note = _clean_images(target.dataset, a.data_dir, n, files)
+    files.check(n)
+    clean_x, clean_note = _clean_images(target, a.data_dir, n, files)
     entry = a.entry or "_".join([f"{target.default_entry}_{SUITE}",
                                  *([f"n{n}"] if a.n_examples is not None and n != DEFAULT_N_EXAMPLES else [])])
     data_source = f"first {n} images of each corruption and severity in {files.folder}"
