@@ -29,9 +29,15 @@ REPO = Path(__file__).resolve().parent.parent
 STUDIES = REPO / "recipes" / "studies"
 
 
+ROBUST_ARMS = {"robust-base.yaml": ({"pgd-at/ce", "trades/trades", "exp/ce", "exp-am/ce", "exp-am/trades", "imp-am/ce"},
+                                    "robust-pgd-at-ce-full-s0"),
+               "robust-base-wdat.yaml": ({"pgd-at/ce", "trades/trades", "wdat/trades"}, "rbw-pgd-at-ce-full-s0")}
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST_ARMS))
 @pytest.mark.parametrize("smoke", [False, True])
-def test_robust_base_file(smoke):
-    s = load_study(STUDIES / "robust-base.yaml", smoke=smoke)
+def test_robust_base_file(smoke, name):
+    s = load_study(STUDIES / name, smoke=smoke)
     check_attack_names(parse_attack_list(s.pointwise["attacks"]))
     assert {"autoattack", "pgd20", "cw"} <= set(parse_attack_list(s.pointwise["attacks"]))
     budgets = str(s.wasserstein["budgets"]).split(",")
@@ -47,9 +53,21 @@ def test_robust_base_file(smoke):
             "version": "standard"}
         assert s.base["train"]["train_subset"] is None  # the base trains on the full training set
         assert int(s.base["train"]["heldout"]) + s.pointwise["n_examples"] <= 10_000  # held out: never evaluated
-        assert {a.label for a in s.arms} == {"pgd-at/ce", "trades/trades", "exp/ce", "exp-am/ce", "exp-am/trades",
-                                             "imp-am/ce", "wdat/trades"}
-        assert len(s.runs()) == 7 * 3 and s.runs()[0][0] == "robust-pgd-at-ce-full-s0"  # the committed names
+        arms, first_run = ROBUST_ARMS[name]
+        assert {a.label for a in s.arms} == arms
+        assert len(s.runs()) == len(arms) * 3 and s.runs()[0][0] == first_run  # the committed names
+
+
+def test_the_wdat_rerun_differs_from_the_robust_base_study_only_in_its_arms():
+    """Its controls are re-run on a base trained again, so everything else must be the first study's."""
+    import yaml
+
+    first, rerun = (yaml.safe_load((STUDIES / n).read_text()) for n in ("robust-base.yaml", "robust-base-wdat.yaml"))
+    own = {"study", "title", "description", "arms", "report"}
+    assert {k: v for k, v in first.items() if k not in own | {"base", "smoke"}} == \
+        {k: v for k, v in rerun.items() if k not in own | {"base", "smoke"}}
+    assert first["base"]["train"] == rerun["base"]["train"] and set(first) == set(rerun)
+    assert "wdat/trades" in rerun["arms"] and "wdat/trades" not in first["arms"]
 
 
 @pytest.mark.parametrize("smoke", [False, True])
@@ -62,7 +80,7 @@ def test_fmnist_paper_file(smoke):
         assert len(s.runs()) == 12 and s.runs()[0][0] == "study-pgd-at-ce-last-layer"  # the committed names
 
 
-@pytest.mark.parametrize("name", ["robust-base.yaml", "fmnist-paper.yaml"])
+@pytest.mark.parametrize("name", ["robust-base.yaml", "robust-base-wdat.yaml", "fmnist-paper.yaml"])
 def test_every_run_is_accepted_by_the_trainer(name, tmp_path):
     s = load_study(STUDIES / name)
     runner = JobRunner(s, Workspace(tmp_path))
