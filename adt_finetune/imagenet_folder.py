@@ -121,6 +121,13 @@ def class_index() -> dict[str, int]:
     return {str(k): int(v) for k, v in json.loads(_helper_file("imagenet_class_to_id_map.json").read_text()).items()}
 
 
+@functools.lru_cache(maxsize=None)
+def subset_labels() -> tuple[int, ...]:
+    """The class index of each of the 5,000 listed images, in the list's order."""
+    labels = class_index()
+    return tuple(labels[rel.split("/")[0]] for rel in subset_ids())
+
+
 # ---------------------------------------------------------------- folders
 
 def find_root(roots: Sequence[Path]) -> Path | None:
@@ -158,9 +165,7 @@ class ImageNetSubset(Dataset):
         if not 0 < n <= SUBSET_SIZE:
             raise UserError(f"`n_examples` {n}: RobustBench's ImageNet evaluation has {SUBSET_SIZE} images "
                             f"(give 1 to {SUBSET_SIZE})")
-        labels = class_index()
-        ids = subset_ids()
-        self.samples = [(val_dir / rel, labels[rel.split("/")[0]]) for rel in ids]
+        self.samples = [(val_dir / rel, label) for rel, label in zip(subset_ids(), subset_labels())]
         self.preprocessing = prep
         self.transform = prep.transform()
         missing = [p for p, _ in self.samples[:n] if not p.is_file()]

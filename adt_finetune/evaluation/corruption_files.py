@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ..data import as_tensors
 from ..errors import UserError
-from ..imagenet_folder import PREPROCESSINGS, SUBSET_SIZE, _read, class_index, subset_ids
+from ..imagenet_folder import PREPROCESSINGS, SUBSET_SIZE, ImageNetSubset, subset_ids, subset_labels
 
 #: RobustBench's CORRUPTIONS, in its order (the order of the entry's columns)
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur", "brightness", "fog",
@@ -78,8 +77,7 @@ class ImageNetCFiles:
     dataset: str
     folder: Path
     per_severity: int = SUBSET_SIZE
-    labels: np.ndarray = field(default_factory=lambda: np.array(
-        [class_index()[rel.split("/")[0]] for rel in subset_ids()], dtype=np.int64))
+    labels: np.ndarray = field(default_factory=lambda: np.array(subset_labels(), dtype=np.int64))
 
     def _folder(self, corruption: str, severity: int) -> Path:
         return self.folder / corruption / str(severity)
@@ -101,8 +99,9 @@ class ImageNetCFiles:
 
     def images(self, corruption: str, severity: int, n: int) -> torch.Tensor:
         """The first n listed images of one corruption at one severity, resized to 224×224, as uint8."""
-        folder = self._folder(corruption, severity)
-        return as_tensors(_Listed([folder / rel for rel in subset_ids()[:n]], self.labels[:n]), n, compact=True)[0]
+        # a corruption × severity folder is laid out as val/ is: the same listed names under <synset>/
+        subset = ImageNetSubset(self._folder(corruption, severity), IMAGENET_C_PREPROCESSING, n)
+        return as_tensors(subset, n, compact=True)[0]
 
     def digests(self, n: int) -> dict[str, str]:
         """sha256 of the listed file names and sizes each corruption contributes (not of the bytes: 75·n
@@ -117,20 +116,6 @@ class ImageNetCFiles:
             out[c] = h.hexdigest()
         out["labels"] = hashlib.sha256(self.labels[:n].tobytes()).hexdigest()
         return out
-
-
-class _Listed(Dataset):
-    """Listed image files with their labels, read as RobustBench reads ImageNet-C (`Res224`)."""
-
-    def __init__(self, paths: list[Path], labels: np.ndarray):
-        self.paths, self.labels = paths, labels
-        self.transform = IMAGENET_C_PREPROCESSING.transform()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return _read(self.paths[i], self.transform), int(self.labels[i])
 
 
 def _open_imagenet_c(folder: Path) -> ImageNetCFiles:
